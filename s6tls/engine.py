@@ -14,7 +14,7 @@ from collections.abc import Callable
 from OpenSSL import SSL
 
 from .link import Link, WouldBlock, make_link, runtime_error
-from .pump import Pump
+from .pump import Pump, Stats
 
 _ALERT_CLOSE_NOTIFY = 0
 _HANGUP = select.POLLHUP | select.POLLERR | select.POLLNVAL
@@ -28,6 +28,7 @@ def run(
     close_notify: bool = False,
     strict_close_notify: bool = False,
     idle_timeout: float | None = None,
+    stats: Stats | None = None,
 ) -> int | None:
     """Pump data both ways between an application and a TLS peer until the end.
 
@@ -46,6 +47,7 @@ def run(
             (-j, the default, takes it as a plain EOF).
         idle_timeout: seconds without application data in either direction
             after which both directions are closed; ``None`` for no limit.
+        stats: if given, filled with the byte counts and how the tunnel ended.
 
     Returns:
         ``None`` when both directions closed cleanly (or idled out), or the
@@ -64,17 +66,19 @@ def run(
     cread, cwrite, nread, nwrite, selfpipe = fds
     link = make_link(conn, nread, nwrite)
     open_fds = {cread, cwrite}
+    stats = stats if stats is not None else Stats()
+    pump = Pump(
+        close_notify=close_notify,
+        strict_close_notify=strict_close_notify,
+        tls12=conn.get_protocol_version_name() != "TLSv1.3",
+    )
     try:
         os.set_blocking(cread, False)
         os.set_blocking(cwrite, False)
-        return _Loop(conn, link, cread, cwrite, selfpipe, pid, idle_timeout, open_fds).run(
-            Pump(
-                close_notify=close_notify,
-                strict_close_notify=strict_close_notify,
-                tls12=conn.get_protocol_version_name() != "TLSv1.3",
-            )
-        )
+        loop = _Loop(conn, link, cread, cwrite, selfpipe, pid, idle_timeout, open_fds, stats)
+        return loop.run(pump)
     finally:
+        stats.describe_ending(pump)
         for fd in open_fds:
             os.close(fd)
         link.close()
@@ -93,7 +97,9 @@ class _Loop:
         pid: int | None,
         idle_timeout: float | None,
         open_fds: set[int],
+        stats: Stats,
     ) -> None:
+        self.stats = stats
         self.conn = conn
         self.link = link
         self.cread = cread
@@ -226,6 +232,7 @@ class _Loop:
             self._close_fd(self.cwrite)
             return
         pump.inbound.consumed(n)
+        self.stats.to_app += n
         self.last_activity = time.monotonic()
 
     def _op_in_close(self, pump: Pump) -> None:
@@ -242,6 +249,7 @@ class _Loop:
         except SSL.Error as exc:
             raise runtime_error(exc) from None
         pump.outbound.consumed(n)
+        self.stats.to_peer += n
 
     def _op_peer_recv(self, pump: Pump) -> None:
         try:

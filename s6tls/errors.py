@@ -51,3 +51,9 @@ class TlsRuntimeError(S6tlsError):
 
 class HandshakeTimeout(TlsRuntimeError):
     """The handshake did not finish within -K milliseconds (exit 98, as s6 documents)."""
+
+
+class SystemFailure(S6tlsError):
+    """A system call failed; the message says what s6tls was unable to do (111)."""
+
+    exit_code = ExitCode.SYSTEM

@@ -83,6 +83,28 @@ class Buffer:
         self.start = self.end = 0
 
 
+class Stats:
+    """What moved through a tunnel and how it ended, for the -v 2 info line."""
+
+    __slots__ = ("ending", "to_app", "to_peer")
+
+    def __init__(self) -> None:
+        self.to_peer = 0  # cleartext bytes handed to TLS
+        self.to_app = 0  # cleartext bytes written to the application
+        self.ending = ""
+
+    def describe_ending(self, pump: "Pump") -> None:
+        """Record how ``pump`` ended: idle, application exit, close_notify or EOF."""
+        if pump.idle:
+            self.ending = "idle timeout"
+        elif pump.app_status is not None:
+            self.ending = "application exited"
+        elif pump.peer_close_notify:
+            self.ending = "close_notify"
+        else:
+            self.ending = "EOF"
+
+
 class Pump:
     """The state and close rules of one tunnel; see the module docstring.
 

@@ -1,0 +1,79 @@
+"""The application: its environment, its descriptors, its spawning and its status."""
+
+import fcntl
+import os
+import signal
+from collections.abc import Mapping, Sequence
+
+from .config import is_secret_variable
+
+# Variables s6tls writes for the application; stale copies are always removed.
+TLS_FACTS = (
+    "SSL_PROTOCOL",
+    "SSL_CIPHER",
+    "SSL_TLS_SNI_SERVERNAME",
+    "SSL_PEER_CERT_HASH",
+    "SSL_PEER_CERT_SUBJECT",
+)
+
+
+def application_env(
+    environ: Mapping[str, str],
+    facts: Mapping[str, str],
+    *,
+    keep_secrets: bool,
+    extra: Mapping[str, str] | None = None,
+) -> dict[str, str]:
+    """The application's environment: ours, scrubbed under -z, plus the TLS facts.
+
+    Any ``SSL_*`` fact inherited from our own environment is dropped first,
+    so a variable the spec says is unset (no SNI, no peer certificate) is
+    really unset.
+    """
+    env = {
+        k: v
+        for k, v in environ.items()
+        if k not in TLS_FACTS and (keep_secrets or not is_secret_variable(k))
+    }
+    env.update(extra or {})
+    env.update(facts)
+    return env
+
+
+def spawn(argv: Sequence[str], env: Mapping[str, str], fdmap: Mapping[int, int]) -> int:
+    """Start ``argv`` (searched in PATH) with ``fdmap``'s sources on its target fds.
+
+    ``fdmap`` maps our descriptor to the number the application sees.  Every
+    other descriptor of ours that is close-on-exec stays ours; stdin, stdout
+    and stderr are inherited unless mapped.  SIGPIPE and SIGXFSZ, which Python
+    ignores, are reset to their defaults.  Returns the pid.
+
+    Raises ``OSError`` if the program cannot be started.
+    """
+    # A source may sit on another mapping's target: move every source out of
+    # the way first, above all targets, so one dup2 cannot clobber the next.
+    floor = max(fdmap.values(), default=2) + 1
+    moved = {
+        src if src >= floor else fcntl.fcntl(src, fcntl.F_DUPFD_CLOEXEC, floor): dst
+        for src, dst in fdmap.items()
+    }
+    try:
+        actions = [(os.POSIX_SPAWN_DUP2, src, dst) for src, dst in moved.items()]
+        return os.posix_spawnp(
+            argv[0],
+            list(argv),
+            dict(env),
+            file_actions=actions,
+            setsigdef=(signal.SIGPIPE, signal.SIGXFSZ),
+        )
+    finally:
+        for src in moved:
+            if src not in fdmap:
+                os.close(src)
+
+
+def exit_code(status: int) -> int:
+    """The exit code that passes on a wait status: the code, or 128 + the signal."""
+    if os.WIFSIGNALED(status):
+        return 128 + os.WTERMSIG(status)
+    return os.waitstatus_to_exitcode(status)

@@ -1,0 +1,110 @@
+"""Shared fixtures: certificates from a throw-away CA, and how to run the programs."""
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import trustme
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def program(name: str) -> list[str]:
+    """The command that runs s6tls program ``name``: installed script, else bin/."""
+    installed = Path(sys.executable).parent / name
+    if installed.exists():
+        return [str(installed)]
+    return [sys.executable, str(ROOT / "bin" / name)]
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip tests marked slow unless S6TLS_SLOW=1 or they were selected with -m."""
+    if os.environ.get("S6TLS_SLOW") == "1" or "slow" in (config.getoption("-m") or ""):
+        return
+    skip = pytest.mark.skip(reason="slow mode: set S6TLS_SLOW=1")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def ca() -> trustme.CA:
+    return trustme.CA()
+
+
+@pytest.fixture(scope="session")
+def other_ca() -> trustme.CA:
+    """A CA nobody trusts: its certificates must be rejected."""
+    return trustme.CA()
+
+
+@pytest.fixture(scope="session")
+def server_cert(ca: trustme.CA) -> trustme.LeafCert:
+    return ca.issue_cert("localhost", "127.0.0.1", "::1")
+
+
+@pytest.fixture(scope="session")
+def client_cert(ca: trustme.CA) -> trustme.LeafCert:
+    return ca.issue_cert("client.example", common_name="client.example")
+
+
+@pytest.fixture(scope="session")
+def pki(
+    tmp_path_factory: pytest.TempPathFactory,
+    ca: trustme.CA,
+    other_ca: trustme.CA,
+    server_cert: trustme.LeafCert,
+    client_cert: trustme.LeafCert,
+) -> dict[str, str]:
+    """PEM files on disk: ca, other_ca, server cert/key, client cert/key."""
+    d = tmp_path_factory.mktemp("pki")
+    files = {
+        "ca": ca.cert_pem,
+        "other_ca": other_ca.cert_pem,
+        "server_cert": server_cert.cert_chain_pems[0],
+        "server_key": server_cert.private_key_pem,
+        "client_cert": client_cert.cert_chain_pems[0],
+        "client_key": client_cert.private_key_pem,
+    }
+    out = {}
+    for name, blob in files.items():
+        path = d / f"{name}.pem"
+        blob.write_to_path(str(path))
+        out[name] = str(path)
+    return out
+
+
+@pytest.fixture
+def server_env(pki: dict[str, str]) -> dict[str, str]:
+    """The environment of a server: ours plus CERTFILE, KEYFILE and CAFILE."""
+    return {
+        **os.environ,
+        "CERTFILE": pki["server_cert"],
+        "KEYFILE": pki["server_key"],
+        "CAFILE": pki["ca"],
+    }
+
+
+@pytest.fixture
+def client_env(pki: dict[str, str]) -> dict[str, str]:
+    """The environment of a client: ours plus CAFILE (and a client keypair for -y)."""
+    return {
+        **os.environ,
+        "CAFILE": pki["ca"],
+        "CERTFILE": pki["client_cert"],
+        "KEYFILE": pki["client_key"],
+    }
+
+
+@pytest.fixture
+def reap() -> Iterator[list[subprocess.Popen]]:
+    """Processes appended to this list are killed and reaped after the test."""
+    procs: list[subprocess.Popen] = []
+    yield procs
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+        p.wait(timeout=10)
