@@ -59,16 +59,28 @@ def close_options(f: F) -> F:
 
 
 def common_options(f: F) -> F:
-    """The options of every s6tls program besides -S/-s and -J/-j."""
+    """The options of s6-tlsd and s6-tlsc: ``tls_options`` and -v N."""
+    f = tls_options(f)
+    return click.option(
+        "-v", "verbosity", type=click.IntRange(min=0), default=1, metavar="N", help="Verbosity."
+    )(f)
+
+
+def verbosity_flags(f: F) -> F:
+    """-q, -Q, -v: s6-tcpserver's verbosity flags (0, 1, 2); None when none is given."""
+    for flag, level, text in (("-q", 0, "Quiet."), ("-Q", 1, "Warnings."), ("-v", 2, "Verbose.")):
+        f = click.option(flag, "verbosity", flag_value=level, help=text)(f)
+    return f
+
+
+def tls_options(f: F) -> F:
+    """The TLS options every s6tls program takes: -S/-s, -J/-j, -Z/-z, -K, --idle-timeout."""
     f = close_options(f)
     f = click.option(
         "-Z/-z",
         "keep_env",
         default=False,
         help="-Z keeps CERTFILE, KEYFILE, CAFILE... in prog's environment; -z removes them.",
-    )(f)
-    f = click.option(
-        "-v", "verbosity", type=click.IntRange(min=0), default=1, metavar="N", help="Verbosity."
     )(f)
     f = click.option(
         "-K",
