@@ -1,0 +1,77 @@
+"""Starting s6-tlsserver for a test and talking to it."""
+
+import os
+import socket
+import ssl
+import subprocess
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from conftest import program
+
+APPS = Path(__file__).resolve().parent / "apps"
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def start_server(
+    args: Sequence[str], prog: Sequence[str], env: Mapping[str, str], host: str = "127.0.0.1"
+) -> tuple[subprocess.Popen, int]:
+    """Start ``s6-tlsserver -1 args host port prog`` and wait for its readiness newline."""
+    port = free_port(host)
+    proc = subprocess.Popen(
+        [*program("s6-tlsserver"), "-1", *args, host, str(port), *prog],
+        env=dict(env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline()  # -1: written once the socket listens
+    if line != b"\n":
+        proc.kill()
+        _out, err = proc.communicate(timeout=10)
+        raise AssertionError(f"s6-tlsserver did not start: {err.decode()}")
+    return proc, port
+
+
+def tls_connect(port: int, cafile: str, host: str = "127.0.0.1") -> ssl.SSLSocket:
+    """A verified TLS client connection (stdlib ssl) to the server, handshake done."""
+    ctx = ssl.create_default_context(cafile=cafile)
+    sock = socket.create_connection((host, port), timeout=10)
+    return ctx.wrap_socket(sock, server_hostname="localhost")
+
+
+def child_pids(pid: int) -> list[int]:
+    """The pids whose parent is ``pid`` (zombies included)."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                out.append(int(entry))
+    return out
+
+
+def zombies(pid: int) -> list[int]:
+    """Children of ``pid`` that are zombies."""
+    out = []
+    for child in child_pids(pid):
+        try:
+            state = Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state == "Z":
+            out.append(child)
+    return out
+
+
+def fd_count(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))

@@ -1,0 +1,65 @@
+"""s6-tlsserver under real supervision: Debian's s6, readiness through notification-fd."""
+
+import os
+import shlex
+import shutil
+import subprocess
+
+import pytest
+from conftest import program
+from server_helpers import free_port, tls_connect
+
+S6 = ("s6-svscan", "s6-svwait", "s6-svc", "s6-svstat", "s6-svscanctl")
+
+
+@pytest.fixture
+def scandir(tmp_path):
+    missing = [tool for tool in S6 if shutil.which(tool) is None]
+    assert not missing, f"Debian's s6 is needed: {missing} (./scripts/install --test)"
+    d = tmp_path / "scan"
+    d.mkdir()
+    svscan = subprocess.Popen(["s6-svscan", str(d)], stdout=subprocess.DEVNULL)
+    yield d
+    subprocess.run(["s6-svscanctl", "-t", str(d)], timeout=20, check=False)
+    try:
+        svscan.wait(timeout=20)
+    finally:
+        if svscan.poll() is None:
+            svscan.kill()
+            svscan.wait(timeout=10)
+
+
+def test_s6_supervise_sees_readiness_and_stops_the_server_cleanly(scandir, pki):
+    port = free_port()
+    service = scandir / "tls"
+    service.mkdir()
+    (service / "notification-fd").write_text("1\n")
+    server = shlex.join([*program("s6-tlsserver"), "-1", "127.0.0.1", str(port), "cat"])
+    (service / "run").write_text(
+        "#!/bin/sh\n"
+        "exec 2>&1\n"
+        f"CERTFILE={shlex.quote(pki['server_cert'])} KEYFILE={shlex.quote(pki['server_key'])} \\\n"
+        f"  exec {server}\n"
+    )
+    (service / "run").chmod(0o755)
+    subprocess.run(["s6-svscanctl", "-a", str(scandir)], timeout=20, check=True)
+    ready = subprocess.run(
+        ["s6-svwait", "-U", "-t", "20000", str(service)], capture_output=True, timeout=30
+    )
+    assert ready.returncode == 0, ready.stderr
+    conn = tls_connect(port, pki["ca"])
+    conn.sendall(b"supervised")
+    assert conn.recv(100) == b"supervised"
+    conn.close()
+    subprocess.run(["s6-svc", "-d", str(service)], timeout=20, check=True)
+    down = subprocess.run(
+        ["s6-svwait", "-D", "-t", "20000", str(service)], capture_output=True, timeout=30
+    )
+    assert down.returncode == 0, down.stderr
+    status = subprocess.run(
+        ["s6-svstat", "-e", str(service)], capture_output=True, timeout=20, text=True
+    )
+    assert status.stdout.strip() == "0", status.stdout  # exited 0 on SIGTERM: a clean stop
+    with pytest.raises(ConnectionRefusedError):
+        tls_connect(port, pki["ca"])
+    assert os.path.exists(service / "supervise")

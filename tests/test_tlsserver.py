@@ -1,0 +1,250 @@
+"""s6-tlsserver and s6-tlsclient as real processes: variables, load, limits, signals."""
+
+import hashlib
+import os
+import signal
+import ssl
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import program
+from server_helpers import APPS, fd_count, start_server, tls_connect, zombies
+
+PRINT_ENV = [sys.executable, "-c", "import os,sys; sys.stdout.write(repr(dict(os.environ)))"]
+CLIENT_PRINT_ENV = [
+    sys.executable,
+    "-c",
+    "import os; os.close(7); reply = os.read(6, 1 << 20)\n"
+    "while chunk := os.read(6, 1 << 20): reply += chunk\n"
+    "print(repr((dict(os.environ), eval(reply))))",
+]
+
+
+def read_log_until(proc: subprocess.Popen, needle: str, count: int = 1) -> list[str]:
+    """Read the server's stderr until ``needle`` was seen ``count`` times; return the lines."""
+    assert proc.stderr is not None
+    lines: list[str] = []
+    seen = 0
+    while seen < count:
+        line = proc.stderr.readline().decode()
+        assert line, f"server log ended before {needle!r}: {lines}"
+        lines.append(line)
+        seen += needle in line
+    return lines
+
+
+def stop(proc: subprocess.Popen) -> int:
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=20)
+    return proc.returncode
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
+def test_round_trip_gives_both_applications_their_tls_and_tcp_variables(
+    host, server_env, pki, reap
+):
+    server, port = start_server([], PRINT_ENV, server_env, host)
+    reap.append(server)
+    client = subprocess.run(
+        [*program("s6-tlsclient"), "-k", "localhost", host, str(port), *CLIENT_PRINT_ENV],
+        env={**os.environ, "CAFILE": pki["ca"]},
+        capture_output=True,
+        timeout=30,
+    )
+    assert client.returncode == 0, client.stderr
+    client_env, server_seen = eval(client.stdout)
+    assert server_seen["PROTO"] == "TCP"
+    assert server_seen["TCPREMOTEIP"] == host
+    assert server_seen["TCPLOCALIP"] == host
+    assert server_seen["TCPLOCALPORT"] == str(port)
+    assert server_seen["TCPREMOTEPORT"] == client_env["TCPLOCALPORT"]
+    assert server_seen["TCPCONNNUM"] == "0"
+    assert server_seen["SSL_PROTOCOL"] == "TLSv1.3"
+    assert server_seen["SSL_TLS_SNI_SERVERNAME"] == "localhost"
+    assert "SSL_PEER_CERT_HASH" not in server_seen
+    assert "CERTFILE" not in server_seen and "KEYFILE" not in server_seen
+    assert client_env["PROTO"] == "TCP"
+    assert client_env["TCPREMOTEIP"] == host
+    assert client_env["TCPREMOTEPORT"] == str(port)
+    assert client_env["SSL_CIPHER"] == server_seen["SSL_CIPHER"]
+    assert client_env["SSL_PEER_CERT_HASH"].startswith("SHA256:")
+    assert "CAFILE" not in client_env
+    assert stop(server) == 0
+
+
+def test_client_uses_the_host_as_server_name_and_rejects_a_wrong_one(server_env, pki, reap):
+    server, port = start_server([], ["cat"], server_env)
+    reap.append(server)
+    env = {**os.environ, "CAFILE": pki["ca"]}
+    good = subprocess.run(
+        [*program("s6-tlsclient"), "localhost", str(port), "true"],
+        env=env,
+        timeout=30,
+        capture_output=True,
+    )
+    assert good.returncode == 0, good.stderr
+    bad = subprocess.run(
+        [*program("s6-tlsclient"), "-k", "wrong.example", "127.0.0.1", str(port), "true"],
+        env=env,
+        timeout=30,
+        capture_output=True,
+    )
+    assert bad.returncode == 97
+    assert bad.stderr.decode().startswith("s6-tlsclient: fatal: certificate does not match")
+
+
+def test_fifty_concurrent_connections_move_a_mebibyte_each_way_without_loss(server_env, pki, reap):
+    server, port = start_server(["-v", "-c", "60", "-C", "60"], ["cat"], server_env)
+    reap.append(server)
+    fds_before = fd_count(server.pid)
+    env = {**os.environ, "CAFILE": pki["ca"]}
+    clients = [
+        subprocess.Popen(
+            [
+                *program("s6-tlsclient"),
+                "-q",
+                "-k",
+                "localhost",
+                "127.0.0.1",
+                str(port),
+                sys.executable,
+                str(APPS / "echo_check.py"),
+                str(1 << 20),
+            ],
+            env=env,
+            stderr=subprocess.PIPE,
+        )
+        for _ in range(50)
+    ]
+    reap.extend(clients)
+    results = [(c.wait(timeout=120), c.stderr.read().decode()) for c in clients]
+    assert [code for code, _err in results] == [0] * 50, results
+    for _code, err in results:
+        sent, got = err.split()[2], err.split()[5]
+        assert sent == got
+    read_log_until(server, "end pid", 50)  # every child reaped, as the server logs it
+    assert zombies(server.pid) == []
+    assert fd_count(server.pid) == fds_before
+    assert stop(server) == 0
+
+
+def test_connections_above_c_are_refused_and_counted_per_ip_with_C(server_env, pki, reap):
+    server, port = start_server(["-v", "-c", "2"], ["cat"], server_env)
+    reap.append(server)
+    held = [tls_connect(port, pki["ca"]) for _ in range(2)]
+    read_log_until(server, "allow", 2)
+    with pytest.raises((ssl.SSLError, OSError)):
+        extra = tls_connect(port, pki["ca"])
+        extra.sendall(b"x")
+        assert extra.recv(1) == b""  # TLS 1.3: the refusal may show only on first read
+        raise ConnectionResetError("refused after the handshake")
+    assert "too many connections" in "".join(read_log_until(server, "refused"))
+    for conn in held:
+        conn.sendall(b"still here")
+        assert conn.recv(100) == b"still here"
+        conn.close()
+    stop(server)
+
+
+def test_sigterm_stops_accepting_and_lets_running_connections_finish(server_env, pki, reap):
+    server, port = start_server(["-v"], ["cat"], server_env)
+    reap.append(server)
+    conn = tls_connect(port, pki["ca"])
+    read_log_until(server, "allow")
+    server.send_signal(signal.SIGTERM)
+    read_log_until(server, "stopped accepting")
+    with pytest.raises(ConnectionRefusedError):
+        tls_connect(port, pki["ca"])
+    conn.sendall(b"after SIGTERM")
+    assert conn.recv(100) == b"after SIGTERM"
+    assert server.poll() is None  # still draining
+    conn.close()
+    server.communicate(timeout=20)
+    assert server.returncode == 0
+
+
+def test_sighup_gives_new_connections_the_new_certificate_and_leaves_open_ones_alone(
+    ca, tmp_path, reap
+):
+    old, new = ca.issue_cert("localhost"), ca.issue_cert("localhost")
+    cert, key, cafile = tmp_path / "cert.pem", tmp_path / "key.pem", tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(cafile))
+    old.cert_chain_pems[0].write_to_path(str(cert))
+    old.private_key_pem.write_to_path(str(key))
+    env = {**os.environ, "CERTFILE": str(cert), "KEYFILE": str(key)}
+    server, port = start_server(["-v"], ["cat"], env)
+    reap.append(server)
+
+    def fingerprint(conn: ssl.SSLSocket) -> str:
+        return hashlib.sha256(conn.getpeercert(binary_form=True)).hexdigest()
+
+    first = tls_connect(port, str(cafile))
+    new.cert_chain_pems[0].write_to_path(str(cert))
+    new.private_key_pem.write_to_path(str(key))
+    server.send_signal(signal.SIGHUP)
+    read_log_until(server, "reloaded the keypairs")
+    second = tls_connect(port, str(cafile))
+    der = ssl.PEM_cert_to_DER_cert(new.cert_chain_pems[0].bytes().decode())
+    assert fingerprint(second) == hashlib.sha256(der).hexdigest()
+    assert fingerprint(first) != fingerprint(second)
+    first.sendall(b"old connection still works")
+    assert first.recv(100) == b"old connection still works"
+    first.close()
+    second.close()
+    stop(server)
+
+
+def test_a_bad_keypair_on_sighup_keeps_the_old_one(server_env, pki, tmp_path, reap):
+    cert = tmp_path / "cert.pem"
+    cert.write_bytes(Path(server_env["CERTFILE"]).read_bytes())
+    server, port = start_server(["-v"], ["cat"], {**server_env, "CERTFILE": str(cert)})
+    reap.append(server)
+    cert.write_text("not a certificate\n")
+    server.send_signal(signal.SIGHUP)
+    line = read_log_until(server, "unable to reload")[-1]
+    assert line.startswith("s6-tlsserver: warning: unable to reload the keypairs")
+    conn = tls_connect(port, pki["ca"])
+    conn.sendall(b"ok")
+    assert conn.recv(10) == b"ok"
+    conn.close()
+    stop(server)
+
+
+def test_bad_address_and_missing_certfile_are_usage_errors(server_env):
+    env = {k: v for k, v in server_env.items() if k != "CERTFILE"}
+    for args, environ, message in (
+        (["not-an-ip", "4433", "cat"], server_env, "not-an-ip is not an IP address"),
+        (["-4", "::1", "4433", "cat"], server_env, "::1 is not an IPv4 address"),
+        (["127.0.0.1", "4433", "cat"], env, "CERTFILE and KEYFILE must be set"),
+        (["127.0.0.1", "4433"], server_env, "missing argument"),
+    ):
+        proc = subprocess.run(
+            [*program("s6-tlsserver"), *args], env=environ, capture_output=True, timeout=30
+        )
+        assert proc.returncode == 100, (args, proc.stderr)
+        err = proc.stderr.decode()
+        assert err.startswith("s6-tlsserver: fatal: ") and message.lower() in err.lower(), err
+        assert err.count("\n") == 1
+
+
+def test_client_reports_a_refused_connection_as_a_system_failure(pki):
+    from server_helpers import free_port
+
+    proc = subprocess.run(
+        [*program("s6-tlsclient"), "127.0.0.1", str(free_port()), "true"],
+        env={**os.environ, "CAFILE": pki["ca"]},
+        capture_output=True,
+        timeout=30,
+    )
+    assert proc.returncode == 111
+    assert proc.stderr.decode().startswith("s6-tlsclient: fatal: unable to connect to 127.0.0.1")
+
+
+def test_demo_exits_zero_and_shows_protocol_and_cipher():
+    proc = subprocess.run([*program("s6tls"), "demo"], capture_output=True, timeout=60, check=False)
+    out = proc.stdout.decode()
+    assert proc.returncode == 0, (out, proc.stderr)
+    assert "SSL_PROTOCOL=TLSv1.3" in out and "SSL_CIPHER=TLS_" in out
+    assert "server says: HELLO OVER TLS" in out
