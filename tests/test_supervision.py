@@ -4,6 +4,7 @@ import os
 import shlex
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 from conftest import program
@@ -12,24 +13,38 @@ from server_helpers import free_port, tls_connect
 S6 = ("s6-svscan", "s6-svwait", "s6-svc", "s6-svstat", "s6-svscanctl")
 
 
+def start_svscan(scan: Path) -> subprocess.Popen:
+    """Start s6-svscan on ``scan`` and wait for its readiness notification (-d)."""
+    rfd, wfd = os.pipe()
+    svscan = subprocess.Popen(
+        ["s6-svscan", "-d", str(wfd), str(scan)], pass_fds=(wfd,), stdout=subprocess.DEVNULL
+    )
+    os.close(wfd)
+    with os.fdopen(rfd, "rb") as ready:
+        assert ready.readline() == b"\n", "s6-svscan did not notify readiness"
+    return svscan
+
+
 @pytest.fixture
 def scandir(tmp_path):
     missing = [tool for tool in S6 if shutil.which(tool) is None]
     assert not missing, f"Debian's s6 is needed: {missing} (./scripts/install --test)"
     d = tmp_path / "scan"
     d.mkdir()
-    svscan = subprocess.Popen(["s6-svscan", str(d)], stdout=subprocess.DEVNULL)
-    yield d
+    procs: list[subprocess.Popen] = []
+    yield d, procs
     subprocess.run(["s6-svscanctl", "-t", str(d)], timeout=20, check=False)
-    try:
-        svscan.wait(timeout=20)
-    finally:
-        if svscan.poll() is None:
-            svscan.kill()
-            svscan.wait(timeout=10)
+    for svscan in procs:
+        try:
+            svscan.wait(timeout=20)
+        finally:
+            if svscan.poll() is None:
+                svscan.kill()
+                svscan.wait(timeout=10)
 
 
 def test_s6_supervise_sees_readiness_and_stops_the_server_cleanly(scandir, pki):
+    scandir, procs = scandir
     port = free_port()
     service = scandir / "tls"
     service.mkdir()
@@ -42,7 +57,7 @@ def test_s6_supervise_sees_readiness_and_stops_the_server_cleanly(scandir, pki):
         f"  exec {server}\n"
     )
     (service / "run").chmod(0o755)
-    subprocess.run(["s6-svscanctl", "-a", str(scandir)], timeout=20, check=True)
+    procs.append(start_svscan(scandir))  # the service is there for its first scan
     ready = subprocess.run(
         ["s6-svwait", "-U", "-t", "20000", str(service)], capture_output=True, timeout=30
     )

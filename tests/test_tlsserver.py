@@ -98,6 +98,9 @@ def test_client_uses_the_host_as_server_name_and_rejects_a_wrong_one(server_env,
 def test_fifty_concurrent_connections_move_a_mebibyte_each_way_without_loss(server_env, pki, reap):
     server, port = start_server(["-v", "-c", "60", "-C", "60"], ["cat"], server_env)
     reap.append(server)
+    warm = tls_connect(port, pki["ca"])  # steady state first: listener, spare, its channel
+    warm.close()
+    read_log_until(server, "end pid")
     fds_before = fd_count(server.pid)
     env = {**os.environ, "CAFILE": pki["ca"]}
     clients = [
