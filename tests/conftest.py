@@ -13,10 +13,11 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def program(name: str) -> list[str]:
-    """The command that runs s6tls program ``name``: installed script, else bin/."""
-    installed = Path(sys.executable).parent / name
-    if installed.exists():
-        return [str(installed)]
+    """The command that runs s6tls program ``name`` from this checkout's bin/.
+
+    Always the checkout's code, with the test interpreter, whatever copy is
+    installed; the installed entry points are the same ``main`` functions.
+    """
     return [sys.executable, str(ROOT / "bin" / name)]
 
 
