@@ -10,7 +10,7 @@ import pytest
 from conftest import program
 from server_helpers import free_port, tls_connect
 
-S6 = ("s6-svscan", "s6-svwait", "s6-svc", "s6-svstat", "s6-svscanctl")
+S6 = ("s6-svscan", "s6-svlink", "s6-svwait", "s6-svc", "s6-svstat", "s6-svscanctl")
 
 
 def start_svscan(scan: Path) -> subprocess.Popen:
@@ -45,8 +45,9 @@ def scandir(tmp_path):
 
 def test_s6_supervise_sees_readiness_and_stops_the_server_cleanly(scandir, pki):
     scandir, procs = scandir
+    procs.append(start_svscan(scandir))
     port = free_port()
-    service = scandir / "tls"
+    service = scandir.parent / "tls"
     service.mkdir()
     (service / "notification-fd").write_text("1\n")
     server = shlex.join([*program("s6-tlsserver"), "-1", "127.0.0.1", str(port), "cat"])
@@ -57,7 +58,9 @@ def test_s6_supervise_sees_readiness_and_stops_the_server_cleanly(scandir, pki):
         f"  exec {server}\n"
     )
     (service / "run").chmod(0o755)
-    procs.append(start_svscan(scandir))  # the service is there for its first scan
+    # s6-svlink returns once s6-supervise runs on the service: no race with svwait.
+    subprocess.run(["s6-svlink", "-t", "20000", str(scandir), str(service)], timeout=30, check=True)
+    service = scandir / "tls"
     ready = subprocess.run(
         ["s6-svwait", "-U", "-t", "20000", str(service)], capture_output=True, timeout=30
     )
