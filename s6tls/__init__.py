@@ -1,0 +1,52 @@
+"""s6tls: the TLS tools of s6-networking, and the engine behind them.
+
+The public names are imported lazily (PEP 562), so that ``s6-tlsd``, started
+once per connection, pays only for the modules it uses.
+"""
+
+from importlib import import_module
+from typing import Any
+
+__all__ = [
+    "ConfigError",
+    "ExitCode",
+    "HandshakeError",
+    "HandshakeTimeout",
+    "Options",
+    "S6tlsError",
+    "SelfPipe",
+    "TlsConfig",
+    "TlsRuntimeError",
+    "UsageError",
+    "build_context",
+    "connection_facts",
+    "handshake",
+    "new_connection",
+    "run",
+]
+
+_HOMES = {
+    "ConfigError": "errors",
+    "ExitCode": "errors",
+    "HandshakeError": "errors",
+    "HandshakeTimeout": "errors",
+    "S6tlsError": "errors",
+    "TlsRuntimeError": "errors",
+    "UsageError": "errors",
+    "Options": "config",
+    "TlsConfig": "config",
+    "SelfPipe": "selfpipe",
+    "build_context": "context",
+    "connection_facts": "handshake",
+    "handshake": "handshake",
+    "new_connection": "link",
+    "run": "engine",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOMES:
+        raise AttributeError(f"module 's6tls' has no attribute {name!r}")
+    value = getattr(import_module(f".{_HOMES[name]}", __name__), name)
+    globals()[name] = value
+    return value
