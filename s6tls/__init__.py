@@ -1,7 +1,9 @@
 """s6tls: the TLS tools of s6-networking, and the engine behind them.
 
 The public names are imported lazily (PEP 562), so that ``s6-tlsd``, started
-once per connection, pays only for the modules it uses.
+once per connection, pays only for the modules it uses.  The handshake
+function is ``s6tls.handshake.handshake`` (the name ``handshake`` here is
+its module).
 """
 
 from importlib import import_module
@@ -20,7 +22,6 @@ __all__ = [
     "UsageError",
     "build_context",
     "connection_facts",
-    "handshake",
     "new_connection",
     "run",
 ]
@@ -38,7 +39,6 @@ _HOMES = {
     "SelfPipe": "selfpipe",
     "build_context": "context",
     "connection_facts": "handshake",
-    "handshake": "handshake",
     "new_connection": "link",
     "run": "engine",
 }
