@@ -13,8 +13,8 @@ from collections.abc import Callable
 
 from OpenSSL import SSL
 
-from .link import Link, WouldBlock, make_link, runtime_error
-from .pump import Pump, Stats
+from .link import Link, PeerGone, WouldBlock, make_link, runtime_error
+from .pump import LINGER, Pump, Stats
 
 _ALERT_CLOSE_NOTIFY = 0
 _HANGUP = select.POLLHUP | select.POLLERR | select.POLLNVAL
@@ -50,9 +50,11 @@ def run(
         stats: if given, filled with the byte counts and how the tunnel ended.
 
     Returns:
-        ``None`` when both directions closed cleanly (or idled out), or the
-        application's wait status when it died first; in that case everything
-        it wrote was delivered before the connection was closed.
+        the application's wait status if it died before the end (everything
+        it wrote was delivered before the connection was closed); otherwise
+        ``None``: both directions closed cleanly (or idled out) while the
+        application was alive, or its death was not yet reported, and the
+        caller waits for it.
 
     Raises:
         TlsRuntimeError: a TLS alert or bad record, a broken connection, or a
@@ -139,20 +141,11 @@ class _Loop:
                 progress = False
                 for name, wanted, op in ops:
                     if name not in self.blocked and wanted():
-                        try:
-                            op(pump)
-                        except WouldBlock as wb:
-                            self.blocked[name] = (wb.fd, wb.events)
-                        else:
-                            progress = True
+                        progress |= self._perform(name, op, pump)
                 if self.link.has_output() and "flush" not in self.blocked:
-                    try:
-                        self.link.flush()
-                    except WouldBlock as wb:
-                        self.blocked["flush"] = (wb.fd, wb.events)
-                    else:
-                        progress = True
+                    progress |= self._perform("flush", lambda _pump: self.link.flush(), pump)
             if pump.done():
+                self._reap(pump)  # it may have died just now: report it if so
                 return pump.app_status
             # Forget waits of operations that are no longer wanted.
             for name, wanted, _op in ops:
@@ -167,9 +160,11 @@ class _Loop:
                 if registered.get(fd) != events:
                     poller.register(fd, events)
             registered = wanted_events
-            ready = dict(poller.poll(self._poll_timeout_ms()))
+            ready = dict(poller.poll(self._poll_timeout_ms(pump)))
             if not ready:
-                if self.idle_timeout is not None and self._idle_left() <= 0:
+                if pump.lingering():
+                    pump.on_linger_end()
+                elif self.idle_timeout is not None and self._idle_left() <= 0:
                     pump.on_idle()
                     self.blocked.clear()
                 continue
@@ -179,13 +174,27 @@ class _Loop:
                 if ready.get(fd, 0) & (events | _HANGUP):
                     del self.blocked[name]
 
+    def _perform(self, name: str, op: Callable[[Pump], None], pump: Pump) -> bool:
+        """Run one operation; False if it must wait (it is then in ``blocked``)."""
+        try:
+            op(pump)
+        except WouldBlock as wb:
+            self.blocked[name] = (wb.fd, wb.events)
+            return False
+        except PeerGone:
+            pump.on_peer_gone()
+            self._close_fd(self.cread)
+        return True
+
     # -- timing ----------------------------------------------------------
 
     def _idle_left(self) -> float:
         assert self.idle_timeout is not None
         return self.last_activity + self.idle_timeout - time.monotonic()
 
-    def _poll_timeout_ms(self) -> int | None:
+    def _poll_timeout_ms(self, pump: Pump) -> int | None:
+        if pump.lingering():
+            return int(LINGER * 1000)
         if self.idle_timeout is None:
             return None
         return max(0, int(self._idle_left() * 1000) + 1)
@@ -257,9 +266,12 @@ class _Loop:
         except SSL.ZeroReturnError:
             n = 0
         except SSL.Error as exc:
+            if pump.lingering():
+                pump.on_linger_end()
+                return
             raise runtime_error(exc) from None
         if n:
-            pump.inbound.produced(n)
+            pump.on_peer_data(n)
         else:
             pump.on_peer_eof(self.close_notify_seen)
 

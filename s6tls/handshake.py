@@ -16,7 +16,7 @@ from cryptography.x509.oid import NameOID
 from OpenSSL import SSL
 
 from .errors import HandshakeError, HandshakeTimeout
-from .link import WouldBlock, make_link, ssl_error_text
+from .link import PeerGone, WouldBlock, make_link, ssl_error_text
 
 
 def handshake(conn: SSL.Connection, rfd: int, wfd: int, timeout_ms: int = 0) -> None:
@@ -47,7 +47,7 @@ def handshake(conn: SSL.Connection, rfd: int, wfd: int, timeout_ms: int = 0) -> 
             link.call(conn.do_handshake)
         except WouldBlock as wb:
             wait = wb
-        except SSL.ZeroReturnError:
+        except (SSL.ZeroReturnError, PeerGone):
             raise HandshakeError("peer closed the connection during the handshake") from None
         except SSL.SysCallError as exc:
             reason = ssl_error_text(exc)
@@ -58,6 +58,8 @@ def handshake(conn: SSL.Connection, rfd: int, wfd: int, timeout_ms: int = 0) -> 
             link.flush()
         except WouldBlock as wb:
             wait = wb
+        except PeerGone:
+            raise HandshakeError("peer closed the connection during the handshake") from None
         if wait is None:
             return
         timeout = None

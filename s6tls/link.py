@@ -11,11 +11,13 @@ Both links offer the same small interface to the handshake and the engine:
 ``call`` runs one TLS operation and raises ``WouldBlock(fd, events)`` when it
 must wait for a descriptor; ``flush`` writes out ciphertext the TLS object
 produced (memory BIOs only); ``close_write`` ends our sending side;
-``close`` releases both descriptors.  Nothing here decides *when* to do
+``close`` releases both descriptors.  A send to a peer that closed its input
+raises ``PeerGone``.  Nothing here decides *when* to do
 what: that is ``pump``'s job.
 """
 
 import contextlib
+import errno
 import os
 import select
 import socket
@@ -29,6 +31,10 @@ from .errors import TlsRuntimeError
 from .pump import BUFSIZE
 
 T = TypeVar("T")
+
+
+class PeerGone(Exception):
+    """The peer closed its input: nothing we send will ever be read."""
 
 
 class WouldBlock(Exception):
@@ -79,6 +85,8 @@ def ssl_error_text(exc: SSL.Error) -> str:
     args = exc.args[0] if exc.args else []
     if isinstance(args, list) and args and isinstance(args[0], tuple):
         return "; ".join(reason for (_lib, _func, reason) in args if reason)
+    if args == []:  # OpenSSL gives no reason once a connection has failed
+        return "connection already failed"
     return str(exc) or type(exc).__name__
 
 
@@ -128,6 +136,10 @@ class SocketLink(Link):
             raise WouldBlock(self.rfd, select.POLLIN) from None
         except SSL.WantWriteError:
             raise WouldBlock(self.wfd, select.POLLOUT) from None
+        except SSL.SysCallError as exc:
+            if exc.args and exc.args[0] == errno.EPIPE:
+                raise PeerGone from None
+            raise
 
     def close_write(self, close_notify: bool) -> None:
         if close_notify and not self._notify_sent:
@@ -187,12 +199,17 @@ class BioLink(Link):
 
     def flush(self) -> None:
         while self.has_output():
+            if self.wfd < 0:  # our write side is closed: what TLS adds goes nowhere
+                self._out = memoryview(b"")
+                continue
             try:
                 n = os.write(self.wfd, self._out)
             except BlockingIOError:
                 raise WouldBlock(self.wfd, select.POLLOUT) from None
             except BrokenPipeError:
-                raise TlsRuntimeError("connection broken: peer closed its input") from None
+                os.close(self.wfd)
+                self.wfd = -1
+                raise PeerGone from None
             self._out = self._out[n:]
 
     def close_write(self, close_notify: bool) -> None:

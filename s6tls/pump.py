@@ -26,14 +26,23 @@ Close rules (s6-networking's -s/-S and -j/-J):
   Under TLS 1.2 with -S, a close_notify from the peer must be answered at once
   (RFC 5246 7.2.1): what the application has not yet sent is dropped and our
   close_notify goes out.
+* peer stops reading (EPIPE on send): our write side is closed and the
+  application's output with it, as on a plain TCP connection; the inbound
+  direction keeps flowing to the peer's EOF.
 * application death: its input is closed at once; what it already wrote is
   still delivered, then our write side is closed as above.
+* lingering close: once the application's input is closed, what the peer
+  still sends is read and discarded until its EOF, so that the peer never
+  writes into a closed connection (which would cost it, on a socket, what we
+  sent last).  The loop ends the linger after a quiet ``LINGER`` seconds; a
+  failure or a truncation while lingering is no error.
 * idle: both directions are dropped and closed.
 """
 
 from .errors import TlsRuntimeError
 
 BUFSIZE = 65536
+LINGER = 2.0  # seconds of silence from the peer that end a lingering close
 
 
 class Buffer:
@@ -141,7 +150,7 @@ class Pump:
         return self.app_eof and not self.outbound and not self.out_closed
 
     def want_peer_recv(self) -> bool:
-        return not self.peer_eof and not self.inbound.full and not self.in_closed
+        return not self.peer_eof and (self.in_closed or not self.inbound.full)
 
     def want_app_write(self) -> bool:
         return len(self.inbound) > 0 and not self.in_closed
@@ -149,11 +158,21 @@ class Pump:
     def want_in_close(self) -> bool:
         return self.peer_eof and not self.inbound and not self.in_closed
 
+    def lingering(self) -> bool:
+        """True when only the peer's last bytes are being read and discarded."""
+        return self.out_closed and self.in_closed and not self.peer_eof
+
     def done(self) -> bool:
         """True when both directions are closed: the tunnel is over."""
-        return self.out_closed and self.in_closed
+        return self.out_closed and self.in_closed and self.peer_eof
 
     # -- what happened ---------------------------------------------------
+
+    def on_peer_data(self, n: int) -> None:
+        """``n`` bytes from the peer were received into ``inbound.space()``."""
+        if self.in_closed:
+            return  # nobody reads them any more: discarded
+        self.inbound.produced(n)
 
     def on_app_eof(self) -> None:
         self.app_eof = True
@@ -165,11 +184,21 @@ class Pump:
         """
         self.peer_eof = True
         self.peer_close_notify = close_notify
-        if not close_notify and self.strict_close_notify:
+        if not close_notify and self.strict_close_notify and not self.in_closed:
             raise TlsRuntimeError("peer closed the connection without close_notify")
         if close_notify and self.tls12 and self.close_notify and not self.out_closed:
             self.outbound.clear()
             self.app_eof = True
+
+    def on_peer_gone(self) -> None:
+        """The peer will read nothing more (our sends fail with EPIPE).
+
+        As with a plain TCP connection, what the application still sends is
+        lost and its output is closed (it gets EPIPE); what the peer already
+        sent keeps flowing to the application until the peer's EOF.
+        """
+        self.app_eof = True
+        self.on_out_closed()
 
     def on_app_gone(self) -> None:
         """The application will read nothing more (its input pipe broke)."""
@@ -184,6 +213,10 @@ class Pump:
         """
         self.app_status = status
         self.on_app_gone()
+
+    def on_linger_end(self) -> None:
+        """The peer was silent (or failed) while lingering: stop reading it."""
+        self.peer_eof = True
 
     def on_idle(self) -> None:
         """No application data moved for the idle timeout: drop and close both ways."""
