@@ -46,7 +46,7 @@ def command(prog: tuple[str, ...], app_read: int, app_write: int, **opts: object
     options = Options(app_fds=(app_read, app_write), **opts)  # type: ignore[arg-type]
     log.verbosity = options.verbosity
     cfg = TlsConfig.from_env("client", os.environ, options)
-    check_fds((6, 7), "fds 6 and 7 must be the connection")
+    check_fds((6, 7), "unable to check network fds")
     ctx = build_context(cfg)
     if not options.verify_cert:
         log.info("not verifying the server's certificate (--no-verify-cert)")

@@ -38,7 +38,7 @@ def command(prog: tuple[str, ...], **opts: object) -> int:
     options = Options(**opts)  # type: ignore[arg-type]
     log.verbosity = options.verbosity
     cfg = TlsConfig.from_env("server", os.environ, options)
-    check_fds((0, 1), "stdin and stdout must be the connection")
+    check_fds((0, 1), "unable to check network fds")
     ctx = build_context(cfg)
     drop_privileges(cfg)
     return serve_connection(

@@ -16,7 +16,7 @@ from .cli import Log
 from .config import TlsConfig
 from .context import VerifyNotes
 from .engine import run
-from .errors import HandshakeError, SystemFailure, UsageError
+from .errors import HandshakeError, SystemFailure
 from .handshake import connection_facts, handshake
 from .link import new_connection
 from .pump import Stats
@@ -137,9 +137,13 @@ def describe_peer(fd: int, environ: Mapping[str, str]) -> str:
 
 
 def check_fds(fds: Sequence[int], what: str) -> None:
-    """Raise ``UsageError`` unless every fd in ``fds`` is open."""
+    """Raise ``SystemFailure`` (111) unless every fd in ``fds`` is open.
+
+    111, not 100: the contract is silent here, and skarnet's s6-tlsc dies
+    with 111 ("unable to check network fds") in this case.
+    """
     for fd in fds:
         try:
             os.fstat(fd)
-        except OSError:
-            raise UsageError(f"{what}: descriptor {fd} is not open") from None
+        except OSError as exc:
+            raise SystemFailure(f"{what}: descriptor {fd}: {exc.strerror}") from None
