@@ -18,7 +18,12 @@ log = Log(PROG)
 
 def client_options(f):
     """The client-only options, shared with s6-tlsclient."""
-    f = click.option("-y", "client_cert", is_flag=True, help="Present CERTFILE/KEYFILE.")(f)
+    f = click.option(
+        "-y/-Y",
+        "client_cert",
+        default=False,
+        help="-y presents CERTFILE/KEYFILE as client certificate; -Y (default) does not.",
+    )(f)
     f = click.option(
         "-k", "servername", default=None, metavar="NAME", help="SNI and name to verify."
     )(f)
