@@ -61,9 +61,23 @@ def _base_context(cfg: TlsConfig) -> SSL.Context:
     return ctx
 
 
+def _check_readable(path: str, what: str) -> None:
+    """Raise ``ConfigError`` with the system's reason if ``path`` cannot be opened.
+
+    OpenSSL's own text for a missing file is "system lib", which says nothing.
+    """
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"unable to read {what}{path}: {exc.strerror}") from None
+
+
 def _load_trust(ctx: SSL.Context, cfg: TlsConfig) -> None:
     if cfg.cadir and not os.access(cfg.cadir, os.R_OK | os.X_OK):
         raise ConfigError(f"unable to read CADIR {cfg.cadir}: not a readable directory")
+    if cfg.cafile:
+        _check_readable(cfg.cafile, "CAFILE ")
     try:
         ctx.load_verify_locations(cfg.cafile, cfg.cadir)
         if cfg.role == "server" and cfg.cafile:
@@ -77,6 +91,8 @@ def _load_trust(ctx: SSL.Context, cfg: TlsConfig) -> None:
 
 
 def _load_keypair(ctx: SSL.Context, pair: Keypair) -> None:
+    _check_readable(pair.certfile, "certificate ")
+    _check_readable(pair.keyfile, "private key ")
     try:
         ctx.use_certificate_chain_file(pair.certfile)
         ctx.use_privatekey_file(pair.keyfile)
@@ -104,7 +120,8 @@ def _server_context(cfg: TlsConfig) -> SSL.Context:
     if cfg.keypair and cfg.options.sni_level < 2:
         _load_keypair(ctx, cfg.keypair)
     if named:
-        ctx.set_tlsext_servername_callback(_sni_switcher(named))
+        has_default = cfg.keypair is not None and cfg.options.sni_level < 2
+        ctx.set_tlsext_servername_callback(_sni_switcher(named, has_default))
     return ctx
 
 
@@ -120,12 +137,29 @@ def sni_lookup(names: dict[str, SSL.Context], servername: str) -> SSL.Context | 
     return names.get("*." + parent) if dot and parent else None
 
 
-def _sni_switcher(names: dict[str, SSL.Context]) -> Callable[[SSL.Connection], None]:
+def _sni_switcher(
+    names: dict[str, SSL.Context], has_default: bool
+) -> Callable[[SSL.Connection], None]:
+    """The SNI callback: switch to the context for the client's name.
+
+    Without a default keypair (-k 2) and no match, the handshake will fail
+    for want of a certificate; the reason goes into the connection's
+    ``VerifyNotes`` so that the message names the server name, not only
+    OpenSSL's "no suitable signature algorithm".  (pyOpenSSL's callback
+    cannot abort the handshake itself.)
+    """
+
     def switch(conn: SSL.Connection) -> None:
         raw = conn.get_servername()
-        sub = sni_lookup(names, raw.decode("ascii", "replace")) if raw else None
+        name = raw.decode("ascii", "replace") if raw else ""
+        sub = sni_lookup(names, name) if name else None
         if sub is not None:
             conn.set_context(sub)
+            return
+        notes = conn.get_app_data()
+        if not has_default and isinstance(notes, VerifyNotes):
+            why = f"no keypair for server name {name}" if name else "client sent no server name"
+            notes.reasons.append(f"{why} under -k 2")
 
     return switch
 
