@@ -28,9 +28,18 @@ def drop_privileges(cfg: TlsConfig) -> None:
 
     Called after the keys are read and before the handshake.  Raises
     ``SystemFailure`` if the kernel refuses.
+
+    The modules a connection imports lazily are imported first: the new
+    user may not be allowed to read the Python installation (one under a
+    0700 home, for instance), and an import failing mid-handshake would
+    turn into a misleading error.
     """
     if os.geteuid() != 0 or not (cfg.uid or cfg.gid):
         return
+    import encodings.idna  # noqa: F401  (the client's SNI name is encoded with it)
+
+    if cfg.role == "client" and cfg.verify_peer != "none":
+        import service_identity.cryptography  # noqa: F401  (context.check_name)
     try:
         if cfg.gid:
             os.setgroups([cfg.gid])
