@@ -115,7 +115,12 @@ class _Loop:
         self.blocked: dict[str, tuple[int, int]] = {}
 
     def _on_info(self, _conn: SSL.Connection, where: int, ret: int) -> None:
-        if where & SSL.SSL_CB_READ_ALERT and ret & 0xFF == _ALERT_CLOSE_NOTIFY:
+        # SSL_CB_READ_ALERT is two bits (alert | read): testing either one
+        # alone would also count the close_notify we send ourselves under -S.
+        if (
+            where & SSL.SSL_CB_READ_ALERT == SSL.SSL_CB_READ_ALERT
+            and ret & 0xFF == _ALERT_CLOSE_NOTIFY
+        ):
             self.close_notify_seen = True
 
     def run(self, pump: Pump) -> int | None:
