@@ -45,12 +45,14 @@ def client_options(f):
 def command(prog: tuple[str, ...], app_read: int, app_write: int, **opts: object) -> int:
     """s6-tlsc [options] [--] prog...: TLS client on fds 6 and 7 for prog."""
     from .config import Options, TlsConfig
-    from .context import build_context
-    from .tunnel import check_fds, describe_peer, drop_privileges, serve_connection
 
     options = Options(app_fds=(app_read, app_write), **opts)  # type: ignore[arg-type]
     log.verbosity = options.verbosity
     cfg = TlsConfig.from_env("client", os.environ, options)
+    # The TLS modules are half the start-up: a usage error does not pay for them.
+    from .context import build_context
+    from .tunnel import check_fds, describe_peer, drop_privileges, serve_connection
+
     check_fds((6, 7), "unable to check network fds")
     ctx = build_context(cfg)
     if not options.verify_cert:

@@ -31,13 +31,15 @@ log = Log(PROG)
 def command(prog: tuple[str, ...], **opts: object) -> int:
     """s6-tlsd [options] [--] prog...: serve TLS on stdin/stdout for prog."""
     from .config import Options, TlsConfig
-    from .context import build_context
-    from .tunnel import check_fds, describe_peer, drop_privileges, serve_connection
 
     opts["peer_verify"] = opts["peer_verify"] or "none"
     options = Options(**opts)  # type: ignore[arg-type]
     log.verbosity = options.verbosity
     cfg = TlsConfig.from_env("server", os.environ, options)
+    # The TLS modules are half the start-up: a usage error does not pay for them.
+    from .context import build_context
+    from .tunnel import check_fds, describe_peer, drop_privileges, serve_connection
+
     check_fds((0, 1), "unable to check network fds")
     ctx = build_context(cfg)
     drop_privileges(cfg)
