@@ -11,7 +11,6 @@ import select
 import time
 
 from cryptography import x509
-from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import NameOID
 from OpenSSL import SSL
 
@@ -116,6 +115,10 @@ def connection_facts(conn: SSL.Connection) -> dict[str, str]:
         facts["SSL_TLS_SNI_SERVERNAME"] = sni.decode("ascii", "replace")
     cert = conn.get_peer_certificate(as_cryptography=True)
     if cert is not None:
+        # Imported here: a server without client certificates never needs it,
+        # and s6-tlsd pays every import once per connection.
+        from cryptography.hazmat.primitives.serialization import Encoding
+
         der = cert.public_bytes(Encoding.DER)
         facts["SSL_PEER_CERT_HASH"] = "SHA256:" + hashlib.sha256(der).hexdigest()
         facts["SSL_PEER_CERT_SUBJECT"] = oneline_name(cert.subject)
