@@ -12,6 +12,7 @@ import socket
 import subprocess
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import pytest
 from ucspi_helpers import (
@@ -24,9 +25,11 @@ from ucspi_helpers import (
     exchange_environments,
     fatal,
     finish,
+    help_options,
     openssl_sha256,
     openssl_subject,
     spawn_tlsc,
+    synopsis_options,
     tcp_pair,
     tcpclient,
     touch_then,
@@ -424,3 +427,8 @@ def test_missing_prog_is_a_usage_error(client_env):
     )
     assert res.returncode == 100
     assert fatal(res.stderr.decode(), "s6-tlsc").startswith("missing argument 'PROG...'")
+
+
+def test_man_page_synopsis_lists_exactly_the_options_of_help():
+    page = Path(__file__).resolve().parent.parent / "man" / "s6-tlsc.1"
+    assert synopsis_options(page) == help_options(TLSC)

@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pexpect
 import pytest
@@ -27,9 +28,11 @@ from ucspi_helpers import (
     exchange_environments,
     fatal,
     finish,
+    help_options,
     openssl_sha256,
     openssl_subject,
     spawn_tlsd,
+    synopsis_options,
     tcp_pair,
     tcpclient,
     touch_then,
@@ -573,3 +576,8 @@ def test_missing_prog_is_a_usage_error(server_env):
     )
     assert res.returncode == 100
     assert fatal(res.stderr.decode(), "s6-tlsd").startswith("missing argument 'PROG...'")
+
+
+def test_man_page_synopsis_lists_exactly_the_options_of_help():
+    page = Path(__file__).resolve().parent.parent / "man" / "s6-tlsd.1"
+    assert synopsis_options(page) == help_options(TLSD)

@@ -15,6 +15,7 @@ Every wait has a deadline; nothing sleeps.
 """
 
 import os
+import re
 import selectors
 import socket
 import subprocess
@@ -281,3 +282,23 @@ def exchange_environments(
     assert res.stderr == b""
     seen_by_client, seen_by_server = eval(res.stdout)
     return seen_by_client, seen_by_server
+
+
+def synopsis_options(page: Path) -> set[str]:
+    """The options a man page's SYNOPSIS lists, such as ``-S`` or ``--idle-timeout``."""
+    text = page.read_text().split(".SH SYNOPSIS", 1)[1].split("\n.SH ", 1)[0]
+    found = re.findall(r"(?<![\w-])(--?[A-Za-z0-9][\w-]*)", text.replace("\\-", "-"))
+    return set(found)
+
+
+def help_options(argv: Sequence[str]) -> set[str]:
+    """The options a program's ``--help`` lists, ``--help`` itself left out."""
+    out = subprocess.run(
+        [*argv, "--help"], capture_output=True, text=True, timeout=30, check=True
+    ).stdout
+    found = set()
+    for line in out.split("Options:\n", 1)[1].splitlines():
+        if line.startswith("  -"):
+            names = line.strip().split("  ", 1)[0]
+            found |= {t for t in names.replace(" / ", " ").split() if t.startswith("-")}
+    return found - {"--help"}
