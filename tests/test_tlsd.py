@@ -23,6 +23,7 @@ from ucspi_helpers import (
     PY,
     SERVER_PRINT_ENV,
     TLSD,
+    LineReader,
     TcpServer,
     direct_pair,
     exchange_environments,
@@ -119,9 +120,9 @@ def s_client_line(argv: list[str], line: bytes) -> tuple[bytes, int, str]:
     with client:
         client.stdin.write(line)
         client.stdin.flush()
-        answer = client.stdout.readline()
+        answer = LineReader(client.stdout).readline(timeout=20) + "\n"
         _, err = client.communicate(timeout=20)  # closes stdin
-    return answer, client.returncode, err.decode()
+    return answer.encode(), client.returncode, err.decode()
 
 
 def client_hello() -> bytes:
