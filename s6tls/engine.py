@@ -218,6 +218,18 @@ class _Loop:
             self.blocked.pop("app_read", None)  # drain what it left, then EOF
             self._close_fd(self.cwrite)
 
+    def _await_exit(self, pump: Pump, timeout: float) -> None:
+        """Give the application up to ``timeout`` seconds to die, and reap it."""
+        deadline = time.monotonic() + timeout
+        poller = select.poll()
+        poller.register(self.selfpipe, select.POLLIN)
+        self._reap(pump)
+        while pump.app_status is None and self.pid is not None:
+            left = deadline - time.monotonic()
+            if left <= 0 or not poller.poll(int(left * 1000) + 1):
+                return
+            self._reap(pump)
+
     def _close_fd(self, fd: int) -> None:
         if fd in self.open_fds:
             self.open_fds.discard(fd)
@@ -271,6 +283,12 @@ class _Loop:
         except SSL.ZeroReturnError:
             n = 0
         except SSL.Error as exc:
+            # Once the application ended its output and all of it went out, a
+            # peer may answer our bare EOF with an alert: if the application
+            # is exiting, this is only the end of the linger.
+            if pump.app_eof and pump.out_closed:
+                self._close_fd(self.cwrite)
+                self._await_exit(pump, LINGER)
             if pump.lingering():
                 pump.on_linger_end()
                 return

@@ -99,8 +99,7 @@ class SServer:
 
 def test_round_trip_with_openssl_s_server_under_tcpclient(pki, client_env):
     # -S with OpenSSL peers: an OpenSSL 3 peer takes a bare EOF (-s) for an
-    # error and answers it with a decode_error alert, which s6-tlsc reports
-    # (98) if it comes before the application is reaped.
+    # error and answers it with a decode_error alert.
     with SServer(pki, "-rev") as server:
         res = tcpclient(server.port, ["-S", "-k", "localhost"], ONE_LINE, client_env)
         log = server.log()

@@ -164,13 +164,9 @@ def test_without_S_an_openssl_3_peer_reports_the_bare_eof_after_the_answer(serve
         assert answer == b"TLSv1.3 TLS_AES_256_GCM_SHA384 hello again\n"
         assert code == 1
         assert "unexpected eof while reading" in err
-        # s_client answers the bare EOF with a decode_error alert.  If it arrives
-        # before the engine has reaped the application (which already exited
-        # 0), s6-tlsd reports it and exits 98; on a busy machine, often.
-        assert srv.wait_end() in (
-            (0, []),
-            (98, ["s6-tlsd: fatal: TLS error: tlsv1 alert decode error"]),
-        )
+        # s_client answers the bare EOF with a decode_error alert, which comes
+        # after the application (which exited 0) sent everything: no error.
+        assert srv.wait_end() == (0, [])
 
 
 def test_openssl_s_client_over_tls_1_2_sees_its_protocol_and_cipher_in_the_application(
