@@ -82,10 +82,7 @@ def command(
     ctx = build_context(cfg)
     listener = listen(ip, port, family, backlog)
     server = Server(cfg, ctx, listener, prog, min(localmaxconn, maxconn), maxconn, (uid, gid))
-    if notify:
-        _notify_ready()
-    _detach_stdio()
-    return server.serve()
+    return server.serve(notify)
 
 
 class Server:
@@ -120,12 +117,19 @@ class Server:
         self.per_ip: Counter[str] = Counter()
         self.spare: tuple[int, socket.socket] | None = None  # pid, our end of its channel
 
-    def serve(self) -> int:
-        """Accept until SIGTERM, then wait for the running connections; return 0."""
+    def serve(self, notify: bool) -> int:
+        """Accept until SIGTERM, then wait for the running connections; return 0.
+
+        ``notify`` (-1): write the readiness newline, once the signal handlers
+        are in place, so that a SIGHUP sent at readiness is a reload.
+        """
         with SelfPipe(
             (signal.SIGCHLD, signal.SIGTERM, signal.SIGQUIT, signal.SIGHUP, signal.SIGINT)
         ) as selfpipe:
             self.selfpipe = selfpipe
+            if notify:
+                _notify_ready()
+            _detach_stdio()
             poller = select.poll()
             poller.register(selfpipe.fileno(), select.POLLIN)
             assert self.listener is not None
