@@ -1,0 +1,217 @@
+"""What every benchmark shares: paths, certificates, ports, processes, statistics.
+
+The rule that makes CPU figures trustworthy lives here: every process a run
+starts is reaped by :class:`Processes`, which adds up the ``os.wait4`` rusage
+of each one, and the benchmark process is a child subreaper, so a grandchild
+whose parent died without reaping it is handed to us and counted too.  Nothing
+is ever left running: leaving a ``Processes`` block kills every process group
+it started, and reaps them, whatever happened inside.
+"""
+
+import contextlib
+import ctypes
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from s6tls.pki import make_pki
+
+ROOT = Path(__file__).resolve().parent.parent
+PYTHON = sys.executable
+ENDPOINT = [PYTHON, "-I", "-S", str(ROOT / "bench" / "endpoint.py")]
+SERVER_NAME = "localhost"
+PR_SET_CHILD_SUBREAPER = 36
+
+
+class BenchError(Exception):
+    """A run could not be measured: a tool failed, timed out, or lost data."""
+
+
+def program(name: str) -> list[str]:
+    """The command that runs s6tls program ``name`` from this checkout's ``bin/``."""
+    return [PYTHON, str(ROOT / "bin" / name)]
+
+
+def become_subreaper() -> None:
+    """Make orphaned descendants our children, so their rusage reaches us."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER)")
+
+
+@dataclass(frozen=True)
+class Pki:
+    """A throw-away CA and an ECDSA P-256 server certificate for ``localhost``/127.0.0.1."""
+
+    ca: str
+    cert: str
+    key: str
+
+    @classmethod
+    def make(cls, directory: Path) -> "Pki":
+        paths = make_pki(directory, [SERVER_NAME, "127.0.0.1"])
+        return cls(ca=paths["ca"], cert=paths["cert"], key=paths["key"])
+
+
+@contextlib.contextmanager
+def scratch() -> Iterator[Path]:
+    """A temporary directory, removed on the way out."""
+    with tempfile.TemporaryDirectory(prefix="s6tls-bench-") as path:
+        yield Path(path)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nobody listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def is_listening(port: int) -> bool:
+    """Whether something listens on 127.0.0.1:``port``, read from /proc/net/tcp.
+
+    Probing with connect() would use up the single accept of ``socat
+    OPENSSL-LISTEN`` without ``fork``; the kernel's table costs nothing.
+    """
+    wanted = f"0100007F:{port:04X}"
+    with open("/proc/net/tcp") as table:
+        next(table)
+        return any(fields[1] == wanted and fields[3] == "0A" for fields in map(str.split, table))
+
+
+class Processes:
+    """The processes of one run: started in their own sessions, always reaped.
+
+    ``cpu`` is the user+sys time of everything reaped so far: each process
+    with the descendants it reaped itself, plus orphans handed to us as
+    subreaper.  Use as a context manager; on exit every process group still
+    alive is killed with SIGKILL and reaped.
+    """
+
+    def __init__(self) -> None:
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.cpu = 0.0
+
+    def __enter__(self) -> "Processes":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for proc in self.procs:
+            if proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+        for proc in self.procs:
+            with contextlib.suppress(BenchError):
+                self.wait(proc, timeout=10)
+        self.reap_orphans(timeout=10)
+
+    def start(
+        self,
+        argv: Sequence[str],
+        env: Mapping[str, str] | None = None,
+        **popen: object,
+    ) -> subprocess.Popen[bytes]:
+        """Start ``argv`` in a new session (so its whole group can be killed)."""
+        full_env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), **(env or {})}
+        proc = subprocess.Popen(argv, env=full_env, start_new_session=True, **popen)  # type: ignore[call-overload]
+        self.procs.append(proc)
+        return proc
+
+    def wait(self, proc: subprocess.Popen[bytes], timeout: float) -> int:
+        """Reap ``proc`` within ``timeout`` seconds; return its exit code.
+
+        Raises ``BenchError`` when it is still running after ``timeout``.
+        """
+        deadline = time.monotonic() + timeout
+        while proc.returncode is None:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                self.cpu += usage.ru_utime + usage.ru_stime
+                proc.returncode = os.waitstatus_to_exitcode(status)
+            elif time.monotonic() > deadline:
+                raise BenchError(f"{Path(str(proc.args[0])).name} still running after {timeout}s")
+            else:
+                time.sleep(0.005)
+        return proc.returncode
+
+    def stop(self, proc: subprocess.Popen[bytes], timeout: float = 30) -> int:
+        """Send SIGTERM to ``proc`` and reap it; return its exit code.
+
+        Not ``Popen.send_signal``: it polls first, and a process it reaps
+        there is lost to our rusage count.
+        """
+        if proc.returncode is None:
+            os.kill(proc.pid, signal.SIGTERM)
+        return self.wait(proc, timeout)
+
+    def reap_orphans(self, timeout: float) -> None:
+        """Reap descendants re-parented to us, counting their CPU time."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                pid, _status, usage = os.wait4(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid:
+                self.cpu += usage.ru_utime + usage.ru_stime
+            else:
+                time.sleep(0.005)
+
+
+def has_exited(proc: subprocess.Popen[bytes]) -> bool:
+    """Whether ``proc`` has exited, without reaping it (its rusage stays ours to collect)."""
+    if proc.returncode is not None:
+        return True
+    return os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+
+
+def wait_listening(port: int, proc: subprocess.Popen[bytes], timeout: float = 20) -> None:
+    """Wait until ``proc`` listens on ``port``; raise ``BenchError`` if it dies or is slow."""
+    deadline = time.monotonic() + timeout
+    while not is_listening(port):
+        if has_exited(proc):
+            raise BenchError(f"{Path(str(proc.args[0])).name} exited before listening")
+        if time.monotonic() > deadline:
+            raise BenchError(f"nothing listens on port {port} after {timeout}s")
+        time.sleep(0.005)
+
+
+def summary(values: Sequence[float | None]) -> dict[str, object]:
+    """Median, min, max and the values themselves (JSON-ready); ``None`` is a failed run."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return {"n": 0, "median": None, "min": None, "max": None, "values": []}
+    return {
+        "n": len(values),
+        "median": statistics.median(values),
+        "min": min(values),
+        "max": max(values),
+        "values": list(values),
+    }
+
+
+def compare(ours: Sequence[float | None], theirs: Sequence[float | None]) -> dict[str, object]:
+    """The ratio of medians ours/theirs, and the range of the run-by-run ratios.
+
+    Runs alternate, so run *i* of each tool saw about the same machine load:
+    the paired ratios show how much of a difference is noise.  ``None`` is a
+    failed run, left out.
+    """
+    paired = [a / b for a, b in zip(ours, theirs, strict=True) if a is not None and b]
+    mine = [v for v in ours if v is not None]
+    other = [v for v in theirs if v is not None]
+    if not mine or not other or not statistics.median(other):
+        return {"ratio": None, "paired_min": None, "paired_max": None}
+    return {
+        "ratio": statistics.median(mine) / statistics.median(other),
+        "paired_min": min(paired, default=None),
+        "paired_max": max(paired, default=None),
+    }
