@@ -1,0 +1,138 @@
+"""Handshake rate: ``openssl s_time -new`` against three servers, 1 and 4 clients.
+
+- s6-tlsserver, the fork-server, running ``cat`` for each connection;
+- stunnel started per connection by ``tcpserver`` (inetd mode), running ``cat``
+  too: the C way of serving TLS per process, as s6-networking does;
+- ``openssl s_server -www``, one process serving every connection: an upper
+  bound, with no process per connection at all.
+
+All three stay up for the whole measurement and take turns, round after
+round.  Each s_time client makes full handshakes (no resumption, no payload)
+for ``seconds`` seconds; the rate is the connections the clients made over the
+wall time of the slowest one.  s_time's own "real seconds" is rounded to the
+second, too coarse here.
+"""
+
+import re
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from .common import (
+    BenchError,
+    Pki,
+    Processes,
+    compare,
+    free_port,
+    program,
+    scratch,
+    summary,
+    wait_listening,
+)
+from .tunnels import stunnel_config
+
+CLIENTS = (1, 4)
+SERVERS = ("s6tls", "stunnel-per-connection", "openssl-s_server")
+CONNECTIONS = re.compile(rb"^(\d+) connections in", re.MULTILINE)
+
+
+def tcpserver(port: int, argv: list[str]) -> list[str]:
+    """ucspi-tcp's tcpserver on 127.0.0.1:``port``, no DNS or ident look-ups."""
+    return ["tcpserver", "-H", "-R", "-l", "0", "-c", "100", "127.0.0.1", str(port), *argv]
+
+
+def stunnel_inetd_server(tmp: Path, pki: Pki) -> list[str]:
+    """The command line of stunnel serving its stdin/stdout as TLS, running ``cat``."""
+    conf = stunnel_config(
+        tmp / "stunnel-inetd.conf",
+        {"cert": pki.cert, "key": pki.key, "exec": "/bin/cat", "execArgs": "cat"},
+        None,
+    )
+    return ["stunnel", str(conf)]
+
+
+def _start_servers(procs: Processes, tmp: Path, pki: Pki) -> dict[str, int]:
+    """Start the three servers, their messages going to a file in ``tmp``; return their ports.
+
+    s6-tlsserver reports every connection that s_time resets after its
+    handshake (``connection broken``): one line each, thousands per run.
+    """
+    ports = {name: free_port() for name in SERVERS}
+    commands = {
+        "s6tls": (
+            [*program("s6-tlsserver"), "-c", "100", "127.0.0.1", str(ports["s6tls"]), "cat"],
+            {"CERTFILE": pki.cert, "KEYFILE": pki.key},
+        ),
+        "stunnel-per-connection": (
+            tcpserver(ports["stunnel-per-connection"], stunnel_inetd_server(tmp, pki)),
+            {},
+        ),
+        "openssl-s_server": (
+            [
+                *("openssl", "s_server", "-www", "-quiet", "-cert", pki.cert, "-key", pki.key),
+                *("-accept", f"127.0.0.1:{ports['openssl-s_server']}"),
+            ],
+            {},
+        ),
+    }
+    with (tmp / "stderr").open("ab") as err:
+        for name, (argv, env) in commands.items():
+            std = {"stdin": subprocess.DEVNULL, "stdout": subprocess.DEVNULL, "stderr": err}
+            wait_listening(ports[name], procs.start(argv, env, **std))
+    return ports
+
+
+def rate(procs: Processes, port: int, clients: int, seconds: int) -> float:
+    """Handshakes per second that ``clients`` s_time processes get from ``port``.
+
+    Raises ``BenchError`` if a client fails or makes no connection at all.
+    """
+    argv = ["openssl", "s_time", "-connect", f"127.0.0.1:{port}", "-new", "-time", str(seconds)]
+    start = time.monotonic()
+    runs = [
+        procs.start(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for _ in range(clients)
+    ]
+    total = 0
+    for run in runs:
+        assert run.stdout is not None
+        output = run.stdout.read()
+        code = procs.wait(run, seconds + 30)
+        found = CONNECTIONS.search(output)
+        if code or not found or not int(found.group(1)):
+            last = output.strip().splitlines()[-1:] or [b"no output"]
+            raise BenchError(f"s_time failed: {last[0].decode(errors='replace')}")
+        total += int(found.group(1))
+    return total / (time.monotonic() - start)
+
+
+def measure(pki: Pki, seconds: int, rounds: int, log: Callable[[str], None]) -> dict[str, object]:
+    """``rounds`` rounds of every client count against every server, in turn.
+
+    Returns the rates per client count and server, their summaries, the
+    failures, and the ratios of s6-tlsserver to each of the others.
+    """
+    results: dict[str, object] = {"seconds": seconds, "rounds": rounds}
+    runs = {n: {name: [] for name in SERVERS} for n in CLIENTS}
+    failures: list[str] = []
+    with scratch() as tmp, Processes() as procs:
+        ports = _start_servers(procs, tmp, pki)
+        for round_no in range(rounds):
+            for n in CLIENTS:
+                for name in SERVERS:
+                    try:
+                        per_second = rate(procs, ports[name], n, seconds)
+                        log(f"  {n} client(s) round {round_no + 1} {name}: {per_second:.0f}/s")
+                        runs[n][name].append(per_second)
+                    except BenchError as exc:
+                        failures.append(f"{name} {n} clients round {round_no + 1}: {exc}")
+                        log(f"handshakes {name} {n} clients round {round_no + 1}: FAILED: {exc}")
+                        runs[n][name].append(None)
+    for n in CLIENTS:
+        ours = runs[n]["s6tls"]
+        results[f"{n}_clients"] = {
+            **{name: summary(values) for name, values in runs[n].items()},
+            "ratios": {name: compare(ours, runs[n][name]) for name in SERVERS if name != "s6tls"},
+        }
+    results["failures"] = failures
+    return results
