@@ -72,9 +72,24 @@ def new_connection(ctx: SSL.Context, rfd: int, wfd: int) -> SSL.Connection:
 
 def runtime_error(exc: SSL.Error) -> TlsRuntimeError:
     """A TLS-level failure on an established connection, as a ``TlsRuntimeError``."""
-    if isinstance(exc, SSL.SysCallError):
+    if isinstance(exc, SSL.SysCallError) or _system_error(exc):
         return TlsRuntimeError(f"connection broken: {ssl_error_text(exc)}")
     return TlsRuntimeError(f"TLS error: {ssl_error_text(exc)}")
+
+
+def _system_error(exc: SSL.Error) -> bool:
+    """True for an ``SSL.Error`` that only reports failed system calls.
+
+    Once a socket call failed (a reset, say), OpenSSL reports the next
+    failure as a "system library" entry whose reason text is empty, and
+    pyOpenSSL raises it as a plain ``SSL.Error``, without the errno.
+    """
+    args = exc.args[0] if exc.args else None
+    return (
+        isinstance(args, list)
+        and bool(args)
+        and all(isinstance(e, tuple) and e[0] == "system library" and not e[2] for e in args)
+    )
 
 
 def ssl_error_text(exc: SSL.Error) -> str:
@@ -84,7 +99,10 @@ def ssl_error_text(exc: SSL.Error) -> str:
         return os.strerror(code) if isinstance(code, int) and code > 0 else "unexpected EOF"
     args = exc.args[0] if exc.args else []
     if isinstance(args, list) and args and isinstance(args[0], tuple):
-        return "; ".join(reason for (_lib, _func, reason) in args if reason)
+        text = "; ".join(reason for (_lib, _func, reason) in args if reason)
+        if text:
+            return text
+        return "a system call failed" if _system_error(exc) else "no reason given by OpenSSL"
     if args == []:  # OpenSSL gives no reason once a connection has failed
         return "connection already failed"
     return str(exc) or type(exc).__name__
