@@ -11,6 +11,7 @@ it started, and reaps them, whatever happened inside.
 import contextlib
 import ctypes
 import os
+import resource
 import signal
 import socket
 import statistics
@@ -90,7 +91,8 @@ def is_listening(port: int) -> bool:
 class Processes:
     """The processes of one run: started in their own sessions, always reaped.
 
-    ``cpu`` is the user+sys time of everything reaped so far: each process
+    ``cpu`` is the user+sys time (``sys`` the system part) of everything
+    reaped so far: each process
     with the descendants it reaped itself, plus orphans handed to us as
     subreaper.  Use as a context manager; on exit every process group still
     alive is killed with SIGKILL and reaped.
@@ -99,6 +101,7 @@ class Processes:
     def __init__(self) -> None:
         self.procs: list[subprocess.Popen[bytes]] = []
         self.cpu = 0.0
+        self.sys = 0.0
 
     def __enter__(self) -> "Processes":
         return self
@@ -112,6 +115,10 @@ class Processes:
             with contextlib.suppress(BenchError):
                 self.wait(proc, timeout=10)
         self.reap_orphans(timeout=10)
+
+    def _count(self, usage: resource.struct_rusage) -> None:
+        self.cpu += usage.ru_utime + usage.ru_stime
+        self.sys += usage.ru_stime
 
     def start(
         self,
@@ -134,7 +141,7 @@ class Processes:
         while proc.returncode is None:
             pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
             if pid:
-                self.cpu += usage.ru_utime + usage.ru_stime
+                self._count(usage)
                 proc.returncode = os.waitstatus_to_exitcode(status)
             elif time.monotonic() > deadline:
                 raise BenchError(f"{Path(str(proc.args[0])).name} still running after {timeout}s")
@@ -161,7 +168,7 @@ class Processes:
             except ChildProcessError:
                 return
             if pid:
-                self.cpu += usage.ru_utime + usage.ru_stime
+                self._count(usage)
             else:
                 time.sleep(0.005)
 

@@ -2,7 +2,7 @@
 
 Run as a separate process (``python -I -S bench/endpoint.py ...``), so that its CPU
 time can be told apart from the tunnel's: on exit it writes a JSON report with its
-own ``RUSAGE_SELF`` user+sys seconds, which the benchmark subtracts from the
+own ``RUSAGE_SELF`` user and sys seconds, which the benchmark subtracts from the
 rusage of the whole process tree it started.
 
 The stream sent is a fixed 1 MiB pseudo-random block (seeded by ``--seed``)
@@ -120,7 +120,7 @@ def main() -> None:
     if args.hold:
         close_output(args.wfd)
     usage = resource.getrusage(resource.RUSAGE_SELF)
-    report.update(sent=args.send, cpu=usage.ru_utime + usage.ru_stime)
+    report.update(sent=args.send, cpu=usage.ru_utime + usage.ru_stime, sys=usage.ru_stime)
     tmp = f"{args.report}.tmp"
     with open(tmp, "w") as f:
         json.dump(report, f)

@@ -33,17 +33,18 @@ from .tunnels import S6TLS, TUNNELS, Command, Tunnel, endpoint
 
 MODES = ("oneway", "duplex")
 _digest = functools.lru_cache(expected_digest)
-METRICS = ("mbps", "cpu_per_gb", "fixed_cpu")
+METRICS = ("mbps", "cpu_per_gb", "sys_per_gb", "fixed_cpu")
 UP, DOWN = "client-to-server", "server-to-client"
 
 
 @dataclass(frozen=True)
 class Transfer:
-    """What one run measured: payload bytes, elapsed seconds, tunnel CPU seconds."""
+    """What one run measured: payload bytes, elapsed seconds, tunnel CPU seconds (and sys)."""
 
     payload: int
     seconds: float
     cpu: float
+    sys: float
 
 
 def _read_report(path: Path, deadline: float) -> dict[str, object]:
@@ -126,7 +127,9 @@ def transfer(tunnel: Tunnel, pki: Pki, mode: str, size: int, timeout: float) -> 
         start = min((float(r["first_byte"]) for r in receivers), default=0.0)
         end = max((float(r["eof"]) for r in receivers), default=0.0)
         own = sum(float(r["cpu"]) for r in reports.values())
-        return Transfer(size * (2 if duplex else 1), end - start, procs.cpu - own)
+        own_sys = sum(float(r["sys"]) for r in reports.values())
+        payload = size * (2 if duplex else 1)
+        return Transfer(payload, end - start, procs.cpu - own, procs.sys - own_sys)
 
 
 def measure(pki: Pki, size: int, rounds: int, log: Callable[[str], None]) -> dict[str, object]:
@@ -155,7 +158,9 @@ def measure(pki: Pki, size: int, rounds: int, log: Callable[[str], None]) -> dic
                         figures[metric].append(None)
                     continue
                 figures["mbps"].append(full.payload / full.seconds / 1e6)
-                figures["cpu_per_gb"].append((full.cpu - empty.cpu) / (full.payload / 1e9))
+                gb = full.payload / 1e9
+                figures["cpu_per_gb"].append((full.cpu - empty.cpu) / gb)
+                figures["sys_per_gb"].append((full.sys - empty.sys) / gb)
                 figures["fixed_cpu"].append(empty.cpu)
                 log(
                     f"  {mode} round {round_no + 1} {tunnel.name}: {figures['mbps'][-1]:.0f} MB/s,"
