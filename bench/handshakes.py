@@ -10,9 +10,12 @@ All three stay up for the whole measurement and take turns, round after
 round.  Each s_time client makes full handshakes (no resumption, no payload)
 for ``seconds`` seconds; the rate is the connections the clients made over the
 wall time of the slowest one.  s_time's own "real seconds" is rounded to the
-second, too coarse here.
+second, too coarse here.  The server's CPU time per handshake comes from
+``/proc/PID/stat`` (its own time and that of the children it reaped) read
+before and after.
 """
 
+import os
 import re
 import subprocess
 import time
@@ -52,8 +55,8 @@ def stunnel_inetd_server(tmp: Path, pki: Pki) -> list[str]:
     return ["stunnel", str(conf)]
 
 
-def _start_servers(procs: Processes, tmp: Path, pki: Pki) -> dict[str, int]:
-    """Start the three servers, their messages going to a file in ``tmp``; return their ports.
+def _start_servers(procs: Processes, tmp: Path, pki: Pki) -> dict[str, tuple[int, int]]:
+    """Start the three servers, messages to a file in ``tmp``; return their ports and pids.
 
     s6-tlsserver reports every connection that s_time resets after its
     handshake (``connection broken``): one line each, thousands per run.
@@ -76,15 +79,24 @@ def _start_servers(procs: Processes, tmp: Path, pki: Pki) -> dict[str, int]:
             {},
         ),
     }
+    servers = {}
     with (tmp / "stderr").open("ab") as err:
         for name, (argv, env) in commands.items():
             std = {"stdin": subprocess.DEVNULL, "stdout": subprocess.DEVNULL, "stderr": err}
-            wait_listening(ports[name], procs.start(argv, env, **std))
-    return ports
+            proc = procs.start(argv, env, **std)
+            wait_listening(ports[name], proc)
+            servers[name] = (ports[name], proc.pid)
+    return servers
 
 
-def rate(procs: Processes, port: int, clients: int, seconds: int) -> float:
-    """Handshakes per second that ``clients`` s_time processes get from ``port``.
+def server_cpu(pid: int) -> float:
+    """CPU seconds of ``pid`` and of the children it has reaped (utime to cstime)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return sum(int(ticks) for ticks in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+
+
+def rate(procs: Processes, port: int, clients: int, seconds: int) -> tuple[float, int]:
+    """Handshakes per second that ``clients`` s_time processes get from ``port``, and how many.
 
     Raises ``BenchError`` if a client fails or makes no connection at all.
     """
@@ -103,35 +115,45 @@ def rate(procs: Processes, port: int, clients: int, seconds: int) -> float:
             last = output.strip().splitlines()[-1:] or [b"no output"]
             raise BenchError(f"s_time failed: {last[0].decode(errors='replace')}")
         total += int(found.group(1))
-    return total / (time.monotonic() - start)
+    return total / (time.monotonic() - start), total
 
 
 def measure(pki: Pki, seconds: int, rounds: int, log: Callable[[str], None]) -> dict[str, object]:
     """``rounds`` rounds of every client count against every server, in turn.
 
-    Returns the rates per client count and server, their summaries, the
-    failures, and the ratios of s6-tlsserver to each of the others.
+    Returns the rates and the server CPU milliseconds per handshake, per
+    client count and server, their summaries, the failures, and the ratios
+    of s6-tlsserver's rate to each of the others'.
     """
     results: dict[str, object] = {"seconds": seconds, "rounds": rounds}
-    runs = {n: {name: [] for name in SERVERS} for n in CLIENTS}
+    runs: dict[int, dict[str, list[float | None]]] = {n: {s: [] for s in SERVERS} for n in CLIENTS}
+    cpu: dict[int, dict[str, list[float | None]]] = {n: {s: [] for s in SERVERS} for n in CLIENTS}
     failures: list[str] = []
     with scratch() as tmp, Processes() as procs:
-        ports = _start_servers(procs, tmp, pki)
+        servers = _start_servers(procs, tmp, pki)
         for round_no in range(rounds):
             for n in CLIENTS:
-                for name in SERVERS:
+                for name, (port, pid) in servers.items():
+                    before = server_cpu(pid)
                     try:
-                        per_second = rate(procs, ports[name], n, seconds)
-                        log(f"  {n} client(s) round {round_no + 1} {name}: {per_second:.0f}/s")
-                        runs[n][name].append(per_second)
+                        per_second, count = rate(procs, port, n, seconds)
                     except BenchError as exc:
                         failures.append(f"{name} {n} clients round {round_no + 1}: {exc}")
                         log(f"handshakes {name} {n} clients round {round_no + 1}: FAILED: {exc}")
                         runs[n][name].append(None)
+                        cpu[n][name].append(None)
+                        continue
+                    runs[n][name].append(per_second)
+                    cpu[n][name].append((server_cpu(pid) - before) * 1000 / count)
+                    log(
+                        f"  {n} client(s) round {round_no + 1} {name}: {per_second:.0f}/s,"
+                        f" {cpu[n][name][-1]:.2f} ms CPU each"
+                    )
     for n in CLIENTS:
         ours = runs[n]["s6tls"]
         results[f"{n}_clients"] = {
             **{name: summary(values) for name, values in runs[n].items()},
+            "cpu_ms": {name: summary(values) for name, values in cpu[n].items()},
             "ratios": {name: compare(ours, runs[n][name]) for name in SERVERS if name != "s6tls"},
         }
     results["failures"] = failures
