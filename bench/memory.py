@@ -7,6 +7,8 @@ data both ways), held open.  Each child of the server is read from
 process alone costs) and PSS (its share of the pages it shares).  Their sum
 over the server's children, the spare child included, divided by ``count``
 is the cost per connection; the applications (``cat``) are not counted.
+The spare's own USS, before any connection, is what copy-on-write alone
+costs a child.
 
 Stalled reader: the application sends 64 MiB to a client that has stopped
 reading.  Backpressure must keep the engine's memory flat: the child's
@@ -110,16 +112,18 @@ def idle_connections(pki: Pki, count: int) -> dict[str, object]:
             tls.sendall(b"x")
             if tls.recv(1) != b"x":
                 raise BenchError("an idle connection did not echo its byte")
-        engines = children(server.pid)
-        apps = [app for pid in engines for app in children(pid)]
+        engines = {pid: children(pid) for pid in children(server.pid)}
+        apps = [app for kids in engines.values() for app in kids]
         if len(apps) != count:
             raise BenchError(f"{len(apps)} applications running for {count} connections")
         engine = [private_memory(pid) for pid in engines]
         application = [private_memory(pid) for pid in apps]
+        spares = [private_memory(pid)["uss_kb"] for pid, kids in engines.items() if not kids]
         return {
             "connections": count,
             "children": len(engines),
             "server": private_memory(server.pid),
+            "spare_uss_kb": spares,
             "uss_kb_per_connection": sum(m["uss_kb"] for m in engine) / count,
             "pss_kb_per_connection": sum(m["pss_kb"] for m in engine) / count,
             "app_uss_kb_per_connection": sum(m["uss_kb"] for m in application) / count,

@@ -192,7 +192,8 @@ def render(results: dict[str, Any]) -> Iterator[str]:
             f"Memory, s6-tlsserver with {idle['connections']} idle connections"
             f" ({idle['children']} children): USS {idle['uss_kb_per_connection']:.0f} kB,"
             f" PSS {idle['pss_kb_per_connection']:.0f} kB per connection"
-            f" (the applications add {idle['app_uss_kb_per_connection']:.0f} kB USS)"
+            f" (the applications add {idle['app_uss_kb_per_connection']:.0f} kB USS);"
+            f" the spare child, before any connection: USS {idle['spare_uss_kb']} kB"
         )
     if "stall" in mem:
         stall = mem["stall"]
