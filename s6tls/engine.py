@@ -285,9 +285,10 @@ class _Loop:
         except SSL.Error as exc:
             # Once the application ended its output and all of it went out, a
             # peer may answer our bare EOF with an alert: if the application
-            # is exiting, this is only the end of the linger.
+            # exits by itself, this is only the end of the linger.  Its input
+            # stays open meanwhile: one that still reads must not be handed a
+            # clean EOF after a reset or a bad record (the error stands, 98).
             if pump.app_eof and pump.out_closed:
-                self._close_fd(self.cwrite)
                 self._await_exit(pump, LINGER)
             if pump.lingering():
                 pump.on_linger_end()
