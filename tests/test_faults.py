@@ -510,6 +510,54 @@ def test_a_reset_after_the_handshake_exits_98_on_both_sides_without_traceback(se
     assert line.startswith("s6-tlsserver: fatal: connection broken: "), line
 
 
+def test_every_failure_after_a_reset_is_reported_as_a_broken_connection(pki):
+    """After a reset OpenSSL reports the next failure without an errno or a reason.
+
+    Found by the property tests as ``s6-tlsd: fatal: TLS error: `` (an empty
+    reason): the first call that meets the reset gets ECONNRESET, the next
+    one a bare "system library" error.  Both must read as a broken connection.
+    """
+    import select
+    import socket
+    import struct
+
+    from OpenSSL import SSL
+
+    from s6tls.link import runtime_error
+
+    sctx = SSL.Context(SSL.TLS_METHOD)
+    sctx.use_certificate_chain_file(pki["server_cert"])
+    sctx.use_privatekey_file(pki["server_key"])
+    with socket.socket() as lis:
+        lis.bind(("127.0.0.1", 0))
+        lis.listen(1)
+        ours = socket.create_connection(lis.getsockname())
+        theirs, _addr = lis.accept()
+    server = SSL.Connection(sctx, theirs)
+    server.set_accept_state()
+    peer = SSL.Connection(SSL.Context(SSL.TLS_METHOD), ours)
+    peer.set_connect_state()
+    shaking = threading.Thread(target=peer.do_handshake)
+    shaking.start()
+    server.do_handshake()
+    shaking.join(10)
+    peer.sendall(b"hello")
+    assert server.recv(100) == b"hello"
+    ours.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    ours.close()  # a reset
+    poller = select.poll()
+    poller.register(theirs, select.POLLIN)
+    assert poller.poll(10_000), "the reset never arrived"
+    messages = []
+    for op in (server.shutdown, lambda: server.send(b"more")):
+        with pytest.raises(SSL.Error) as info:
+            op()
+        messages.append(str(runtime_error(info.value)))
+    theirs.close()
+    assert all(m.startswith("connection broken: ") for m in messages), messages
+    assert all(not m.endswith(": ") for m in messages), messages
+
+
 @pytest.mark.parametrize("strict", [False, True], ids=["j", "J"])
 def test_a_fin_from_openssl_s_server_side_is_eof_under_j_and_98_under_J(strict, pki, reap):
     size = 60_000
