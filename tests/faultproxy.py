@@ -14,7 +14,8 @@ given a ``Fault``:
   (an orderly TCP close, no TLS close_notify) or ``"rst"`` (SO_LINGER 0, so
   the kernel sends a reset);
 * ``half_close_after``: after that many bytes, send FIN to this direction's
-  destination only and stop reading its source; the other direction flows on;
+  destination only, and drop what its source still sends; the other
+  direction flows on;
 * ``stalled``: read nothing from this direction's source until
   ``release(direction)`` is called; the other direction flows on;
   ``stall_after``: the same, from the moment that many bytes went through.
@@ -146,6 +147,8 @@ class _Relay:
         self.ended = True
         for event in self.resume.values():
             event.set()
+        # Cancelling schedules the removal of the pumps' pending reads; what
+        # follows is scheduled after it, so no fd is closed or read twice.
         for task in self.tasks:
             if task is not asyncio.current_task():
                 task.cancel()
@@ -154,7 +157,7 @@ class _Relay:
             if mode == "rst":
                 with contextlib.suppress(OSError):
                     set_rst_on_close(sock)
-                sock.close()
+                loop.call_soon(sock.close)
             else:
                 with contextlib.suppress(OSError):
                     sock.shutdown(socket.SHUT_WR)

@@ -21,6 +21,8 @@ import hashlib
 import os
 import random
 import re
+import select
+import socket
 import subprocess
 import sys
 import threading
@@ -28,8 +30,11 @@ from pathlib import Path
 
 import pytest
 from conftest import program
-from faultproxy import Fault, FaultProxy
+from faultproxy import Fault, FaultProxy, set_rst_on_close
+from OpenSSL import SSL
 from server_helpers import free_port, start_server
+
+from s6tls.link import runtime_error
 
 MiB = 1 << 20
 
@@ -517,14 +522,6 @@ def test_every_failure_after_a_reset_is_reported_as_a_broken_connection(pki):
     reason): the first call that meets the reset gets ECONNRESET, the next
     one a bare "system library" error.  Both must read as a broken connection.
     """
-    import select
-    import socket
-    import struct
-
-    from OpenSSL import SSL
-
-    from s6tls.link import runtime_error
-
     sctx = SSL.Context(SSL.TLS_METHOD)
     sctx.use_certificate_chain_file(pki["server_cert"])
     sctx.use_privatekey_file(pki["server_key"])
@@ -543,8 +540,8 @@ def test_every_failure_after_a_reset_is_reported_as_a_broken_connection(pki):
     shaking.join(10)
     peer.sendall(b"hello")
     assert server.recv(100) == b"hello"
-    ours.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    ours.close()  # a reset
+    set_rst_on_close(ours)
+    ours.close()
     poller = select.poll()
     poller.register(theirs, select.POLLIN)
     assert poller.poll(10_000), "the reset never arrived"
