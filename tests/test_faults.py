@@ -192,7 +192,7 @@ def server(pki, tmp_path_factory):
     proc.wait(timeout=30)
 
 
-def client(port: int, pki, *args: str, opts=(), tls_opts=()) -> subprocess.Popen:
+def client(port: int, pki, *args: str, tls_opts=()) -> subprocess.Popen:
     """s6-tlsclient to 127.0.0.1:port running DUPLEX on fds 6/7 with ``args``."""
     return subprocess.Popen(
         [
