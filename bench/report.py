@@ -126,7 +126,8 @@ def render(results: dict[str, Any]) -> Iterator[str]:
     yield (
         f"s6tls bench, {settings['mode']} run: {machine['cpus']} x {machine['cpu']},"
         f" Python {machine['python']}, pyOpenSSL {machine['pyopenssl']} on {machine['openssl']},"
-        f" system {machine['system_openssl']}; {results['duration_s']:.0f} s"
+        f" system {machine['system_openssl'].split(' (')[0]}, {machine['socat']},"
+        f" {machine['stunnel']}; commit {machine['commit']}; {results['duration_s']:.0f} s"
     )
     yield ""
     size = results["throughput"]["size"] >> 20
@@ -193,7 +194,8 @@ def render(results: dict[str, Any]) -> Iterator[str]:
             f" ({idle['children']} children): USS {idle['uss_kb_per_connection']:.0f} kB,"
             f" PSS {idle['pss_kb_per_connection']:.0f} kB per connection"
             f" (the applications add {idle['app_uss_kb_per_connection']:.0f} kB USS);"
-            f" the spare child, before any connection: USS {idle['spare_uss_kb']} kB"
+            " the spare child, before any connection: USS"
+            f" {', '.join(str(kb) for kb in idle['spare_uss_kb'])} kB"
         )
     if "stall" in mem:
         stall = mem["stall"]
