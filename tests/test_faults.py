@@ -192,9 +192,23 @@ def server(pki, tmp_path_factory):
     proc.wait(timeout=30)
 
 
+STARTED: list[subprocess.Popen] = []
+
+
+@pytest.fixture(autouse=True)
+def _reap_clients():
+    """Whatever a test leaves running (it failed half-way) is killed and reaped."""
+    yield
+    while STARTED:
+        proc = STARTED.pop()
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=30)
+
+
 def client(port: int, pki, *args: str, tls_opts=()) -> subprocess.Popen:
     """s6-tlsclient to 127.0.0.1:port running DUPLEX on fds 6/7 with ``args``."""
-    return subprocess.Popen(
+    proc = subprocess.Popen(
         [
             *program("s6-tlsclient"),
             *tls_opts,
@@ -210,6 +224,8 @@ def client(port: int, pki, *args: str, tls_opts=()) -> subprocess.Popen:
         env={**os.environ, "CAFILE": pki["ca"]},
         stderr=subprocess.PIPE,
     )
+    STARTED.append(proc)
+    return proc
 
 
 def finish(proc: subprocess.Popen, timeout: float = 60) -> tuple[int, str]:

@@ -38,6 +38,26 @@ SERVER_APP = 'touch "$MARK/server-started"; env >"$MARK/server-env"; cat >"$MARK
 CLIENT_APP = 'touch "$MARK/client-started"; echo early >&7; exec 7>&-; cat <&6 >"$MARK/client-got"'
 
 
+STARTED: list[subprocess.Popen] = []
+
+
+@pytest.fixture(autouse=True)
+def _reap_processes():
+    """Whatever a test leaves running (it failed half-way) is killed and reaped."""
+    yield
+    while STARTED:
+        proc = STARTED.pop()
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=30)
+
+
+def popen(*args, **kwargs) -> subprocess.Popen:
+    proc = subprocess.Popen(*args, **kwargs)
+    STARTED.append(proc)
+    return proc
+
+
 def started(mark: Path) -> set[str]:
     return {name for name in ("server-started", "client-started") if (mark / name).exists()}
 
@@ -52,7 +72,7 @@ def listener() -> socket.socket:
 
 def start_tlsd(args: list[str], env: dict, conn: socket.socket) -> subprocess.Popen:
     """s6-tlsd on the accepted connection ``conn`` (its stdin and stdout), SERVER_APP as prog."""
-    proc = subprocess.Popen(
+    proc = popen(
         [*program("s6-tlsd"), *args, "--", "sh", "-c", SERVER_APP],
         stdin=conn,
         stdout=conn,
@@ -66,7 +86,7 @@ def start_tlsd(args: list[str], env: dict, conn: socket.socket) -> subprocess.Po
 def run_pair(server_args, server_env, client_args, client_env):
     """s6-tlsclient (CLIENT_APP) against s6-tlsd (SERVER_APP); both results."""
     with listener() as lis:
-        cli = subprocess.Popen(
+        cli = popen(
             [
                 *program("s6-tlsclient"),
                 *client_args,
@@ -278,7 +298,7 @@ def test_a_peer_that_stalls_the_handshake_hits_K_and_exits_98(sent, envs, mark):
 @pytest.mark.parametrize("behaviour", ["answers plaintext", "stays silent"])
 def test_a_hostile_server_never_starts_the_client_application(behaviour, envs, mark):
     with listener() as lis:
-        cli = subprocess.Popen(
+        cli = popen(
             [
                 *program("s6-tlsclient"),
                 "-K",
@@ -425,7 +445,7 @@ def test_a_forged_record_after_the_application_closed_its_output_is_98_not_eof(e
     with listener() as lis:
         ours = socket.create_connection(lis.getsockname())
         conn, _addr = lis.accept()
-    srv = subprocess.Popen(
+    srv = popen(
         [*program("s6-tlsd"), "--", "sh", "-c", app],
         stdin=conn,
         stdout=conn,
@@ -513,7 +533,7 @@ def test_client_initiated_renegotiation_is_refused_under_tls12(envs, pki, mark):
 def test_openssl_s_client_R_command_is_refused_and_the_session_ends(server_env, pki, reap):
     server, port = start_server(["-v"], ["cat"], server_env)
     reap.append(server)
-    cli = subprocess.Popen(
+    cli = popen(
         [
             "openssl",
             "s_client",
