@@ -100,6 +100,20 @@ def client_env(pki: dict[str, str]) -> dict[str, str]:
     }
 
 
+STARTED: list[subprocess.Popen] = []  # started by helpers; killed and reaped after each test
+
+
+@pytest.fixture(autouse=True)
+def _reap_started() -> Iterator[None]:
+    """Whatever a test leaves running in STARTED (it failed half-way) is killed and reaped."""
+    yield
+    while STARTED:
+        proc = STARTED.pop()
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=30)
+
+
 @pytest.fixture
 def reap() -> Iterator[list[subprocess.Popen]]:
     """Processes appended to this list are killed and reaped after the test."""

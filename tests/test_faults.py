@@ -26,10 +26,11 @@ import socket
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import program
+from conftest import STARTED, program
 from faultproxy import Fault, FaultProxy, set_rst_on_close
 from OpenSSL import SSL
 from server_helpers import free_port, start_server
@@ -190,20 +191,6 @@ def server(pki, tmp_path_factory):
     yield srv
     proc.terminate()
     proc.wait(timeout=30)
-
-
-STARTED: list[subprocess.Popen] = []
-
-
-@pytest.fixture(autouse=True)
-def _reap_clients():
-    """Whatever a test leaves running (it failed half-way) is killed and reaped."""
-    yield
-    while STARTED:
-        proc = STARTED.pop()
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate(timeout=30)
 
 
 def client(port: int, pki, *args: str, tls_opts=()) -> subprocess.Popen:
@@ -475,28 +462,47 @@ def test_s6_tlsclient_cut_mid_server_flight_from_openssl_never_starts_its_applic
 # -- cuts after the handshake -----------------------------------------------
 
 
+def cut_once_received(
+    proxy: FaultProxy,
+    pki,
+    size: int,
+    how: str,
+    strict: bool = False,
+    started: Callable[[], None] | None = None,
+) -> tuple[int, str]:
+    """Run a holding s6-tlsclient through ``proxy``; cut (``how``) once it got ``size`` bytes.
+
+    ``started``, if given, runs once the client's application started.
+    Returns the client's exit code and its stderr.
+    """
+    cli = client(
+        proxy.port,
+        pki,
+        "0",
+        "0",
+        "cli",
+        "hold",
+        f"progress={size}",
+        tls_opts=["-J"] if strict else [],
+    )
+    cli_log = Log(cli.stderr)
+    if started is not None:
+        cli_log.wait_for("^APP cli started$")
+        started()
+    cli_log.wait_for(f"^APP cli progress {size}$")
+    proxy.cut(how)
+    code = cli.wait(timeout=30)
+    cli_log.thread.join(30)
+    return code, "".join(cli_log.lines)
+
+
 @pytest.mark.parametrize("strict", [False, True], ids=["j", "J"])
 def test_a_fin_without_close_notify_is_eof_under_j_and_exits_98_under_J(strict, server, pki):
     """The server sends 100 kB and keeps its output open; the network then ends with FIN."""
     size = 100_000
     mark = server.configure(size, 41, "srv", "hold")
     with FaultProxy(server.port) as proxy:
-        cli = client(
-            proxy.port,
-            pki,
-            "0",
-            "0",
-            "cli",
-            "hold",
-            f"progress={size}",
-            tls_opts=["-J"] if strict else [],
-        )
-        cli_log = Log(cli.stderr)
-        cli_log.wait_for(f"^APP cli progress {size}$")
-        proxy.cut("fin")
-        code = cli.wait(timeout=30)
-        cli_log.thread.join(30)
-        err = "".join(cli_log.lines)
+        code, err = cut_once_received(proxy, pki, size, "fin", strict)
         status, lines = server.connection_end(mark)
     # Everything that came before the cut is delivered, and nothing else.
     assert app_report(err, "cli") == (size, digest(payload(size, 41)))
@@ -514,13 +520,7 @@ def test_a_reset_after_the_handshake_exits_98_on_both_sides_without_traceback(se
     size = 50_000
     mark = server.configure(size, 51, "srv", "hold")
     with FaultProxy(server.port) as proxy:
-        cli = client(proxy.port, pki, "0", "0", "cli", "hold", f"progress={size}")
-        cli_log = Log(cli.stderr)
-        cli_log.wait_for(f"^APP cli progress {size}$")
-        proxy.cut("rst")
-        code = cli.wait(timeout=30)
-        cli_log.thread.join(30)
-        err = "".join(cli_log.lines)
+        code, err = cut_once_received(proxy, pki, size, "rst")
         status, lines = server.connection_end(mark)
     assert code == 98, err
     line = assert_one_fatal_line(err, "s6-tlsclient")
@@ -577,24 +577,15 @@ def test_a_fin_from_openssl_s_server_side_is_eof_under_j_and_98_under_J(strict, 
     srv, port = s_server(pki)
     reap.append(srv)
     with FaultProxy(port) as proxy:
-        cli = client(
-            proxy.port,
+        code, err = cut_once_received(
+            proxy,
             pki,
-            "0",
-            "0",
-            "cli",
-            "hold",
-            f"progress={size}",
-            tls_opts=["-J"] if strict else [],
+            size,
+            "fin",
+            strict,
+            # see s_server_write
+            started=lambda: s_server_write(srv, payload(size, 61)),
         )
-        cli_log = Log(cli.stderr)
-        cli_log.wait_for("^APP cli started$")  # see s_server_write
-        s_server_write(srv, payload(size, 61))
-        cli_log.wait_for(f"^APP cli progress {size}$")
-        proxy.cut("fin")
-        code = cli.wait(timeout=30)
-        cli_log.thread.join(30)
-    err = "".join(cli_log.lines)
     assert app_report(err, "cli") == (size, digest(payload(size, 61)))
     assert code == (98 if strict else 0), err
     if strict:

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import program
+from conftest import STARTED, program
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from OpenSSL import SSL
@@ -36,20 +36,6 @@ TIMEOUT = 30
 
 SERVER_APP = 'touch "$MARK/server-started"; env >"$MARK/server-env"; cat >"$MARK/server-got"'
 CLIENT_APP = 'touch "$MARK/client-started"; echo early >&7; exec 7>&-; cat <&6 >"$MARK/client-got"'
-
-
-STARTED: list[subprocess.Popen] = []
-
-
-@pytest.fixture(autouse=True)
-def _reap_processes():
-    """Whatever a test leaves running (it failed half-way) is killed and reaped."""
-    yield
-    while STARTED:
-        proc = STARTED.pop()
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate(timeout=30)
 
 
 def popen(*args, **kwargs) -> subprocess.Popen:

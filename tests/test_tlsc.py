@@ -12,24 +12,20 @@ import socket
 import subprocess
 import time
 from collections.abc import Sequence
-from pathlib import Path
 
 import pytest
 from ucspi_helpers import (
     PY,
     SERVER_PRINT_ENV,
-    TLSC,
     LineReader,
     TcpServer,
     direct_pair,
     exchange_environments,
     fatal,
     finish,
-    help_options,
     openssl_sha256,
     openssl_subject,
     spawn_tlsc,
-    synopsis_options,
     tcp_pair,
     tcpclient,
     touch_then,
@@ -415,19 +411,3 @@ def test_missing_network_fds_exit_111(client_env):
     code, _, err = finish(tlsc)
     assert code == 111
     assert fatal(err, "s6-tlsc") == "unable to check network fds: descriptor 6: Bad file descriptor"
-
-
-def test_missing_prog_is_a_usage_error(client_env):
-    res = subprocess.run(
-        TLSC,
-        env=client_env,
-        capture_output=True,
-        timeout=30,
-    )
-    assert res.returncode == 100
-    assert fatal(res.stderr.decode(), "s6-tlsc").startswith("missing argument 'PROG...'")
-
-
-def test_man_page_synopsis_lists_exactly_the_options_of_help():
-    page = Path(__file__).resolve().parent.parent / "man" / "s6-tlsc.1"
-    assert synopsis_options(page) == help_options(TLSC)

@@ -11,7 +11,6 @@ import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pexpect
 import pytest
@@ -22,18 +21,15 @@ from ucspi_helpers import (
     CLIENT_PRINT_ENV,
     PY,
     SERVER_PRINT_ENV,
-    TLSD,
     LineReader,
     TcpServer,
     direct_pair,
     exchange_environments,
     fatal,
     finish,
-    help_options,
     openssl_sha256,
     openssl_subject,
     spawn_tlsd,
-    synopsis_options,
     tcp_pair,
     tcpclient,
     touch_then,
@@ -244,16 +240,23 @@ def test_curl_fetches_a_page_from_an_http_application_and_rejects_an_unknown_ca(
 # --- the application's environment -------------------------------------------------------
 
 
-def test_application_gets_tls_facts_and_no_secret_variables_by_default(
-    server_env, client_env, pki, tmp_path
-):
-    env = {
+def secret_env(server_env, pki, tmp_path) -> dict[str, str]:
+    """A server environment with every variable -z scrubs set (TLS_UID 0: no drop)."""
+    return {
         **server_env,
         "CADIR": str(tmp_path),
         "TLS_UID": "0",
         "TLS_GID": "0",
         "CERTFILE:a.example": pki["server_cert"],
         "KEYFILE:a.example": pki["server_key"],
+    }
+
+
+def test_application_gets_tls_facts_and_no_secret_variables_by_default(
+    server_env, client_env, pki, tmp_path
+):
+    env = {
+        **secret_env(server_env, pki, tmp_path),
         "SSL_PEER_CERT_HASH": "SHA256:stale",
         "SSL_PEER_CERT_SUBJECT": "/CN=stale",
         "S6TLS_TEST_UNRELATED": "kept",
@@ -273,14 +276,7 @@ def test_application_gets_tls_facts_and_no_secret_variables_by_default(
 
 
 def test_Z_keeps_every_key_and_ca_variable(server_env, client_env, pki, tmp_path):
-    env = {
-        **server_env,
-        "CADIR": str(tmp_path),
-        "TLS_UID": "0",
-        "TLS_GID": "0",
-        "CERTFILE:a.example": pki["server_cert"],
-        "KEYFILE:a.example": pki["server_key"],
-    }
+    env = secret_env(server_env, pki, tmp_path)
     with TcpServer(["-Z", "-k", "1"], SERVER_PRINT_ENV, env) as srv:
         _, server_seen = exchange_environments(srv.port, ["-k", "localhost"], client_env)
         assert srv.wait_end() == (0, [])
@@ -562,19 +558,3 @@ def test_bad_configuration_exits_before_the_handshake(args, change, code, messag
         assert c.recv(1) == b""  # nothing was sent: not a byte of handshake
     assert got == code
     assert fatal(err, "s6-tlsd").startswith(message)
-
-
-def test_missing_prog_is_a_usage_error(server_env):
-    res = subprocess.run(
-        TLSD,
-        env=server_env,
-        capture_output=True,
-        timeout=30,
-    )
-    assert res.returncode == 100
-    assert fatal(res.stderr.decode(), "s6-tlsd").startswith("missing argument 'PROG...'")
-
-
-def test_man_page_synopsis_lists_exactly_the_options_of_help():
-    page = Path(__file__).resolve().parent.parent / "man" / "s6-tlsd.1"
-    assert synopsis_options(page) == help_options(TLSD)
