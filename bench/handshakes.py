@@ -138,8 +138,9 @@ def measure(pki: Pki, seconds: int, rounds: int, log: Callable[[str], None]) -> 
                     try:
                         per_second, count = rate(procs, port, n, seconds)
                     except BenchError as exc:
-                        failures.append(f"{name} {n} clients round {round_no + 1}: {exc}")
-                        log(f"handshakes {name} {n} clients round {round_no + 1}: FAILED: {exc}")
+                        failure = f"handshakes {name} {n} client(s) round {round_no + 1}: {exc}"
+                        failures.append(failure)
+                        log(f"  FAILED {failure}")
                         runs[n][name].append(None)
                         cpu[n][name].append(None)
                         continue

@@ -204,7 +204,8 @@ def stalled_reader(pki: Pki) -> dict[str, object]:
 
 def measure(pki: Pki, count: int, log: Callable[[str], None]) -> dict[str, object]:
     """Both memory measurements; a failure of either is recorded, not raised."""
-    results: dict[str, object] = {"failures": []}
+    results: dict[str, object] = {}
+    failures: list[str] = []
     for name, run in (
         ("idle", lambda: idle_connections(pki, count)),
         ("stall", lambda: stalled_reader(pki)),
@@ -212,6 +213,7 @@ def measure(pki: Pki, count: int, log: Callable[[str], None]) -> dict[str, objec
         try:
             results[name] = run()
         except (BenchError, OSError, ssl.SSLError) as exc:
-            results["failures"].append(f"{name}: {exc}")
-            log(f"memory {name}: FAILED: {exc}")
+            failures.append(f"memory {name}: {exc}")
+            log(f"  FAILED {failures[-1]}")
+    results["failures"] = failures
     return results

@@ -153,7 +153,7 @@ def render(results: dict[str, Any]) -> Iterator[str]:
             )
         for name in names:
             for failure in section[name]["failures"]:
-                yield f"  FAILED {name} {failure}"
+                yield f"  FAILED {failure}"
         yield ""
     hs = results["handshakes"]
     yield f"Handshakes per second, openssl s_time -new, {hs['seconds']} s x {hs['rounds']} rounds"

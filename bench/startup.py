@@ -114,8 +114,9 @@ def measure(pki: Pki, connections: int, log: Callable[[str], None]) -> dict[str,
                     try:
                         times[name].append(handshake_ms(context, ports[name]))
                     except (OSError, ssl.SSLError) as exc:
-                        failures.append(f"{name} connection {i + 1}: {exc}")
-                        log(f"startup {name} connection {i + 1}: FAILED: {exc}")
+                        failure = f"start-up {name} connection {i + 1}: {exc}"
+                        failures.append(failure)
+                        log(f"  FAILED {failure}")
                         times[name].append(None)
         profile = import_profile(pki, tmp)
     diffs = [a - b for a, b in zip(times["s6-tlsd"], times["stunnel"], strict=True) if a and b]

@@ -152,8 +152,9 @@ def measure(pki: Pki, size: int, rounds: int, log: Callable[[str], None]) -> dic
                     empty = transfer(tunnel, pki, mode, 0, timeout)
                     full = transfer(tunnel, pki, mode, size, timeout)
                 except BenchError as exc:
-                    figures["failures"].append(f"round {round_no + 1}: {exc}")
-                    log(f"{mode} {tunnel.name} round {round_no + 1}: FAILED: {exc}")
+                    failure = f"{mode} {tunnel.name} round {round_no + 1}: {exc}"
+                    figures["failures"].append(failure)
+                    log(f"  FAILED {failure}")
                     for metric in METRICS:
                         figures[metric].append(None)
                     continue
