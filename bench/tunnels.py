@@ -1,4 +1,4 @@
-"""The three TLS tunnels compared: s6tls, socat and stunnel, each as a server and a client.
+"""The tunnels compared: s6tls, socat (twice) and stunnel, each as a server and a client.
 
 Every tunnel carries the same TLS: TLS 1.3 (each side's default suite,
 TLS_AES_256_GCM_SHA384), an ECDSA P-256 certificate for ``localhost``, the
