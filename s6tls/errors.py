@@ -12,6 +12,7 @@ class ExitCode(IntEnum):
     """The exit codes of s6tls itself, as s6-networking defines them."""
 
     OK = 0
+    REFUSED = 1  # a connection refused before TLS: access rules, PROXY header
     CONFIG = 96  # TLS configuration: unreadable or bad certificate, key or CA
     HANDSHAKE = 97  # handshake failed, or the peer was rejected
     TLS = 98  # TLS error after the handshake; also the handshake timeout
@@ -51,6 +52,12 @@ class TlsRuntimeError(S6tlsError):
 
 class HandshakeTimeout(TlsRuntimeError):
     """The handshake did not finish within -K milliseconds (exit 98, as s6 documents)."""
+
+
+class Refused(S6tlsError):
+    """A connection refused before TLS: denied by the access rules, or a bad PROXY header."""
+
+    exit_code = ExitCode.REFUSED
 
 
 class SystemFailure(S6tlsError):
