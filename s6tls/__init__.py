@@ -9,6 +9,8 @@ its module).
 from importlib import import_module
 from typing import Any
 
+__version__ = "0.1.0"
+
 __all__ = [
     "ConfigError",
     "ExitCode",

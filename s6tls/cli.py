@@ -1,37 +1,78 @@
-"""What every s6tls program shares: its options, its messages, its exit.
+"""What every s6tls program shares at its edges: its log lines and its exit.
 
-This is the only module that turns an exception into an exit code and one
-line on stderr: ``PROGRAM: fatal: what went wrong``.  Tracebacks appear only
-at verbosity 3 or more.
+``Log`` writes every line s6tls prints on stderr, in skarnet's format
+(``PROGRAM: fatal: ...``, ``warning``, ``info``), and escapes every byte
+outside printable ASCII as ``\\xHH``: nothing a peer sends (a server name, a
+certificate subject, an alert text) can start a new line or move the
+terminal.  Lines about one connection carry its peer and pid:
+``s6-tlsserver: warning: peer [::1]:41000 pid 77: tlsv1 alert unknown ca``.
+
+``run_main`` is the only place that turns an exception into an exit code
+and one line on stderr.  Tracebacks appear only at verbosity 3 or more.
 """
 
+import re
 import sys
 import traceback
-from collections.abc import Callable, Sequence
-from typing import NoReturn, TypeVar
-
-import click
+from collections.abc import Callable
+from typing import NoReturn
 
 from .errors import ExitCode, S6tlsError
+from .options import BadUsage, ShowText
 
-F = TypeVar("F", bound=Callable[..., object])
+_UNPRINTABLE = re.compile(r"[^\x20-\x7e]+")
 
-CONTEXT_SETTINGS = {"allow_interspersed_args": False, "help_option_names": ["--help"]}
+
+def escape(text: str) -> str:
+    r"""``text`` with every byte outside printable ASCII written ``\xHH``.
+
+    Characters are taken as their UTF-8 bytes (lone surrogates, from bytes
+    that were not UTF-8, as the bytes they stand for).
+    """
+
+    def hexes(match: re.Match[str]) -> str:
+        raw = match.group().encode("utf-8", "surrogateescape")
+        return "".join(f"\\x{byte:02X}" for byte in raw)
+
+    return _UNPRINTABLE.sub(hexes, text)
+
+
+def peer_address(ip: str, port: int | str) -> str:
+    """``1.2.3.4:443`` or ``[::1]:443``: one token, whatever the family."""
+    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+
+
+def plural(count: int, noun: str) -> str:
+    """``1 connection``, ``2 connections``."""
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
 
 
 class Log:
-    """Messages on stderr in skarnet's format, filtered by verbosity (-v)."""
+    """Lines on stderr in skarnet's format, filtered by verbosity (-v).
 
-    def __init__(self, prog: str, verbosity: int = 1) -> None:
+    ``prefix`` goes before every text: ``Log.about`` makes the logger of one
+    connection, whose lines start with its peer and pid.
+    """
+
+    def __init__(self, prog: str, verbosity: int = 1, prefix: str = "") -> None:
         self.prog = prog
         self.verbosity = verbosity
+        self.prefix = prefix
+
+    def about(self, peer: str, pid: int) -> "Log":
+        """A logger for one connection: ``peer IP:PORT pid N: `` before each line."""
+        return Log(self.prog, self.verbosity, f"peer {peer or '-'} pid {pid}: ")
 
     def _emit(self, kind: str, text: str) -> None:
-        sys.stderr.write(f"{self.prog}: {kind}: {text}\n")
+        sys.stderr.write(f"{self.prog}: {kind}: {escape(self.prefix + text)}\n")
         sys.stderr.flush()
 
     def fatal(self, text: str) -> None:
         self._emit("fatal", text)
+
+    def usage(self, text: str) -> None:
+        """``PROG: usage: PROG [ options ] ...``, skalibs' ``dieusage`` line."""
+        self._emit("usage", text)
 
     def warn(self, text: str) -> None:
         if self.verbosity >= 1:
@@ -41,99 +82,40 @@ class Log:
         if self.verbosity >= 2:
             self._emit("info", text)
 
-
-def close_options(f: F) -> F:
-    """-S/-s, -J/-j: how the end of each direction is handled."""
-    f = click.option(
-        "-S/-s",
-        "close_notify",
-        default=False,
-        help="On EOF from prog: -S sends close_notify; -s (default) only half-closes.",
-    )(f)
-    return click.option(
-        "-J/-j",
-        "strict_close_notify",
-        default=False,
-        help="Peer EOF without close_notify: -J is a fatal error (98); -j (default) an EOF.",
-    )(f)
+    def traceback(self) -> None:
+        """At verbosity 3 or more, the traceback of the exception being handled."""
+        if self.verbosity >= 3:
+            traceback.print_exc()
 
 
-def common_options(f: F) -> F:
-    """The options of s6-tlsd and s6-tlsc: ``tls_options`` and -v N."""
-    f = tls_options(f)
-    return click.option(
-        "-v", "verbosity", type=click.IntRange(min=0), default=1, metavar="N", help="Verbosity."
-    )(f)
+def run_main(log: Log, body: Callable[[], int]) -> NoReturn:
+    """Run ``body`` as a whole program and exit with the right code.
 
-
-def verbosity_flags(f: F) -> F:
-    """-q, -Q, -v: s6-tcpserver's verbosity flags (0, 1, 2); None when none is given."""
-    for flag, level, text in (("-q", 0, "Quiet."), ("-Q", 1, "Warnings."), ("-v", 2, "Verbose.")):
-        f = click.option(flag, "verbosity", flag_value=level, help=text)(f)
-    return f
-
-
-def tls_options(f: F) -> F:
-    """The TLS options every s6tls program takes: -S/-s, -J/-j, -Z/-z, -K, --idle-timeout."""
-    f = close_options(f)
-    f = click.option(
-        "-Z/-z",
-        "keep_env",
-        default=False,
-        help="-Z keeps CERTFILE, KEYFILE, CAFILE... in prog's environment; -z removes them.",
-    )(f)
-    f = click.option(
-        "-K",
-        "handshake_timeout_ms",
-        type=click.IntRange(min=0),
-        default=0,
-        metavar="MS",
-        help="Handshake timeout in milliseconds (0: none); on expiry exit 98.",
-    )(f)
-    return click.option(
-        "--idle-timeout",
-        "idle_timeout",
-        type=click.FloatRange(min=0, min_open=True),
-        default=None,
-        metavar="SECONDS",
-        help="Close the connection when no application data moved for this long.",
-    )(f)
-
-
-def run_main(prog: str, command: click.Command, argv: Sequence[str] | None, log: Log) -> NoReturn:
-    """Run a click command as an s6tls program and exit with the right code.
-
-    ``command`` returns the exit code.  ``log`` is the program's logger; the
-    command sets its verbosity once the options are parsed.
+    ``body`` returns the exit code.  A ``BadUsage`` prints the program's
+    synopsis (``PROG: usage: ...``), any other error one ``fatal`` line.
     """
-    args = list(sys.argv[1:] if argv is None else argv)
     try:
-        code = command.main(args=args, prog_name=prog, standalone_mode=False)
-    except click.exceptions.Exit as exc:  # --help
+        code = body()
+    except ShowText as shown:
+        sys.stdout.write(shown.text)
+        sys.stdout.flush()
+        code = ExitCode.OK
+    except BadUsage as exc:
+        log.usage(str(exc))
         code = exc.exit_code
-    except click.ClickException as exc:
-        log.fatal(f"{_lower_first(exc.format_message())} (see {prog} --help)")
-        code = ExitCode.USAGE
     except S6tlsError as exc:
-        _report(log, str(exc))
+        log.fatal(str(exc))
+        log.traceback()
         code = exc.exit_code
     except OSError as exc:
         what = f"{exc.filename}: " if exc.filename else ""
-        _report(log, f"{what}{exc.strerror or exc}")
+        log.fatal(f"{what}{exc.strerror or exc}")
+        log.traceback()
         code = ExitCode.SYSTEM
     except KeyboardInterrupt:
         code = 130
     except Exception as exc:  # a bug of ours: still one line, never a traceback
-        _report(log, f"internal error: {type(exc).__name__}: {exc}")
+        log.fatal(f"internal error: {type(exc).__name__}: {exc}")
+        log.traceback()
         code = ExitCode.SYSTEM
-    sys.exit(int(code or 0))
-
-
-def _report(log: Log, text: str) -> None:
-    log.fatal(text)
-    if log.verbosity >= 3:
-        traceback.print_exc()
-
-
-def _lower_first(text: str) -> str:
-    return text[:1].lower() + text[1:].rstrip(".")
+    sys.exit(int(code))

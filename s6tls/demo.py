@@ -2,14 +2,13 @@
 
 No certificate is needed from the user: a throw-away CA and server
 certificate are made in a temporary directory, ``s6-tlsserver`` serves a
-small application on a free loopback port, ``s6-tlsclient`` connects to it,
+small application on a loopback port the system picks, ``s6-tlsclient`` connects to it,
 and both applications print the TLS facts they were given.  Everything is
 cleaned up; the exit code is 0 only if the whole exchange worked.
 """
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -42,43 +41,24 @@ def _program(module: str) -> list[str]:
     return [sys.executable, "-c", f"from s6tls.{module} import main; main()"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run() -> int:
     """Run the demo; return 0 on success, 1 otherwise."""
     from .pki import make_pki
 
     with tempfile.TemporaryDirectory(prefix="s6tls-demo-") as tmp:
         pki = make_pki(tmp, ["localhost", "127.0.0.1"])
-        port = _free_port()
         server_cmd = [
             *_program("tlsserver"),
             "-1",
             "-v",
             "127.0.0.1",
-            str(port),
+            "0",
             sys.executable,
             "-c",
             SERVER_APP,
         ]
-        client_cmd = [
-            *_program("tlsclient"),
-            "-v",
-            "-k",
-            "localhost",
-            "127.0.0.1",
-            str(port),
-            sys.executable,
-            "-c",
-            CLIENT_APP,
-        ]
         print(f"s6tls demo: throw-away CA and certificate in {tmp}")
-        print(f"$ CERTFILE=cert.pem KEYFILE=key.pem s6-tlsserver -1 -v 127.0.0.1 {port} app")
-        print(f"$ CAFILE=ca.pem s6-tlsclient -v -k localhost 127.0.0.1 {port} app")
+        print("$ CERTFILE=cert.pem KEYFILE=key.pem s6-tlsserver -1 -v 127.0.0.1 0 app")
         server_env = {**os.environ, "CERTFILE": pki["cert"], "KEYFILE": pki["key"]}
         server = subprocess.Popen(
             server_cmd, env=server_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
@@ -86,9 +66,22 @@ def run() -> int:
         client = None
         try:
             assert server.stdout is not None
-            if server.stdout.readline() == b"\n":  # -1: the server is listening
+            ready = server.stdout.readline()  # -1: the port, once the server listens
+            if ready.strip().isdigit():
+                port = ready.decode().strip()
+                print(f"$ CAFILE=ca.pem s6-tlsclient -v -k localhost 127.0.0.1 {port} app")
                 client = subprocess.run(
-                    client_cmd,
+                    [
+                        *_program("tlsclient"),
+                        "-v",
+                        "-k",
+                        "localhost",
+                        "127.0.0.1",
+                        port,
+                        sys.executable,
+                        "-c",
+                        CLIENT_APP,
+                    ],
                     env={**os.environ, "CAFILE": pki["ca"]},
                     capture_output=True,
                     timeout=30,
@@ -104,5 +97,5 @@ def run() -> int:
         ok = client is not None and client.returncode == 0 and server.returncode == 0
         print(f"s6tls demo: {'success' if ok else 'FAILED'}")
         if ok:
-            print("s6tls demo: next, read the manual: man -l man/s6-tlsserver.1")
+            print("s6tls demo: next, read the manual: man s6-tlsserver")
         return 0 if ok else 1

@@ -18,6 +18,8 @@ class ExitCode(IntEnum):
     TLS = 98  # TLS error after the handshake; also the handshake timeout
     USAGE = 100  # bad option, bad or missing environment
     SYSTEM = 111  # a system call failed
+    CANNOT_EXEC = 126  # the application is not executable (as a shell says it)
+    NOT_FOUND = 127  # the application is not found
 
 
 class S6tlsError(Exception):
@@ -64,3 +66,15 @@ class SystemFailure(S6tlsError):
     """A system call failed; the message says what s6tls was unable to do (111)."""
 
     exit_code = ExitCode.SYSTEM
+
+
+class AppNotExecutable(S6tlsError):
+    """The application exists but cannot be executed: refused at start (126)."""
+
+    exit_code = ExitCode.CANNOT_EXEC
+
+
+class AppNotFound(S6tlsError):
+    """The application is not found, in PATH or at its path: refused at start (127)."""
+
+    exit_code = ExitCode.NOT_FOUND

@@ -7,69 +7,62 @@ TLS facts in its environment.  See man/s6-tlsc.1.
 
 import os
 from collections.abc import Sequence
+from typing import Any, NoReturn
 
-import click
+from . import options
+from .options import Opt
+from .program import Program, Setup
+from .program import main as run
+from .ucspi import check_fds, peer_of, tcp_variables
 
-from .cli import CONTEXT_SETTINGS, Log, common_options, run_main
+ENVIRONMENT = (
+    ("CAFILE, CADIR", "trust anchors to verify the server (one is needed)"),
+    ("CERTFILE, KEYFILE", "the client certificate and key, with -y"),
+    ("TLS_UID, TLS_GID", "numeric ids to run as after reading the keys (root only)"),
+)
+APP_FDS = (
+    Opt(
+        "app_read",
+        ("-6", "--read-fd"),
+        "prog reads the cleartext on FD",
+        arg="FD",
+        parse=options.unsigned,
+        default=6,
+    ),
+    Opt(
+        "app_write",
+        ("-7", "--write-fd"),
+        "prog writes the cleartext on FD",
+        arg="FD",
+        parse=options.unsigned,
+        default=7,
+    ),
+)
 
-PROG = "s6-tlsc"
-log = Log(PROG)
+
+def adjust(values: dict[str, Any]) -> None:
+    """-6 and -7 make ``app_fds``."""
+    values["app_fds"] = (values.pop("app_read"), values.pop("app_write"))
 
 
-def client_options(f):
-    """The client-only options, shared with s6-tlsclient."""
-    f = click.option(
-        "-y/-Y",
-        "client_cert",
-        default=False,
-        help="-y presents CERTFILE/KEYFILE as client certificate; -Y (default) does not.",
-    )(f)
-    f = click.option(
-        "-k", "servername", default=None, metavar="NAME", help="SNI and name to verify."
-    )(f)
-    return click.option(
-        "--no-verify-cert",
-        "verify_cert",
-        flag_value=False,
-        default=True,
-        help="Do not verify the server's certificate chain.",
-    )(f)
-
-
-@click.command(context_settings=CONTEXT_SETTINGS)
-@common_options
-@client_options
-@click.option("-6", "app_read", type=int, default=6, metavar="FD", help="prog's read fd.")
-@click.option("-7", "app_write", type=int, default=7, metavar="FD", help="prog's write fd.")
-@click.argument("prog", nargs=-1, required=True)
-def command(prog: tuple[str, ...], app_read: int, app_write: int, **opts: object) -> int:
-    """s6-tlsc [options] [--] prog...: TLS client on fds 6 and 7 for prog."""
-    from .config import Options, TlsConfig
-
-    options = Options(app_fds=(app_read, app_write), **opts)  # type: ignore[arg-type]
-    log.verbosity = options.verbosity
-    cfg = TlsConfig.from_env("client", os.environ, options)
-    # The TLS modules are half the start-up: a usage error does not pay for them.
-    from .context import build_context
-    from .tunnel import check_fds, describe_peer, drop_privileges, serve_connection
-
+def serve(setup: Setup) -> int:
+    """The connection on fds 6 and 7, prog on the cleartext."""
     check_fds((6, 7), "unable to check network fds")
-    ctx = build_context(cfg)
-    if not options.verify_cert:
-        log.info("not verifying the server's certificate (--no-verify-cert)")
-    drop_privileges(cfg)
-    return serve_connection(
-        cfg,
-        ctx,
-        6,
-        7,
-        prog,
-        log,
-        app_fds=options.app_fds,
-        environ=os.environ,
-        peer=describe_peer(6, os.environ),
-    )
+    setup.drop_privileges()
+    peer = peer_of(os.environ) or peer_of(tcp_variables(6))
+    return setup.serve_connection(6, 7, app_fds=setup.cfg.options.app_fds, peer=peer)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    run_main(PROG, command, argv, log)
+PROGRAM = Program(
+    name="s6-tlsc",
+    role="client",
+    summary="Speak TLS as a client on fds 6 and 7, then run prog with the cleartext on its own.",
+    options=(*options.TLS, *options.CLIENT_TLS, options.VERBOSITY, *APP_FDS),
+    serve=serve,
+    environment=ENVIRONMENT,
+    adjust=adjust,
+)
+
+
+def main(argv: Sequence[str] | None = None) -> NoReturn:
+    run(PROGRAM, argv)

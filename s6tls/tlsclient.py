@@ -6,62 +6,54 @@ variables.  The server name (SNI and verification) defaults to host when host
 is not an IP literal.  See man/s6-tlsclient.1.
 """
 
-import os
 import socket
 from collections.abc import Sequence
+from typing import Any, NoReturn
 
-import click
+from . import options
+from .cli import peer_address
+from .config import is_ip
+from .errors import SystemFailure
+from .options import Operand, Opt
+from .program import Program, Setup
+from .program import main as run
+from .tlsc import ENVIRONMENT
 
-from .cli import CONTEXT_SETTINGS, Log, run_main, tls_options, verbosity_flags
-from .tlsc import client_options
-
-PROG = "s6-tlsclient"
-log = Log(PROG)
-
-
-@click.command(context_settings=CONTEXT_SETTINGS)
-@verbosity_flags
-@click.option("-4", "family", flag_value=4, help="Connect over IPv4 only.")
-@click.option("-6", "family", flag_value=6, help="Connect over IPv6 only.")
-@click.option(
-    "-t",
-    "connect_timeout_ms",
-    type=click.IntRange(min=0),
-    default=0,
-    metavar="MS",
-    help="Give up connecting after MS milliseconds (0: the system's limit).",
+FAMILY = (
+    Opt("family", ("-4", "--ipv4"), "connect over IPv4 only", value=4, default=None),
+    Opt("family", ("-6", "--ipv6"), "connect over IPv6 only", value=6),
 )
-@click.option("-i", "local_ip", default=None, metavar="IP", help="Bind to this local address.")
-@tls_options
-@client_options
-@click.argument("host")
-@click.argument("port", type=click.IntRange(1, 65535))
-@click.argument("prog", nargs=-1, required=True)
-def command(
-    host: str,
-    port: int,
-    prog: tuple[str, ...],
-    family: int | None,
-    connect_timeout_ms: int,
-    local_ip: str | None,
-    verbosity: int | None,
-    **opts: object,
-) -> int:
-    """s6-tlsclient [options] host port prog...: connect, TLS, prog on fds 6 and 7."""
-    from .config import Options, TlsConfig, is_ip
-    from .context import build_context
-    from .tunnel import drop_privileges, serve_connection
+CONNECT = (
+    Opt(
+        "connect_timeout_ms",
+        ("-t", "--timeout"),
+        "give up connecting to an address after MS milliseconds (0: the system's limit)",
+        arg="MS",
+        parse=options.unsigned,
+        default=0,
+    ),
+    Opt(
+        "local_ip",
+        ("-i", "--local-ip"),
+        "connect from LOCALIP",
+        arg="LOCALIP",
+        parse=options.nonempty,
+        default=None,
+    ),
+)
 
-    verbosity = 1 if verbosity is None else verbosity
-    log.verbosity = verbosity
-    if opts["servername"] is None and not is_ip(host):
-        opts["servername"] = host
-    options = Options(verbosity=verbosity, **opts)  # type: ignore[arg-type]
-    cfg = TlsConfig.from_env("client", os.environ, options)
-    ctx = build_context(cfg)
-    if not options.verify_cert:
-        log.info("not verifying the server's certificate (--no-verify-cert)")
-    sock = connect(host, port, family, connect_timeout_ms / 1000 or None, local_ip)
+
+def adjust(values: dict[str, Any]) -> None:
+    """The server name defaults to host, unless host is an IP literal."""
+    if values["servername"] is None and not is_ip(values["host"]):
+        values["servername"] = values["host"]
+
+
+def serve(setup: Setup) -> int:
+    """Connect, then the connection's socket for both ciphertext fds, prog on 6 and 7."""
+    v = setup.values
+    timeout = v["connect_timeout_ms"] / 1000 or None
+    sock = connect(v["host"], v["port"], v["family"], timeout, v["local_ip"])
     local, remote = sock.getsockname(), sock.getpeername()
     env = {
         "PROTO": "TCP",
@@ -70,19 +62,14 @@ def command(
         "TCPLOCALIP": local[0],
         "TCPLOCALPORT": str(local[1]),
     }
-    drop_privileges(cfg)
+    setup.drop_privileges()
     fd = sock.detach()
-    return serve_connection(
-        cfg,
-        ctx,
+    return setup.serve_connection(
         fd,
         fd,
-        prog,
-        log,
-        app_fds=options.app_fds,
-        environ=os.environ,
+        app_fds=setup.cfg.options.app_fds,
+        peer=peer_address(remote[0], remote[1]),
         extra_env=env,
-        peer=f"{remote[0]}:{remote[1]}",
     )
 
 
@@ -93,8 +80,6 @@ def connect(
 
     Raises ``SystemFailure`` naming the last error when no address answers.
     """
-    from .errors import SystemFailure
-
     fam = {4: socket.AF_INET, 6: socket.AF_INET6}.get(family or 0, socket.AF_UNSPEC)
     try:
         addrs = socket.getaddrinfo(host, port, fam, socket.SOCK_STREAM)
@@ -117,5 +102,23 @@ def connect(
     raise SystemFailure(f"unable to connect to {host} port {port}: {last}")
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    run_main(PROG, command, argv, log)
+PROGRAM = Program(
+    name="s6-tlsclient",
+    role="client",
+    summary="Connect to host port, speak TLS, and run prog with the cleartext on its fds 6 and 7.",
+    options=(
+        *options.VERBOSITY_SWITCHES,
+        *FAMILY,
+        *CONNECT,
+        *options.TLS,
+        *options.CLIENT_TLS,
+    ),
+    operands=(Operand("host", options.nonempty), Operand("port", options.port_number)),
+    serve=serve,
+    environment=ENVIRONMENT,
+    adjust=adjust,
+)
+
+
+def main(argv: Sequence[str] | None = None) -> NoReturn:
+    run(PROGRAM, argv)

@@ -3,15 +3,20 @@
 Everything is imported and every TLS context built once, before the first
 accept; each connection is then served by a forked child of this already
 initialised process (no new interpreter), which runs the s6-tlsd logic
-(``tunnel.serve_connection``) and exits with prog's status.  See
+(``Setup.serve_connection``) and exits with prog's status.  See
 man/s6-tlsserver.1.
 
 Signals reach the accept loop through a selfpipe: SIGCHLD reaps children,
-SIGTERM stops accepting and lets running connections finish, SIGQUIT also
-sends them SIGTERM, SIGHUP rebuilds the contexts from the files named in the
-environment (new connections only).
+SIGTERM stops accepting, drops the connections still in their handshake and
+lets running ones finish, SIGQUIT also sends SIGTERM to the running ones,
+SIGHUP rebuilds the contexts from the files named in the environment (new
+connections only).  Under systemd, the listening sockets may come from a
+socket unit and readiness goes to ``NOTIFY_SOCKET``.
 """
 
+import contextlib
+import dataclasses
+import errno
 import gc
 import json
 import os
@@ -19,70 +24,122 @@ import select
 import signal
 import socket
 import sys
+import time
 from collections import Counter
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import NoReturn
 
-import click
 from OpenSSL import SSL
 
+from . import options, systemd
 from .app import exit_code
-from .cli import CONTEXT_SETTINGS, Log, run_main, tls_options, verbosity_flags
-from .config import Options, TlsConfig, is_ip
+from .cli import peer_address, plural
+from .config import is_ip
 from .context import build_context
 from .errors import ExitCode, S6tlsError, SystemFailure, UsageError
+from .options import Operand, Opt
+from .program import Program, Setup
+from .program import main as run
 from .pump import Pump
 from .selfpipe import SelfPipe
-from .tunnel import drop_privileges, serve_connection
+from .tlsd import ENVIRONMENT as TLSD_ENVIRONMENT
+from .ucspi import unmap
 
-PROG = "s6-tlsserver"
-log = Log(PROG)
+FAMILY = (
+    Opt("family", ("-4",), "ip must be an IPv4 address", value=4, default=None),
+    Opt("family", ("-6",), "ip must be an IPv6 address; on :: no IPv4", value=6),
+)
+SERVER = (
+    Opt(
+        "notify",
+        ("-1", "--notify"),
+        "once listening, write the port and a newline on stdout (readiness)",
+        default=False,
+    ),
+    Opt(
+        "maxconn",
+        ("-c", "--global-max-connections"),
+        "serve at most MAXCONN connections at once",
+        arg="MAXCONN",
+        parse=options.positive,
+        default=40,
+    ),
+    Opt(
+        "localmaxconn",
+        ("-C", "--local-max-connections"),
+        "at most LOCALMAXCONN of them from one IP address",
+        arg="LOCALMAXCONN",
+        parse=options.positive,
+        default=40,
+    ),
+    Opt(
+        "backlog",
+        ("-b", "--backlog"),
+        "the listen backlog",
+        arg="BACKLOG",
+        parse=options.positive,
+        default=128,
+    ),
+    Opt(
+        "uid",
+        ("-u", "--uid"),
+        "serve each connection as UID (needs -g)",
+        arg="UID",
+        parse=options.unsigned,
+        default=None,
+    ),
+    Opt(
+        "gid",
+        ("-g", "--gid"),
+        "serve each connection as GID, with no supplementary group",
+        arg="GID",
+        parse=options.unsigned,
+        default=None,
+    ),
+    Opt(
+        "env_ids",
+        ("-U", "--envuidgid"),
+        "take the ids from UID, GID and GIDLIST (s6-envuidgid)",
+        default=False,
+    ),
+)
+ENVIRONMENT = (
+    *TLSD_ENVIRONMENT[:-1],
+    ("UID, GID, GIDLIST", "with -U"),
+    ("LISTEN_FDS, LISTEN_PID", "listening sockets from systemd: then nothing is bound"),
+    ("NOTIFY_SOCKET", "where to tell systemd that the server is ready"),
+)
+EXIT_CODES = (
+    ("0", "stopped by SIGTERM, SIGINT or SIGQUIT, after the last connection ended"),
+    ("96", "TLS configuration: a certificate, key or CA file that cannot be used"),
+    ("100", "usage: a bad option, operand or environment variable"),
+    ("111", "a system call failed, such as the bind"),
+    ("126, 127", "prog cannot be executed, or is not found"),
+    ("", "a connection's child exits as s6-tlsd does; -v logs it"),
+)
+PAUSE = 0.1  # seconds without accept() after EMFILE and the like
+_PAUSING_ERRORS = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM))
+HANDSHAKE_DONE = b"h"  # a child's report to the server, on its channel
 
 
-@click.command(context_settings=CONTEXT_SETTINGS)
-@verbosity_flags
-@click.option("-4", "family", flag_value=4, help="The address must be IPv4.")
-@click.option("-6", "family", flag_value=6, help="The address must be IPv6 (no IPv4 on ::).")
-@click.option("-1", "notify", is_flag=True, help="Write a newline to stdout once listening.")
-@click.option("-c", "maxconn", type=click.IntRange(min=1), default=40, metavar="MAXCONN")
-@click.option("-C", "localmaxconn", type=click.IntRange(min=1), default=40, metavar="LOCALMAX")
-@click.option("-b", "backlog", type=click.IntRange(min=1), default=128, metavar="BACKLOG")
-@click.option("-u", "uid", type=click.IntRange(min=0), default=None, metavar="UID")
-@click.option("-g", "gid", type=click.IntRange(min=0), default=None, metavar="GID")
-@click.option("-U", "env_ids", is_flag=True, help="Take -u and -g from $UID and $GID.")
-@tls_options
-@click.option("-Y", "peer_verify", flag_value="optional", help="Ask for a client certificate.")
-@click.option("-y", "peer_verify", flag_value="required", help="Require a client certificate.")
-@click.option("-k", "sni_level", type=int, default=0, metavar="SNILEVEL", help="SNI level.")
-@click.argument("ip")
-@click.argument("port", type=click.IntRange(0, 65535))
-@click.argument("prog", nargs=-1, required=True)
-def command(
-    ip: str,
-    port: int,
-    prog: tuple[str, ...],
-    family: int | None,
-    notify: bool,
-    maxconn: int,
-    localmaxconn: int,
-    backlog: int,
-    uid: int | None,
-    gid: int | None,
-    env_ids: bool,
-    verbosity: int | None,
-    **opts: object,
-) -> int:
-    """s6-tlsserver [options] ip port prog...: serve TLS on ip:port, prog per connection."""
-    verbosity = 1 if verbosity is None else verbosity
-    log.verbosity = verbosity
-    opts["peer_verify"] = opts["peer_verify"] or "none"
-    options = Options(verbosity=verbosity, **opts)  # type: ignore[arg-type]
-    cfg = TlsConfig.from_env("server", os.environ, options)
-    if env_ids:
-        uid, gid = _env_id("UID"), _env_id("GID")
-    ctx = build_context(cfg)
-    listener = listen(ip, port, family, backlog)
-    server = Server(cfg, ctx, listener, prog, min(localmaxconn, maxconn), maxconn, (uid, gid))
-    return server.serve(notify)
+def serve(setup: Setup) -> int:
+    """Listen (or take systemd's sockets), then accept until told to stop."""
+    v = setup.values
+    listeners = systemd.listening_sockets(os.environ)
+    if not listeners:
+        listeners = [listen(v["ip"], v["port"], v["family"], v["backlog"])]
+    return Server(setup, listeners).serve(v["notify"])
+
+
+@dataclass
+class Child:
+    """A child serving one connection, as the accept loop knows it."""
+
+    peer: str
+    ip: str
+    channel: socket.socket | None  # open until the child reports its handshake done
+    dropped: bool = False  # sent SIGTERM in its handshake, at shutdown
 
 
 class Server:
@@ -90,77 +147,109 @@ class Server:
 
     One child serves one connection.  To keep fork() and the page faults that
     follow it off the connection's critical path, the server keeps one
-    *spare*: a child forked ahead of time, waiting on a Unix socket.  On
-    accept, the server hands the connection's descriptor and its TCP
-    variables to the spare (SCM_RIGHTS), which serves it, and forks the next
-    spare.
+    *spare*: a child forked ahead of time, waiting on a Unix socket, its
+    *channel*.  On accept, the server hands the connection's descriptor and
+    its TCP variables to the spare (SCM_RIGHTS), which serves it, and forks
+    the next spare.  The child writes on its channel when its handshake is
+    done: until then, SIGTERM to the server drops it at once.
     """
 
-    def __init__(
-        self,
-        cfg: TlsConfig,
-        ctx: SSL.Context,
-        listener: socket.socket,
-        prog: Sequence[str],
-        localmaxconn: int,
-        maxconn: int,
-        app_ids: tuple[int | None, int | None],
-    ) -> None:
-        self.cfg = cfg
-        self.ctx = ctx
-        self.listener: socket.socket | None = listener
-        self.prog = prog
-        self.localmaxconn = localmaxconn
-        self.maxconn = maxconn
-        self.app_ids = app_ids
-        self.children: dict[int, str] = {}  # pid -> remote ip
+    def __init__(self, setup: Setup, listeners: list[socket.socket]) -> None:
+        self.setup = setup
+        self.log = setup.log
+        self.listeners = listeners
+        self.maxconn: int = setup.values["maxconn"]
+        self.localmaxconn = min(setup.values["localmaxconn"], self.maxconn)
+        self.children: dict[int, Child] = {}
         self.per_ip: Counter[str] = Counter()
         self.spare: tuple[int, socket.socket] | None = None  # pid, our end of its channel
+        self.poller = select.poll()
+        self.paused_until: float | None = None
+        self.accept_error: int | None = None  # the errno last logged, until an accept works
 
     def serve(self, notify: bool) -> int:
         """Accept until SIGTERM, then wait for the running connections; return 0.
 
-        ``notify`` (-1): write the readiness newline, once the signal handlers
+        ``notify`` (-1): write the port and a newline on stdout; and tell
+        systemd when NOTIFY_SOCKET is set.  Both once the signal handlers
         are in place, so that a SIGHUP sent at readiness is a reload.
         """
-        with SelfPipe(
-            (signal.SIGCHLD, signal.SIGTERM, signal.SIGQUIT, signal.SIGHUP, signal.SIGINT)
-        ) as selfpipe:
+        signals = (signal.SIGCHLD, signal.SIGTERM, signal.SIGQUIT, signal.SIGHUP, signal.SIGINT)
+        with SelfPipe(signals) as selfpipe:
             self.selfpipe = selfpipe
-            if notify:
-                _notify_ready()
+            self._ready(notify)
             _detach_stdio()
-            poller = select.poll()
-            poller.register(selfpipe.fileno(), select.POLLIN)
-            assert self.listener is not None
-            poller.register(self.listener.fileno(), select.POLLIN)
+            self.poller.register(selfpipe.fileno(), select.POLLIN)
+            self._watch_listeners(True)
             gc.freeze()  # keep the pages shared with the children shared
             self._fork_spare()
-            while self.listener is not None or self.children:
-                for fd, _events in poller.poll():
+            while self.listeners or self.children:
+                for fd, _events in self.poller.poll(self._pause_left_ms()):
                     if fd == selfpipe.fileno():
-                        self._on_signals(selfpipe.read(), poller)
-                    elif self.listener is not None and fd == self.listener.fileno():
-                        self._accept()
+                        self._on_signals(selfpipe.read())
+                    else:
+                        self._accept(fd)
+                self._resume_if_due()
         return ExitCode.OK
 
-    def _on_signals(self, signals: list[int], poller: select.poll) -> None:
+    def _ready(self, notify: bool) -> None:
+        local = self.listeners[0].getsockname()
+        self.log.info(f"listening on {peer_address(unmap(local[0]), local[1])}")
+        if notify:
+            try:
+                os.write(1, f"{local[1]}\n".encode())
+            except OSError as exc:
+                self.log.warn(f"unable to notify readiness: {exc.strerror}")
+        problem = systemd.notify(os.environ, "READY=1")
+        if problem:
+            self.log.warn(problem)
+
+    def _watch_listeners(self, watch: bool) -> None:
+        for listener in self.listeners:
+            if watch:
+                self.poller.register(listener.fileno(), select.POLLIN)
+            else:
+                self.poller.unregister(listener.fileno())
+
+    def _on_signals(self, signals: list[int]) -> None:
         for sig in signals:
             if sig == signal.SIGCHLD:
                 self._reap()
             elif sig == signal.SIGHUP:
                 self._reload()
             elif sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
-                if self.listener is not None:
-                    poller.unregister(self.listener.fileno())
-                    self.listener.close()
-                    self.listener = None
-                    self._retire_spare()
-                    log.info(f"stopped accepting, {len(self.children)} connections running")
+                self._stop()
                 if sig == signal.SIGQUIT:
                     for pid in self.children:
                         os.kill(pid, signal.SIGTERM)
         self._reap()
+
+    def _stop(self) -> None:
+        """Stop accepting; drop the connections still in their handshake."""
+        if not self.listeners:
+            return
+        if self.paused_until is None:
+            self._watch_listeners(False)
+        self.paused_until = None
+        for listener in self.listeners:
+            # shutdown() stops the listening for every process that holds the
+            # socket (a spare just forked may not have closed its copy yet).
+            with contextlib.suppress(OSError):
+                listener.shutdown(socket.SHUT_RDWR)
+            listener.close()
+        self.listeners = []
+        self._retire_spare()
+        dropped = 0
+        for pid, child in self.children.items():
+            if _in_handshake(child):
+                child.dropped = True
+                dropped += 1
+                os.kill(pid, signal.SIGTERM)
+        running = len(self.children) - dropped
+        self.log.info(
+            f"stopped accepting, {plural(running, 'connection')} running,"
+            f" {plural(dropped, 'handshake')} dropped"
+        )
 
     def _reap(self) -> None:
         while True:
@@ -173,75 +262,129 @@ class Server:
             if self.spare is not None and pid == self.spare[0]:
                 self.spare[1].close()  # it died before serving: the next accept forks anew
                 self.spare = None
-            ip = self.children.pop(pid, None)
-            if ip is None:
+            child = self.children.pop(pid, None)
+            if child is None:
                 continue
-            self.per_ip[ip] -= 1
-            if not self.per_ip[ip]:
-                del self.per_ip[ip]
+            if child.channel is not None:
+                child.channel.close()
+            self.per_ip[child.ip] -= 1
+            if not self.per_ip[child.ip]:
+                del self.per_ip[child.ip]
             code = exit_code(status)
-            log.info(f"end pid {pid} status {code} count {len(self.children)}/{self.maxconn}")
+            if child.dropped:
+                self.log.info(f"peer {child.peer} pid {pid}: dropped in the handshake")
+            self.log.info(f"end pid {pid} status {code} count {len(self.children)}/{self.maxconn}")
 
     def _reload(self) -> None:
         try:
-            self.ctx = build_context(self.cfg)
+            ctx = build_context(self.setup.cfg)
         except S6tlsError as exc:
-            log.warn(f"unable to reload the keypairs, keeping the old ones: {exc}")
+            self.log.warn(f"unable to reload the keypairs, keeping the old ones: {exc}")
             return
-        log.info("reloaded the keypairs")
-        if self.listener is not None:
+        self.setup = dataclasses.replace(self.setup, ctx=ctx)
+        self.log.info("reloaded the keypairs")
+        if self.listeners:
             self._retire_spare()  # it holds the old contexts
             self._fork_spare()
 
-    def _accept(self) -> None:
-        assert self.listener is not None
+    def _accept(self, fd: int) -> None:
+        listener = next((s for s in self.listeners if s.fileno() == fd), None)
+        if listener is None:
+            return
         try:
-            conn, addr = self.listener.accept()
+            conn, addr = listener.accept()
         except (BlockingIOError, InterruptedError, ConnectionAbortedError):
             return
+        except OSError as exc:
+            self._accept_failed(exc)
+            return
+        self.accept_error = None
         with conn:
-            ip = _unmap(addr[0])
-            if len(self.children) >= self.maxconn or self.per_ip[ip] >= self.localmaxconn:
-                log.warn(f"refused {ip} port {addr[1]}: too many connections")
+            ip = unmap(addr[0])
+            peer = peer_address(ip, addr[1])
+            if len(self.children) >= self.maxconn:
+                self.log.warn(f"peer {peer}: refused: too many connections (-c {self.maxconn})")
+                return
+            if self.per_ip[ip] >= self.localmaxconn:
+                limit = f"-C {self.localmaxconn}"
+                self.log.warn(f"peer {peer}: refused: too many connections from {ip} ({limit})")
                 return
             local = conn.getsockname()
             env = {
                 "PROTO": "TCP",
-                "TCPLOCALIP": _unmap(local[0]),
+                "TCPLOCALIP": unmap(local[0]),
                 "TCPLOCALPORT": str(local[1]),
                 "TCPREMOTEIP": ip,
                 "TCPREMOTEPORT": str(addr[1]),
                 "TCPCONNNUM": str(self.per_ip[ip]),
             }
-            pid = self._hand_over(conn, env)
-        self.children[pid] = ip
+            handed = self._hand_over(conn, env)
+        if handed is None:
+            self.log.warn(f"peer {peer}: refused: unable to start a child")
+            return
+        pid, channel = handed
+        self.children[pid] = Child(peer, ip, channel)
         self.per_ip[ip] += 1
-        log.info(f"allow {ip} port {addr[1]} pid {pid} count {len(self.children)}/{self.maxconn}")
+        count = f"{len(self.children)}/{self.maxconn}"
+        self.log.info(f"allow {ip} port {addr[1]} pid {pid} count {count}")
         self._fork_spare()
 
-    def _hand_over(self, conn: socket.socket, env: dict[str, str]) -> int:
-        """Give ``conn`` and its TCP variables to the spare; return the spare's pid."""
+    def _accept_failed(self, exc: OSError) -> None:
+        """Log an accept error once, until an accept works; pause when out of resources."""
+        pause = exc.errno in _PAUSING_ERRORS
+        if exc.errno != self.accept_error:
+            self.accept_error = exc.errno
+            then = f", pausing for {PAUSE * 1000:.0f} ms" if pause else ""
+            self.log.warn(f"unable to accept: {exc.strerror}{then}")
+        if pause and self.paused_until is None:
+            self._watch_listeners(False)
+            self.paused_until = time.monotonic() + PAUSE
+
+    def _pause_left_ms(self) -> int | None:
+        if self.paused_until is None:
+            return None
+        return max(0, int((self.paused_until - time.monotonic()) * 1000) + 1)
+
+    def _resume_if_due(self) -> None:
+        if self.paused_until is not None and time.monotonic() >= self.paused_until:
+            self.paused_until = None
+            self._watch_listeners(True)
+
+    def _hand_over(
+        self, conn: socket.socket, env: dict[str, str]
+    ) -> tuple[int, socket.socket] | None:
+        """Give ``conn`` and its TCP variables to the spare: its pid and channel, or None."""
         message = json.dumps(env).encode()
         for _attempt in range(2):
             if self.spare is None:
                 self._fork_spare()
-            assert self.spare is not None
+            if self.spare is None:
+                return None
             pid, channel = self.spare
             self.spare = None
             try:
                 socket.send_fds(channel, [message], [conn.fileno()])
             except OSError:
-                continue  # the spare died: fork another one
-            finally:
                 channel.close()
-            return pid
-        raise SystemFailure("unable to hand a connection to a child")
+                continue  # the spare died: fork another one
+            return pid, channel
+        return None
 
     def _fork_spare(self) -> None:
-        if self.spare is not None:
+        if self.spare is not None or not self.listeners:
             return
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        pid = os.fork()
+        try:
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        except OSError as exc:
+            self.log.warn(f"unable to prepare a child: {exc.strerror}")
+            return
+        try:
+            pid = os.fork()
+        except OSError as exc:
+            ours.close()
+            theirs.close()
+            self.log.warn(f"unable to fork: {exc.strerror}")
+            return
         if pid == 0:
             ours.close()
             self._spare_main(theirs)  # never returns
@@ -254,44 +397,70 @@ class Server:
             self.spare[1].close()
             self.spare = None
 
-    def _spare_main(self, channel: socket.socket) -> None:
+    def _spare_main(self, channel: socket.socket) -> NoReturn:
         """The spare child: warm up, wait for a connection, serve it, os._exit."""
         code = ExitCode.SYSTEM
+        log = self.log
         try:
             self.selfpipe.__exit__(None, None, None)  # the child's own signals are its own
-            if self.listener is not None:
-                self.listener.close()
-            warm_up(self.ctx)
+            signal.signal(signal.SIGINT, signal.SIG_DFL)  # in the handshake: die at once
+            for listener in self.listeners:
+                listener.close()
+            warm_up(self.setup.ctx)
             message, fds, _flags, _addr = socket.recv_fds(channel, 4096, 1)
-            channel.close()
             if not fds:
                 code = ExitCode.OK  # retired before it got a connection
-                return
+                return _exit(code)
             env = json.loads(message)
-            _set_ids(*self.app_ids)
-            drop_privileges(self.cfg)
-            peer = f"{env['TCPREMOTEIP']}:{env['TCPREMOTEPORT']}"
-            code = serve_connection(
-                self.cfg,
-                self.ctx,
+            peer = peer_address(env["TCPREMOTEIP"], env["TCPREMOTEPORT"])
+            log = self.log.about(peer, os.getpid())
+            self.setup.drop_privileges()
+            code = self.setup.serve_connection(
                 fds[0],
                 fds[0],
-                self.prog,
-                log,
                 app_fds=(0, 1),
-                environ=os.environ,
-                extra_env=env,
                 peer=peer,
+                extra_env=env,
+                on_handshake=lambda: _report_handshake(channel),
             )
         except S6tlsError as exc:
-            log.fatal(str(exc))
+            log.warn(str(exc))
+            log.traceback()
             code = exc.exit_code
         except OSError as exc:
-            log.fatal(f"{exc.strerror or exc}")
+            log.warn(exc.strerror or str(exc))
+            log.traceback()
         except BaseException as exc:  # a bug of ours: one line, and the child still exits
-            log.fatal(f"internal error: {type(exc).__name__}: {exc}")
-        finally:
-            os._exit(code)
+            log.warn(f"internal error: {type(exc).__name__}: {exc}")
+            log.traceback()
+        return _exit(code)
+
+
+def _exit(code: int) -> NoReturn:
+    """A forked child always leaves this way: no atexit, no flush of the parent's buffers."""
+    os._exit(code)
+
+
+def _report_handshake(channel: socket.socket) -> None:
+    """In the child: tell the server that the handshake is done (SIGTERM now spares us)."""
+    with contextlib.suppress(OSError):  # the server is gone: nothing to tell
+        channel.send(HANDSHAKE_DONE)
+    channel.close()
+
+
+def _in_handshake(child: Child) -> bool:
+    """True if ``child`` has not reported the end of its handshake (nor ended)."""
+    if child.channel is None:
+        return False
+    try:
+        report = child.channel.recv(16, socket.MSG_DONTWAIT)
+    except BlockingIOError:
+        return True
+    except OSError:
+        report = b""
+    child.channel.close()
+    child.channel = None
+    return report not in (HANDSHAKE_DONE, b"")
 
 
 def warm_up(ctx: SSL.Context) -> None:
@@ -310,11 +479,9 @@ def warm_up(ctx: SSL.Context) -> None:
 def listen(ip: str, port: int, family: int | None, backlog: int) -> socket.socket:
     """A listening TCP socket on ``ip``:``port``; ``family`` 4 or 6 checks the address.
 
-    Raises ``UsageError`` for an address that is not an IP literal of the
-    right family, ``SystemFailure`` if the bind fails.
+    Raises ``UsageError`` for an address of the wrong family,
+    ``SystemFailure`` if the bind fails.
     """
-    if not is_ip(ip):
-        raise UsageError(f"{ip} is not an IP address")
     v6 = ":" in ip
     if family is not None and (family == 6) != v6:
         raise UsageError(f"{ip} is not an IPv{family} address")
@@ -332,33 +499,11 @@ def listen(ip: str, port: int, family: int | None, backlog: int) -> socket.socke
     return sock
 
 
-def _unmap(ip: str) -> str:
-    """An IPv4-mapped IPv6 address (``::ffff:1.2.3.4``) in its IPv4 form."""
-    return ip[7:] if ip.startswith("::ffff:") and "." in ip else ip
-
-
-def _env_id(name: str) -> int:
-    value = os.environ.get(name, "")
-    if not value.isdigit():
-        raise UsageError(f"-U needs a numeric {name} in the environment")
-    return int(value)
-
-
-def _set_ids(uid: int | None, gid: int | None) -> None:
-    """Become gid then uid (-g/-u/-U): the whole connection runs as them."""
-    if gid is not None:
-        os.setgroups([gid])
-        os.setgid(gid)
-    if uid is not None:
-        os.setuid(uid)
-
-
-def _notify_ready() -> None:
-    """-1: one newline on stdout, the readiness notification of s6-supervise."""
-    try:
-        os.write(1, b"\n")
-    except OSError as exc:
-        log.warn(f"unable to notify readiness: {exc.strerror}")
+def ip_address(text: str, name: str) -> str:
+    """The ``ip`` operand: an IPv4 or IPv6 literal."""
+    if not is_ip(text):
+        raise UsageError(f"{text} is not an IP address")
+    return text
 
 
 def _detach_stdio() -> None:
@@ -370,5 +515,26 @@ def _detach_stdio() -> None:
     os.close(null)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    run_main(PROG, command, argv, log)
+PROGRAM = Program(
+    name="s6-tlsserver",
+    role="server",
+    summary="Listen on ip port and serve each connection over TLS to a new prog.",
+    options=(
+        *options.VERBOSITY_SWITCHES,
+        *FAMILY,
+        *SERVER,
+        *options.CLOSE,
+        *options.KEEP,
+        options.HANDSHAKE_TIMEOUT.with_default(10000),
+        options.IDLE_TIMEOUT,
+        *options.SERVER_TLS,
+    ),
+    operands=(Operand("ip", ip_address), Operand("port", options.port_number)),
+    serve=serve,
+    environment=ENVIRONMENT,
+    exit_codes=EXIT_CODES,
+)
+
+
+def main(argv: Sequence[str] | None = None) -> NoReturn:
+    run(PROGRAM, argv)

@@ -6,8 +6,7 @@ forked child, s6-tlsclient once on the socket it connected.
 """
 
 import os
-import socket
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from OpenSSL import SSL
 
@@ -23,33 +22,6 @@ from .pump import Stats
 from .selfpipe import SelfPipe
 
 
-def drop_privileges(cfg: TlsConfig) -> None:
-    """Become TLS_GID/TLS_UID when set (non-zero) and we are root.
-
-    Called after the keys are read and before the handshake.  Raises
-    ``SystemFailure`` if the kernel refuses.
-
-    The modules a connection imports lazily are imported first: the new
-    user may not be allowed to read the Python installation (one under a
-    0700 home, for instance), and an import failing mid-handshake would
-    turn into a misleading error.
-    """
-    if os.geteuid() != 0 or not (cfg.uid or cfg.gid):
-        return
-    import encodings.idna  # noqa: F401  (the client's SNI name is encoded with it)
-
-    if cfg.role == "client" and cfg.verify_peer != "none":
-        import service_identity.cryptography  # noqa: F401  (context.check_name)
-    try:
-        if cfg.gid:
-            os.setgroups([cfg.gid])
-            os.setgid(cfg.gid)
-        if cfg.uid:
-            os.setuid(cfg.uid)
-    except OSError as exc:
-        raise SystemFailure(f"unable to drop privileges: {exc.strerror}") from None
-
-
 def serve_connection(
     cfg: TlsConfig,
     ctx: SSL.Context,
@@ -61,7 +33,7 @@ def serve_connection(
     app_fds: tuple[int, int],
     environ: Mapping[str, str],
     extra_env: Mapping[str, str] | None = None,
-    peer: str = "",
+    on_handshake: Callable[[], None] | None = None,
 ) -> int:
     """Run one TLS connection on ``rfd``/``wfd`` for ``prog``; return the exit code.
 
@@ -69,6 +41,9 @@ def serve_connection(
     ``prog`` spawned, with the cleartext pipes on ``app_fds`` (read, write)
     and the TLS facts in its environment.  The engine then pumps until the
     end, and the exit code is prog's (128 + signal if it was killed).
+    ``on_handshake``, if given, is called once the handshake and the checks
+    of the peer succeeded, before prog is spawned.  ``log`` is the
+    connection's (``Log.about``): its lines name the peer.
 
     Takes ownership of ``rfd`` and ``wfd`` once the handshake succeeded.
     Raises ``HandshakeError`` (97), ``HandshakeTimeout``/``TlsRuntimeError``
@@ -95,6 +70,8 @@ def serve_connection(
         if notes.reasons:
             raise HandshakeError(f"{notes.reasons[0]} ({exc})") from None
         raise
+    if on_handshake is not None:
+        on_handshake()
     facts = connection_facts(conn)
     env = application_env(environ, facts, keep_secrets=opts.keep_env, extra=extra_env)
     stats = Stats()
@@ -123,36 +100,7 @@ def serve_connection(
     code = exit_code(status)
     sni = facts.get("SSL_TLS_SNI_SERVERNAME", "-")
     log.info(
-        f"peer {peer or '-'} sni {sni} {facts['SSL_PROTOCOL']} {facts['SSL_CIPHER']}"
+        f"sni {sni} {facts['SSL_PROTOCOL']} {facts['SSL_CIPHER']}"
         f" in {stats.to_app} out {stats.to_peer} closed by {stats.ending} status {code}"
     )
     return code
-
-
-def describe_peer(fd: int, environ: Mapping[str, str]) -> str:
-    """``ip:port`` of the peer, from the UCSPI variables or from the socket."""
-    if environ.get("TCPREMOTEIP"):
-        return f"{environ['TCPREMOTEIP']}:{environ.get('TCPREMOTEPORT', '?')}"
-    try:
-        sock = socket.socket(fileno=os.dup(fd))
-    except OSError:
-        return ""
-    with sock:
-        try:
-            host, port = sock.getpeername()[:2]
-        except (OSError, ValueError, TypeError):
-            return ""
-    return f"{host}:{port}"
-
-
-def check_fds(fds: Sequence[int], what: str) -> None:
-    """Raise ``SystemFailure`` (111) unless every fd in ``fds`` is open.
-
-    111, not 100: the contract is silent here, and skarnet's s6-tlsc dies
-    with 111 ("unable to check network fds") in this case.
-    """
-    for fd in fds:
-        try:
-            os.fstat(fd)
-        except OSError as exc:
-            raise SystemFailure(f"{what}: descriptor {fd}: {exc.strerror}") from None

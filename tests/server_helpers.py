@@ -13,6 +13,7 @@ APPS = Path(__file__).resolve().parent / "apps"
 
 
 def free_port(host: str = "127.0.0.1") -> int:
+    """A port nobody listens on now (for a test that needs a refused connection)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family) as s:
         s.bind((host, 0))
@@ -22,21 +23,20 @@ def free_port(host: str = "127.0.0.1") -> int:
 def start_server(
     args: Sequence[str], prog: Sequence[str], env: Mapping[str, str], host: str = "127.0.0.1"
 ) -> tuple[subprocess.Popen, int]:
-    """Start ``s6-tlsserver -1 args host port prog`` and wait for its readiness newline."""
-    port = free_port(host)
+    """Start ``s6-tlsserver -1 args host 0 prog``; return it and the port it wrote once bound."""
     proc = subprocess.Popen(
-        [*program("s6-tlsserver"), "-1", *args, host, str(port), *prog],
+        [*program("s6-tlsserver"), "-1", *args, host, "0", *prog],
         env=dict(env),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
     assert proc.stdout is not None
-    line = proc.stdout.readline()  # -1: written once the socket listens
-    if line != b"\n":
+    line = proc.stdout.readline()  # -1: the port and a newline, once the socket listens
+    if not line.endswith(b"\n") or not line[:-1].isdigit():
         proc.kill()
         _out, err = proc.communicate(timeout=10)
-        raise AssertionError(f"s6-tlsserver did not start: {err.decode()}")
-    return proc, port
+        raise AssertionError(f"s6-tlsserver did not start: {line!r} {err.decode()}")
+    return proc, int(line)
 
 
 def tls_connect(port: int, cafile: str, host: str = "127.0.0.1") -> ssl.SSLSocket:

@@ -381,8 +381,8 @@ def test_silent_server_times_out_with_K_and_exits_98(client_env, tmp_path):
         (["-6", "7", "-7", "7"], {}, 100, "-6 and -7 must be different descriptors, 3 or more"),
         (["-6", "2"], {}, 100, "-6 and -7 must be different descriptors, 3 or more"),
         (["-k", ""], {}, 100, "-k needs a server name"),
-        (["-X"], {}, 100, "no such option '-X' (see s6-tlsc --help)"),
-        (["-K", "-1"], {}, 100, "invalid value for '-K'"),
+        (["-X"], {}, 100, "unrecognized option: -X (see s6-tlsc --help)"),
+        (["-K", "-1"], {}, 100, "-K must be an unsigned integer, not '-1'"),
     ],
 )
 def test_bad_configuration_exits_before_the_handshake(

@@ -3,9 +3,11 @@
 import hashlib
 import os
 import signal
+import socket
 import ssl
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -151,13 +153,23 @@ def test_connections_above_c_are_refused_and_counted_per_ip_with_C(server_env, p
     stop(server)
 
 
-def test_sigterm_stops_accepting_and_lets_running_connections_finish(server_env, pki, reap):
+def test_sigterm_drops_handshakes_at_once_and_lets_running_connections_finish(
+    server_env, pki, reap
+):
     server, port = start_server(["-v"], ["cat"], server_env)
     reap.append(server)
     conn = tls_connect(port, pki["ca"])
-    read_log_until(server, "allow")
+    conn.sendall(b"before")  # an answer: the server's side of the handshake is done too
+    assert conn.recv(100) == b"before"
+    silent = socket.create_connection(("127.0.0.1", port), timeout=30)  # never says hello
+    read_log_until(server, "allow", 2)
+    started = time.monotonic()
     server.send_signal(signal.SIGTERM)
-    read_log_until(server, "stopped accepting")
+    lines = read_log_until(server, "stopped accepting")
+    assert lines[-1].endswith("stopped accepting, 1 connection running, 1 handshake dropped\n")
+    assert silent.recv(1) == b""  # dropped: EOF at once, not after -K (10 s by default)
+    assert time.monotonic() - started < 5
+    silent.close()
     with pytest.raises(ConnectionRefusedError):
         tls_connect(port, pki["ca"])
     conn.sendall(b"after SIGTERM")
@@ -221,14 +233,15 @@ def test_bad_address_and_missing_certfile_are_usage_errors(server_env):
         (["not-an-ip", "4433", "cat"], server_env, "not-an-ip is not an IP address"),
         (["-4", "::1", "4433", "cat"], server_env, "::1 is not an IPv4 address"),
         (["127.0.0.1", "4433", "cat"], env, "CERTFILE and KEYFILE must be set"),
-        (["127.0.0.1", "4433"], server_env, "missing argument"),
+        (["127.0.0.1", "4433"], server_env, "usage: s6-tlsserver [ -q | -Q | -v ] "),
     ):
         proc = subprocess.run(
             [*program("s6-tlsserver"), *args], env=environ, capture_output=True, timeout=30
         )
         assert proc.returncode == 100, (args, proc.stderr)
         err = proc.stderr.decode()
-        assert err.startswith("s6-tlsserver: fatal: ") and message.lower() in err.lower(), err
+        kind = "usage" if message.startswith("usage:") else "fatal"
+        assert err.startswith(f"s6-tlsserver: {kind}: ") and message.lower() in err.lower(), err
         assert err.count("\n") == 1
 
 

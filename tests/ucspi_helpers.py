@@ -292,13 +292,15 @@ def synopsis_options(page: Path) -> set[str]:
 
 
 def help_options(argv: Sequence[str]) -> set[str]:
-    """The options a program's ``--help`` lists, ``--help`` itself left out."""
+    """The options a program's ``--help`` lists, each by its first name (``-S``, ``--sni``).
+
+    ``--help`` and ``--version`` are left out.
+    """
     out = subprocess.run(
         [*argv, "--help"], capture_output=True, text=True, timeout=30, check=True
     ).stdout
     found = set()
-    for line in out.split("Options:\n", 1)[1].splitlines():
+    for line in out.split("Options:\n", 1)[1].split("\n\n", 1)[0].splitlines():
         if line.startswith("  -"):
-            names = line.strip().split("  ", 1)[0]
-            found |= {t for t in names.replace(" / ", " ").split() if t.startswith("-")}
-    return found - {"--help"}
+            found.add(line.split()[0].rstrip(",").split("=")[0])
+    return found - {"--help", "--version"}

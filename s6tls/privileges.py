@@ -1,0 +1,123 @@
+"""Whom a connection runs as: the ids asked for, checked at start, applied once.
+
+The ids come from ``-u``/``-g``/``-U`` (``s6-tlsserver``) or from
+``TLS_UID``/``TLS_GID`` (every program).  ``check_ids`` refuses at start
+what could never work: a uid without a gid (the process would keep root's
+group and supplementary groups), or a change of ids asked of a process that
+is not root.  ``drop_privileges`` then always sets the supplementary groups
+(none, unless a list is given) before the gid and the uid.
+"""
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from .config import TlsConfig
+from .errors import SystemFailure, UsageError
+
+
+@dataclass(frozen=True)
+class Ids:
+    """The uid, gid and supplementary groups to become; None: keep ours."""
+
+    uid: int | None = None
+    gid: int | None = None
+    groups: tuple[int, ...] = ()
+    names: tuple[str, str] = ("TLS_UID", "TLS_GID")  # where they come from, for messages
+
+    @property
+    def wanted(self) -> bool:
+        return self.uid is not None or self.gid is not None
+
+
+def ids_from_options(
+    uid: int | None, gid: int | None, from_env: bool, environ: Mapping[str, str]
+) -> Ids:
+    """``-u``/``-g``, or with ``-U`` the UID, GID and GIDLIST variables of s6-envuidgid.
+
+    Raises ``UsageError`` for a variable that is missing or not numeric.
+    """
+    if not from_env:
+        return Ids(uid, gid, names=("-u", "-g"))
+    groups = environ.get("GIDLIST", "")
+    if groups and not all(g.isascii() and g.isdigit() for g in groups.split(",")):
+        raise UsageError(f"-U: GIDLIST must be a comma-separated list of gids, not {groups!r}")
+    return Ids(
+        _env_id(environ, "UID"),
+        _env_id(environ, "GID"),
+        tuple(int(g) for g in groups.split(",")) if groups else (),
+        names=("UID", "GID"),
+    )
+
+
+def _env_id(environ: Mapping[str, str], name: str) -> int:
+    value = environ.get(name, "")
+    if not (value.isascii() and value.isdigit()):
+        raise UsageError(f"-U needs a numeric {name} in the environment")
+    return int(value)
+
+
+def ids_from_config(cfg: TlsConfig) -> Ids:
+    """TLS_UID and TLS_GID, where 0 or unset means no change."""
+    return Ids(cfg.uid or None, cfg.gid or None)
+
+
+def check_ids(ids: Ids) -> Ids:
+    """The ids to apply, after refusing at start what can never work.
+
+    Returns ``Ids()`` when there is nothing to change (nothing asked, or a
+    process that is not root asked for the ids it already has).
+
+    Raises ``UsageError`` (100) for a uid without a gid, and for a process
+    that is not root asking to become someone else (setgid and setuid would
+    fail on every connection).
+    """
+    if not ids.wanted:
+        return Ids()
+    uid_name, gid_name = ids.names
+    if ids.uid is not None and ids.gid is None:
+        raise UsageError(
+            f"{uid_name} needs {gid_name}: with a uid alone,"
+            " the process would keep root's group and supplementary groups"
+        )
+    euid, egid = os.geteuid(), os.getegid()
+    if euid == 0:
+        return ids
+    if ids.uid in (None, euid) and ids.gid in (None, egid) and not ids.groups:
+        return Ids()
+    raise UsageError(
+        f"unable to become uid {_show(ids.uid)} gid {_show(ids.gid)} ({uid_name}, {gid_name}):"
+        f" setgid and setuid need root, and this process runs as uid {euid}"
+    )
+
+
+def _show(value: int | None) -> str:
+    return "-" if value is None else str(value)
+
+
+def drop_privileges(ids: Ids, cfg: TlsConfig) -> None:
+    """Become ``ids`` (checked by ``check_ids``): groups, then gid, then uid.
+
+    Called after the keys are read and before the handshake.  The
+    supplementary groups are always replaced (by ``ids.groups``, usually
+    none).  Raises ``SystemFailure`` (111) if the kernel refuses.
+
+    The modules a connection imports lazily are imported first: the new
+    user may not be allowed to read the Python installation (one under a
+    0700 home, for instance), and an import failing mid-handshake would
+    turn into a misleading error.
+    """
+    if not ids.wanted:
+        return
+    import encodings.idna  # noqa: F401  (the client's SNI name is encoded with it)
+
+    if cfg.role == "client" and cfg.verify_peer != "none":
+        import service_identity.cryptography  # noqa: F401  (context.check_name)
+    try:
+        os.setgroups(list(ids.groups))
+        if ids.gid is not None:
+            os.setgid(ids.gid)
+        if ids.uid is not None:
+            os.setuid(ids.uid)
+    except OSError as exc:
+        raise SystemFailure(f"unable to drop privileges: {exc.strerror}") from None

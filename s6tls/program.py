@@ -1,0 +1,227 @@
+"""The one path every s6tls program takes, from its command line to its connections.
+
+A program is a ``Program``: its name, its role, its options (``options``
+tables), its operands, and its network side (``serve``).  ``main`` runs
+the shared steps, in this order, so that a problem is reported before the
+network is touched:
+
+1. parse the command line (bad usage: one line, exit 100);
+2. read the environment into a validated ``TlsConfig`` (``config``);
+3. refuse what can never work: ids that cannot be dropped to
+   (``privileges.check_ids``), an application that cannot be executed
+   (127 when not found, 126 when not executable);
+4. build the TLS context, once (``context``), and print the start-up
+   warnings (``announce``);
+5. call the program's ``serve`` with a ``Setup``, which drops privileges
+   (``Setup.drop_privileges``) and serves connections
+   (``Setup.serve_connection``).
+
+The application's environment is the caller's: what Python adds to its own
+(``LC_CTYPE``, when it coerces the C locale) is taken back first.
+"""
+
+import dataclasses
+import os
+import shutil
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, NoReturn
+
+from . import __version__, options
+from .cli import Log, run_main
+from .config import Options, Role, TlsConfig
+from .errors import AppNotExecutable, AppNotFound
+from .options import Operand, Opt
+from .privileges import Ids, check_ids, drop_privileges, ids_from_config, ids_from_options
+
+if TYPE_CHECKING:
+    from OpenSSL import SSL
+
+_TLS_FIELDS = frozenset(f.name for f in dataclasses.fields(Options))
+
+EXIT_CODES = (
+    ("96", "TLS configuration: a certificate, key or CA file that cannot be used"),
+    ("97", "the handshake failed, or the peer was rejected"),
+    ("98", "TLS error after the handshake; the handshake timed out (-K)"),
+    ("100", "usage: a bad option, operand or environment variable"),
+    ("111", "a system call failed"),
+    ("126, 127", "prog cannot be executed, or is not found"),
+)
+
+
+@dataclass(frozen=True)
+class Program:
+    """One s6tls program: what is its own; ``main`` does the rest.
+
+    ``serve`` is the network side: it gets the ``Setup`` and returns the
+    exit code.  ``adjust`` may fill in values that follow from others
+    before the configuration is read (s6-tlsclient's server name).
+    ``environment`` and ``exit_codes`` are the last two parts of --help.
+    """
+
+    name: str
+    role: Role
+    summary: str
+    options: tuple[Opt, ...]
+    serve: Callable[["Setup"], int]
+    operands: tuple[Operand, ...] = ()
+    environment: tuple[tuple[str, str], ...] = ()
+    exit_codes: tuple[tuple[str, str], ...] = EXIT_CODES
+    adjust: Callable[[dict[str, Any]], None] | None = None
+
+    def usage(self) -> str:
+        """The one-line synopsis, as in the man page."""
+        return f"{self.name} {options.synopsis(self.options, self.operands)}"
+
+    def help(self) -> str:
+        """The text of --help: synopsis, options, environment, exit codes."""
+        lines = [f"usage: {self.usage()}", "", self.summary, "", "Options:"]
+        lines += options.option_lines(self.options)
+        if self.environment:
+            lines += ["", "Environment variables read:"]
+            lines += [f"  {name:<31} {text}" for name, text in self.environment]
+        lines += ["", "Exit codes (once prog runs, its own status):"]
+        lines += [f"  {code:<8} {text}" for code, text in self.exit_codes]
+        lines += ["", f"See man {self.name}."]
+        return "\n".join(lines) + "\n"
+
+
+@dataclass(frozen=True)
+class Setup:
+    """Everything a program's network side needs, checked and built."""
+
+    program: Program
+    log: Log
+    cfg: TlsConfig
+    ctx: "SSL.Context"
+    app: tuple[str, ...]
+    values: Mapping[str, Any]
+    ids: Ids
+
+    def drop_privileges(self) -> None:
+        """Become the ids asked for (checked at start); after the keys, before a handshake."""
+        drop_privileges(self.ids, self.cfg)
+
+    def serve_connection(
+        self,
+        rfd: int,
+        wfd: int,
+        *,
+        app_fds: tuple[int, int],
+        peer: str,
+        extra_env: Mapping[str, str] | None = None,
+        on_handshake: Callable[[], None] | None = None,
+    ) -> int:
+        """``tunnel.serve_connection`` for this program, logging as ``peer IP:PORT pid N``."""
+        from .tunnel import serve_connection
+
+        return serve_connection(
+            self.cfg,
+            self.ctx,
+            rfd,
+            wfd,
+            self.app,
+            self.log.about(peer, os.getpid()),
+            app_fds=app_fds,
+            environ=os.environ,
+            extra_env=extra_env,
+            on_handshake=on_handshake,
+        )
+
+
+def main(program: Program, argv: Sequence[str] | None = None) -> NoReturn:
+    """Run ``program`` with ``argv`` (default: ``sys.argv[1:]``) and exit."""
+    log = Log(program.name)
+    args = list(sys.argv[1:] if argv is None else argv)
+    run_main(log, lambda: start(program, args, log))
+
+
+def parse(program: Program, argv: Sequence[str]) -> tuple[dict[str, Any], tuple[str, ...]]:
+    """(every option and operand of ``program`` with its value, prog...).
+
+    Raises ``UsageError`` (100), or ``ShowText`` for --help and --version.
+    """
+    texts = {
+        options.HELP: program.help(),
+        options.VERSION: f"{program.name} (s6tls) {__version__}\n",
+    }
+    command = options.build_command(program.name, program.options, program.operands, texts)
+    values, app = options.parse(command, argv, program.options, program.operands)
+    if program.adjust is not None:
+        program.adjust(values)
+    return values, app
+
+
+def start(program: Program, argv: Sequence[str], log: Log) -> int:
+    """The shared steps of the module docstring; returns the exit code of ``serve``."""
+    values, app = parse(program, argv)
+    log.verbosity = values["verbosity"]
+    restore_caller_environment(os.environ)
+    tls = Options(**{k: v for k, v in values.items() if k in _TLS_FIELDS})
+    cfg = TlsConfig.from_env(program.role, os.environ, tls)
+    ids = check_ids(_asked_ids(values, cfg))
+    check_app(app[0])
+    # The TLS modules are half the start-up: a usage error does not pay for them.
+    # Everything a connection needs is imported here, before privileges are
+    # dropped: the new user may not be able to read the installation.
+    from . import tunnel  # noqa: F401
+    from .context import build_context
+
+    ctx = build_context(cfg)
+    announce(cfg, log)
+    return program.serve(Setup(program, log, cfg, ctx, app, values, ids))
+
+
+def _asked_ids(values: Mapping[str, Any], cfg: TlsConfig) -> Ids:
+    """-u/-g/-U where the program has them and they are given, else TLS_UID/TLS_GID."""
+    uid, gid, from_env = values.get("uid"), values.get("gid"), values.get("env_ids", False)
+    if uid is None and gid is None and not from_env:
+        return ids_from_config(cfg)
+    return ids_from_options(uid, gid, from_env, os.environ)
+
+
+def announce(cfg: TlsConfig, log: Log) -> None:
+    """The start-up warnings and notes about a configuration that works, but maybe not as meant.
+
+    Every such check of the configuration belongs here, once per start.
+    """
+    if cfg.role == "client" and not cfg.options.verify_cert:
+        log.info("not verifying the server's certificate (--no-verify-cert)")
+
+
+def check_app(name: str) -> None:
+    """Refuse at start an application that could never be started.
+
+    ``name`` is looked up in PATH unless it holds a slash, as the spawn
+    will.  Raises ``AppNotFound`` (127) or ``AppNotExecutable`` (126).
+    """
+    if "/" in name:
+        path: str | None = name if os.path.exists(name) else None
+    else:
+        path = shutil.which(name) or shutil.which(name, mode=os.F_OK)
+    if path is None:
+        raise AppNotFound(f"unable to exec {name}: No such file or directory")
+    if os.path.isdir(path):
+        raise AppNotExecutable(f"unable to exec {name}: Is a directory")
+    if not os.access(path, os.X_OK):
+        raise AppNotExecutable(f"unable to exec {name}: Permission denied")
+
+
+def restore_caller_environment(environ: "os._Environ[str]") -> None:
+    """Take back what Python added to its own environment: a coerced ``LC_CTYPE``.
+
+    Python sets ``LC_CTYPE=C.UTF-8`` when the caller's locale is C (PEP 538);
+    the caller's own value, or its absence, is in ``/proc/self/environ``,
+    which holds the environment the process was started with.
+    """
+    try:
+        with open("/proc/self/environ", "rb") as f:
+            started_with = f.read().split(b"\0")
+    except OSError:
+        return
+    original = next((e[9:] for e in started_with if e.startswith(b"LC_CTYPE=")), None)
+    if original is None:
+        environ.pop("LC_CTYPE", None)
+    else:
+        environ["LC_CTYPE"] = os.fsdecode(original)

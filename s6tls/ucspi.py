@@ -1,0 +1,65 @@
+"""What a super-server hands over: descriptors, and the UCSPI TCP variables.
+
+tcpserver and s6-tcpserver give their child ``PROTO=TCP`` and the
+``TCPLOCALIP``/``TCPLOCALPORT``/``TCPREMOTEIP``/``TCPREMOTEPORT`` variables;
+inetd and systemd (``Accept=yes``) give only the socket.  ``tcp_variables``
+reads the same facts from the socket itself.
+"""
+
+import os
+import socket
+from collections.abc import Mapping, Sequence
+
+from .cli import peer_address
+from .errors import SystemFailure
+
+
+def check_fds(fds: Sequence[int], what: str) -> None:
+    """Raise ``SystemFailure`` (111) unless every fd in ``fds`` is open.
+
+    111, not 100: the contract is silent here, and skarnet's s6-tlsc dies
+    with 111 ("unable to check network fds") in this case.
+    """
+    for fd in fds:
+        try:
+            os.fstat(fd)
+        except OSError as exc:
+            raise SystemFailure(f"{what}: descriptor {fd}: {exc.strerror}") from None
+
+
+def unmap(ip: str) -> str:
+    """An IPv4-mapped IPv6 address (``::ffff:1.2.3.4``) in its IPv4 form."""
+    return ip[7:] if ip.startswith("::ffff:") and "." in ip else ip
+
+
+def tcp_variables(fd: int) -> dict[str, str]:
+    """``PROTO``, ``TCPLOCALIP``... for the TCP socket on ``fd``; {} if it is none.
+
+    Never raises: a pipe, a Unix socket or a closed descriptor gives {}.
+    """
+    try:
+        sock = socket.socket(fileno=os.dup(fd))
+    except OSError:
+        return {}
+    with sock:
+        if sock.family not in (socket.AF_INET, socket.AF_INET6):
+            return {}
+        if sock.type != socket.SOCK_STREAM:
+            return {}
+        try:
+            local, remote = sock.getsockname(), sock.getpeername()
+        except OSError:
+            return {}
+    return {
+        "PROTO": "TCP",
+        "TCPLOCALIP": unmap(local[0]),
+        "TCPLOCALPORT": str(local[1]),
+        "TCPREMOTEIP": unmap(remote[0]),
+        "TCPREMOTEPORT": str(remote[1]),
+    }
+
+
+def peer_of(environ: Mapping[str, str]) -> str:
+    """``IP:PORT`` of the peer from the UCSPI variables; '' when they are not set."""
+    ip = environ.get("TCPREMOTEIP", "")
+    return peer_address(ip, environ.get("TCPREMOTEPORT", "?")) if ip else ""
