@@ -52,7 +52,7 @@ class SystemResolver:
                     return None
                 raise LookupFailed(exc.strerror or str(exc)) from None
 
-        return self._bounded(ask)
+        return self.bounded(ask)
 
     def addresses_of(self, name: str, version: int) -> set[str]:
         """The IPv``version`` addresses of ``name``, empty if it has none.
@@ -70,9 +70,13 @@ class SystemResolver:
                 raise LookupFailed(exc.strerror or str(exc)) from None
             return {info[4][0] for info in infos}
 
-        return self._bounded(ask)
+        return self.bounded(ask)
 
-    def _bounded(self, ask: Callable[[], T]) -> T:
+    def bounded(self, ask: Callable[[], T]) -> T:
+        """``ask()``, abandoned with ``LookupFailed("timed out")`` at the deadline.
+
+        Whatever ``ask`` raises is raised here.
+        """
         if self.deadline is None:
             return ask()
         left = self.deadline - time.monotonic()
@@ -83,7 +87,7 @@ class SystemResolver:
         def run() -> None:
             try:
                 box.append((True, ask()))
-            except LookupFailed as exc:
+            except BaseException as exc:  # handed to the caller, never lost in the thread
                 box.append((False, exc))
 
         thread = threading.Thread(target=run, daemon=True)

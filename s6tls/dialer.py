@@ -1,0 +1,131 @@
+"""s6-tlsclient's TCP side, as s6-tcpclient does it: connect, then name both ends.
+
+``connect`` resolves the host (IP literals are taken as they are), then
+tries every address in turn with the first timeout of ``-T x+y``; the
+addresses that timed out are tried again with the second.  With a single
+address, it gets both timeouts at once.  ``-t`` puts one deadline on all
+of it.  ``local_names`` then fills TCPLOCALHOST and TCPREMOTEHOST from the
+resolver, unless -H (or -l for the local name).
+"""
+
+import errno
+import socket
+import time
+from dataclasses import dataclass
+
+from .access import Resolver
+from .config import is_ip
+from .errors import SystemFailure, UsageError
+from .resolver import LookupFailed, SystemResolver
+
+
+@dataclass(frozen=True)
+class Dial:
+    """Where and how to connect: s6-tcpclient's options."""
+
+    host: str
+    port: int
+    family: int | None = None  # -4 / -6
+    local_ip: str | None = None  # -i
+    local_port: int = 0  # -p
+    timeouts: tuple[float, float] = (2, 58)  # -T x+y, seconds; x 0: the system's limit
+    deadline: float | None = None  # -t, as a time.monotonic() value
+    nodelay: bool = False  # -D
+
+
+def parse_timeouts(text: str, name: str = "-T") -> tuple[float, float]:
+    """``x+y`` or ``x`` (seconds, integers) as s6-tcpclient's -T takes them."""
+    first, plus, second = text.partition("+")
+    if not (first.isascii() and first.isdigit()) or (plus and not second.isdigit()):
+        raise UsageError(f"{name} must be of the form x+y (seconds)")
+    return float(first), float(second) if plus else 0.0
+
+
+def connect(dial: Dial) -> socket.socket:
+    """A connected TCP socket to ``dial.host``, as ``-T``/``-t`` allow.
+
+    Raises ``SystemFailure`` (111) when the host cannot be resolved or no
+    address answers in time, with the last reason.
+    """
+    fam = {4: socket.AF_INET, 6: socket.AF_INET6}.get(dial.family or 0, socket.AF_UNSPEC)
+    try:
+        infos = SystemResolver(dial.deadline).bounded(
+            lambda: socket.getaddrinfo(dial.host, dial.port, fam, socket.SOCK_STREAM)
+        )
+    except LookupFailed as exc:
+        raise SystemFailure(f"unable to resolve {dial.host}: {exc}") from None
+    except socket.gaierror as exc:
+        raise SystemFailure(f"unable to resolve {dial.host}: {exc.strerror}") from None
+    addrs = [(info[0], info[4]) for info in infos]
+    first, second = dial.timeouts
+    if len(addrs) == 1:
+        first, second = (first and first + second), 0.0
+    last = "no address"
+    retry: list[tuple[int, tuple]] = []
+    for timeout, round_addrs in ((first, addrs), (second, retry)):
+        for af, addr in list(round_addrs):
+            sock, reason = _try(dial, af, addr, timeout)
+            if sock is not None:
+                return sock
+            last = reason
+            if round_addrs is addrs and second:
+                retry.append((af, addr))
+    raise SystemFailure(f"unable to connect to {dial.host} port {dial.port}: {last}")
+
+
+def _try(dial: Dial, af: int, addr: tuple, timeout: float) -> tuple[socket.socket | None, str]:
+    limit = timeout or None
+    if dial.deadline is not None:
+        left = dial.deadline - time.monotonic()
+        if left <= 0:
+            return None, "connection timed out"
+        limit = min(limit, left) if limit else left
+    sock = socket.socket(af, socket.SOCK_STREAM)
+    try:
+        if dial.local_ip or dial.local_port:
+            anywhere = "::" if af == socket.AF_INET6 else "0.0.0.0"
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((dial.local_ip or anywhere, dial.local_port))
+        sock.settimeout(limit)
+        sock.connect(addr)
+    except OSError as exc:
+        sock.close()
+        if isinstance(exc, TimeoutError) or exc.errno == errno.ETIMEDOUT:
+            return None, "connection timed out"
+        return None, str(exc.strerror or exc)
+    sock.settimeout(None)
+    if dial.nodelay:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock, ""
+
+
+def local_names(
+    resolver: Resolver, local_ip: str, remote_ip: str, *, dns: bool, localname: str | None
+) -> dict[str, str]:
+    """TCPLOCALHOST and TCPREMOTEHOST, for the names that are known.
+
+    ``localname`` (-l) is taken as it is; without ``dns`` (-H) no name is
+    looked up.  A name that cannot be found, or a failed look-up, is left
+    out: s6-tlsclient never fails for want of a name.
+    """
+    names = {"TCPLOCALHOST": localname} if localname else {}
+    if not dns:
+        return names
+    wanted = [("TCPREMOTEHOST", remote_ip)]
+    if not localname:
+        wanted.insert(0, ("TCPLOCALHOST", local_ip))
+    for var, ip in wanted:
+        try:
+            name = resolver.name_of(ip)
+        except LookupFailed:
+            continue
+        if name:
+            names[var] = name.removesuffix(".")
+    return names
+
+
+def check_local_ip(text: str) -> str:
+    """-i: an IP literal."""
+    if not is_ip(text):
+        raise UsageError(f"-i needs an IP address, not {text!r}")
+    return text
