@@ -21,11 +21,12 @@ TCPREMOTEHOST, as s6-tcpserver-access makes them.
 """
 
 import ipaddress
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
-from .errors import Refused
+from .errors import Refused, SystemFailure
 from .resolver import LookupFailed
 from .rules import (
     Decision,
@@ -38,6 +39,10 @@ from .rules import (
     is_host_name,
     name_keys,
 )
+
+
+class Denied(Refused):
+    """The rules refuse the client (a deny, or no rule that allows it): exit 1."""
 
 
 class Resolver(Protocol):
@@ -60,6 +65,16 @@ class AccessPolicy:
     strict: bool = False  # -w
     localname: str | None = None  # -l
     timeout_ms: int = 0  # -t: bound on the name look-ups, 0 for none
+
+    def check_rules(self) -> None:
+        """At start: the rules can be read (a directory, a readable cdb), or raise.
+
+        Raises ``SystemFailure`` (111), as the first connection would.
+        """
+        if self.rules_kind == "file" and self.rules is not None:
+            RulesFile(self.rules).close()
+        elif self.rules is not None and not os.path.isdir(self.rules):
+            raise SystemFailure(f"unable to read rules directory {self.rules}: not a directory")
 
     def open_rules(self) -> Ruleset | None:
         """The ruleset as it is now (a cdb is opened anew); None without -i or -x."""
@@ -95,9 +110,9 @@ def admit(
     """
     rule = first_match(ruleset, ip_keys(remote_ip)) if ruleset is not None else None
     if rule is not None and rule.decision is Decision.DENY:
-        raise Refused(f"denied by rule {rule.key}")
+        raise Denied(f"denied by rule {rule.key}")
     if ruleset is not None and rule is None and not policy.dns:
-        raise Refused("no rule matches")
+        raise Denied("no rule matches")
     if not policy.dns:
         names: list[tuple[str, str | None]] = [
             ("TCPREMOTEINFO", None),
@@ -115,7 +130,7 @@ def admit(
     if ruleset is not None and rule is None:
         rule = first_match(ruleset, name_keys(remotehost)) if remotehost else None
         if rule is None or rule.decision is Decision.DENY:
-            raise Refused(f"denied by rule {rule.key}" if rule else "no rule matches")
+            raise Denied(f"denied by rule {rule.key}" if rule else "no rule matches")
     names = [
         ("TCPREMOTEINFO", None),
         ("TCPLOCALHOST", localhost),

@@ -14,21 +14,82 @@ In order:
 4. the access rules and the name look-ups (``access.admit``).
 
 A refused client never sees a TLS byte: the child ends before the handshake.
+``OPTIONS`` are the command-line options of all this; ``Gate.from_values``
+checks what they name (the rules) once, at start.
 """
 
 import os
 import select
 import socket
 import time
-from collections.abc import Callable, MutableMapping
+from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from .access import AccessPolicy, Admission, admit
-from .errors import HandshakeTimeout, Refused
+from .errors import HandshakeTimeout, Refused, UsageError
+from .options import UCSPI_TCP, Opt, nonempty, switches, unsigned
 from .proxyproto import HeaderReader, ProxyHeader
 from .resolver import SystemResolver
 
 BANNER_MAX = 4096  # far below a socket's send buffer: writing it never blocks
+
+
+def _banner(text: str, name: str) -> bytes:
+    data = os.fsencode(text)
+    if len(data) > BANNER_MAX:
+        raise UsageError(f"{name}: the banner is longer than {BANNER_MAX} bytes")
+    return data
+
+
+OPTIONS = (
+    Opt("proxy", ("-L", "--proxy"), "read a PROXY protocol header (v1, v2) first", default=False),
+    *switches(
+        "strict",
+        False,
+        (("-W", "--no-strict-resolution"), False, "a failed name look-up is a warning"),
+        (("-w", "--strict-resolution"), True, "a failed name look-up refuses the client"),
+    ),
+    *UCSPI_TCP,
+    *switches(
+        "paranoid",
+        False,
+        (("-P", "--no-paranoid"), False, "keep the client's name as found"),
+        (("-p", "--paranoid"), True, "keep it only if it resolves back to the client"),
+    ),
+    Opt(
+        "banner",
+        ("-B", "--banner"),
+        "write BANNER to the client first, before TLS",
+        arg="BANNER",
+        parse=_banner,
+        default=b"",
+    ),
+    Opt(
+        "lookup_timeout_ms",
+        ("-t", "--timeout"),
+        "give the name look-ups MS milliseconds (0: the resolver's limits)",
+        arg="MS",
+        parse=unsigned,
+        default=0,
+    ),
+    Opt(
+        "rules_dir",
+        ("-i", "--rules-directory"),
+        "check each client against the rules in RULESDIR",
+        arg="RULESDIR",
+        parse=nonempty,
+        default=None,
+    ),
+    Opt(
+        "rules_file",
+        ("-x", "--rules-file"),
+        "check each client against the rules in the cdb RULESFILE",
+        arg="RULESFILE",
+        parse=nonempty,
+        default=None,
+    ),
+)
 
 
 @dataclass(frozen=True)
@@ -40,40 +101,61 @@ class Gate:
     proxy: bool = False  # -L
     access: AccessPolicy = field(default_factory=AccessPolicy)
 
+    @classmethod
+    def from_values(cls, values: Mapping[str, Any]) -> "Gate":
+        """The gate for the parsed ``OPTIONS``; its rules checked once.
 
-def pass_gate(
-    gate: Gate,
-    sock: socket.socket,
-    env: MutableMapping[str, str],
-    timeout_ms: int,
-    warn: Callable[[str], None],
-) -> Admission:
-    """Let the client on ``sock`` in, or raise; ``env`` holds its TCP variables.
+        Raises ``UsageError`` for -i with -x, ``SystemFailure`` for rules
+        that cannot be read (a missing directory, a file that is no cdb).
+        """
+        if values["rules_dir"] and values["rules_file"]:
+            raise UsageError("-i and -x are mutually exclusive")
+        rules, kind = values["rules_dir"], "directory"
+        if values["rules_file"]:
+            rules, kind = values["rules_file"], "file"
+        access = AccessPolicy(
+            rules=rules,
+            rules_kind=kind,
+            dns=values["dns"] or values["paranoid"],
+            paranoid=values["paranoid"],
+            strict=values["strict"],
+            localname=values["localname"],
+            timeout_ms=values["lookup_timeout_ms"],
+        )
+        access.check_rules()
+        return cls(values["nodelay"], values["banner"], values["proxy"], access)
 
-    ``env`` is updated in place from a PROXY header.  ``timeout_ms`` (-K)
-    bounds the wait for the header; 0 means no bound.  Returns the
-    admission (environment changes for prog, the rule's exec).
+    def receive(self, sock: socket.socket, env: MutableMapping[str, str], timeout_ms: int) -> None:
+        """Nagle, banner and PROXY header: ``env`` updated from the header.
 
-    Raises ``Refused`` (a malformed header, a denied client),
-    ``HandshakeTimeout`` (no complete header within -K) and ``OSError``.
-    """
-    if gate.nodelay:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    if gate.banner:
-        send_banner(sock, gate.banner)
-    if gate.proxy:
-        deadline = time.monotonic() + timeout_ms / 1000 if timeout_ms else None
-        apply_proxy_header(read_proxy_header(sock.fileno(), deadline), env)
-    policy = gate.access
-    lookups = time.monotonic() + policy.timeout_ms / 1000 if policy.timeout_ms else None
-    return admit(
-        policy,
-        policy.open_rules(),
-        SystemResolver(lookups),
-        env["TCPREMOTEIP"],
-        env["TCPLOCALIP"],
-        warn,
-    )
+        ``timeout_ms`` (-K) bounds the wait for the header; 0 means no bound.
+        Raises ``Refused`` (a malformed header), ``HandshakeTimeout`` (no
+        complete header in time) and ``OSError``.
+        """
+        if self.nodelay:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self.banner:
+            send_banner(sock, self.banner)
+        if self.proxy:
+            deadline = time.monotonic() + timeout_ms / 1000 if timeout_ms else None
+            apply_proxy_header(read_proxy_header(sock.fileno(), deadline), env)
+
+    def check(self, env: Mapping[str, str], warn: Callable[[str], None]) -> Admission:
+        """The access rules and name look-ups for the client ``env`` names.
+
+        ``warn`` gets the warnings of -W.  Raises ``access.Denied`` when the
+        rules refuse the client, ``Refused`` for a failed look-up under -w.
+        """
+        policy = self.access
+        lookups = time.monotonic() + policy.timeout_ms / 1000 if policy.timeout_ms else None
+        return admit(
+            policy,
+            policy.open_rules(),
+            SystemResolver(lookups),
+            env["TCPREMOTEIP"],
+            env["TCPLOCALIP"],
+            warn,
+        )
 
 
 def send_banner(sock: socket.socket, banner: bytes) -> None:

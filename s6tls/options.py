@@ -103,6 +103,14 @@ def verbatim(text: str, _name: str) -> str:
     return text
 
 
+def gid_list(text: str, name: str) -> tuple[int, ...]:
+    """Comma-separated numeric group ids (an empty list for "")."""
+    parts = text.split(",") if text else []
+    if not all(p.isascii() and p.isdigit() for p in parts):
+        raise UsageError(f"{name} must be a comma-separated list of gids, not {text!r}")
+    return tuple(int(p) for p in parts)
+
+
 def nonempty(text: str, name: str) -> str:
     if not text:
         raise UsageError(f"{name} needs a value")
@@ -112,7 +120,7 @@ def nonempty(text: str, name: str) -> str:
 # --- the table ---------------------------------------------------------------
 
 
-def _switches(dest: str, default: Any, *entries: tuple[tuple[str, ...], Any, str]) -> tuple:
+def switches(dest: str, default: Any, *entries: tuple[tuple[str, ...], Any, str]) -> tuple:
     """Switches sharing ``dest``; the one storing ``default`` declares it."""
     return tuple(
         Opt(dest, names, text, value=value, default=default if value == default else NOTSET)
@@ -121,20 +129,20 @@ def _switches(dest: str, default: Any, *entries: tuple[tuple[str, ...], Any, str
 
 
 CLOSE = (
-    *_switches(
+    *switches(
         "close_notify",
         False,
         (("-S", "--close-notify"), True, "when prog ends its output, send close_notify first"),
         (("-s", "--no-close-notify"), False, "when prog ends its output, only half-close"),
     ),
-    *_switches(
+    *switches(
         "strict_close_notify",
         False,
         (("-J", "--enforce-close-notify"), True, "peer EOF without close_notify: error, exit 98"),
         (("-j", "--no-enforce-close-notify"), False, "peer EOF without close_notify: plain EOF"),
     ),
 )
-KEEP = _switches(
+KEEP = switches(
     "keep_env",
     False,
     (("-Z", "--keep"), True, "keep CERTFILE, KEYFILE, CAFILE... in prog's environment"),
@@ -166,7 +174,7 @@ VERBOSITY = Opt(
     parse=unsigned,
     default=1,
 )
-VERBOSITY_SWITCHES = _switches(
+VERBOSITY_SWITCHES = switches(
     "verbosity",
     1,
     (("-q", "--quiet"), 0, "quiet: fatal errors only"),
@@ -175,7 +183,7 @@ VERBOSITY_SWITCHES = _switches(
 )
 
 SERVER_TLS = (
-    *_switches(
+    *switches(
         "peer_verify",
         "none",
         (("-Y", "--client-cert"), "optional", "ask for a client certificate"),
@@ -193,7 +201,7 @@ SERVER_TLS = (
     Opt("sni_level", ("--mandatory-sni",), "the same as -k 2", value=2),
 )
 CLIENT_TLS = (
-    *_switches(
+    *switches(
         "client_cert",
         False,
         (("-y", "--client-cert"), True, "present CERTFILE/KEYFILE as a client certificate"),
@@ -207,11 +215,47 @@ CLIENT_TLS = (
         parse=verbatim,
         default=None,
     ),
-    *_switches(
+    *switches(
         "verify_cert",
         True,
         (("--verify-cert",), True, "verify the server's certificate chain"),
         (("--no-verify-cert",), False, "do not verify the server's certificate at all"),
+    ),
+)
+
+# What s6-tcpserver-access (s6-tlsserver) and s6-tcpclient (s6-tlsclient) share.
+UCSPI_TCP = (
+    *switches(
+        "nodelay",
+        False,
+        (("-d", "--nagle"), False, "leave Nagle's algorithm on"),
+        (("-D", "--no-nagle"), True, "set TCP_NODELAY"),
+    ),
+    *switches(
+        "dns",
+        True,
+        (("--dns",), True, "look up TCPLOCALHOST and TCPREMOTEHOST"),
+        (("-H", "--no-dns"), False, "look up no name"),
+    ),
+    *switches(
+        "hosts",
+        False,
+        (("--no-hosts",), False, "accepted: the system resolver decides"),
+        (("-h", "--hosts"), True, "accepted: the system resolver decides"),
+    ),
+    *switches(
+        "ident",
+        False,
+        (("-R", "--no-ident"), False, "no IDENT look-up"),
+        (("-r", "--ident"), True, "accepted: no IDENT look-up is done"),
+    ),
+    Opt(
+        "localname",
+        ("-l", "--local-name"),
+        "TCPLOCALHOST is LOCALNAME, not looked up",
+        arg="LOCALNAME",
+        parse=nonempty,
+        default=None,
     ),
 )
 

@@ -31,14 +31,21 @@ class Ids:
 
 
 def ids_from_options(
-    uid: int | None, gid: int | None, from_env: bool, environ: Mapping[str, str]
+    uid: int | None,
+    gid: int | None,
+    from_env: bool,
+    environ: Mapping[str, str],
+    groups: tuple[int, ...] = (),
 ) -> Ids:
-    """``-u``/``-g``, or with ``-U`` the UID, GID and GIDLIST variables of s6-envuidgid.
+    """``-u``/``-g``/``-G``, or with ``-U`` the UID, GID and GIDLIST variables of s6-envuidgid.
 
-    Raises ``UsageError`` for a variable that is missing or not numeric.
+    Raises ``UsageError`` for a variable that is missing or not numeric, and
+    for supplementary groups (-G) without a gid.
     """
     if not from_env:
-        return Ids(uid, gid, names=("-u", "-g"))
+        if groups and gid is None:
+            raise UsageError("-G needs -g: the supplementary groups go with a gid")
+        return Ids(uid, gid, groups, names=("-u", "-g"))
     groups = environ.get("GIDLIST", "")
     if groups and not all(g.isascii() and g.isdigit() for g in groups.split(",")):
         raise UsageError(f"-U: GIDLIST must be a comma-separated list of gids, not {groups!r}")

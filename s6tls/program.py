@@ -176,9 +176,10 @@ def start(program: Program, argv: Sequence[str], log: Log) -> int:
 def _asked_ids(values: Mapping[str, Any], cfg: TlsConfig) -> Ids:
     """-u/-g/-U where the program has them and they are given, else TLS_UID/TLS_GID."""
     uid, gid, from_env = values.get("uid"), values.get("gid"), values.get("env_ids", False)
-    if uid is None and gid is None and not from_env:
+    groups = values.get("groups", ())
+    if uid is None and gid is None and not from_env and not groups:
         return ids_from_config(cfg)
-    return ids_from_options(uid, gid, from_env, os.environ)
+    return ids_from_options(uid, gid, from_env, os.environ, groups)
 
 
 def announce(cfg: TlsConfig, log: Log) -> None:

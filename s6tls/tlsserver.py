@@ -32,9 +32,10 @@ from typing import NoReturn
 
 from OpenSSL import SSL
 
-from . import options, systemd
+from . import gate, options, systemd
+from .access import Denied
 from .app import exit_code
-from .cli import peer_address, plural
+from .cli import Log, peer_address, plural
 from .config import is_ip
 from .context import build_context
 from .errors import ExitCode, S6tlsError, SystemFailure, UsageError
@@ -42,6 +43,7 @@ from .options import Operand, Opt
 from .program import Program, Setup
 from .program import main as run
 from .pump import Pump
+from .rules import apply_env
 from .selfpipe import SelfPipe
 from .tlsd import ENVIRONMENT as TLSD_ENVIRONMENT
 from .ucspi import unmap
@@ -103,6 +105,14 @@ SERVER = (
         "take the ids from UID, GID and GIDLIST (s6-envuidgid)",
         default=False,
     ),
+    Opt(
+        "groups",
+        ("-G", "--gidlist"),
+        "with -g, the supplementary groups (comma-separated gids)",
+        arg="GIDLIST",
+        parse=options.gid_list,
+        default=(),
+    ),
 )
 ENVIRONMENT = (
     *TLSD_ENVIRONMENT[:-1],
@@ -127,9 +137,12 @@ def serve(setup: Setup) -> int:
     """Listen (or take systemd's sockets), then accept until told to stop."""
     v = setup.values
     listeners = systemd.listening_sockets(os.environ)
+    before_tls = gate.Gate.from_values(v)
+    if v["ident"]:
+        setup.log.warn("-r: s6tls does no IDENT look-up, TCPREMOTEINFO stays unset")
     if not listeners:
         listeners = [listen(v["ip"], v["port"], v["family"], v["backlog"])]
-    return Server(setup, listeners).serve(v["notify"])
+    return Server(setup, listeners, before_tls).serve(v["notify"])
 
 
 @dataclass
@@ -154,8 +167,9 @@ class Server:
     done: until then, SIGTERM to the server drops it at once.
     """
 
-    def __init__(self, setup: Setup, listeners: list[socket.socket]) -> None:
+    def __init__(self, setup: Setup, listeners: list[socket.socket], before_tls: gate.Gate) -> None:
         self.setup = setup
+        self.gate = before_tls
         self.log = setup.log
         self.listeners = listeners
         self.maxconn: int = setup.values["maxconn"]
@@ -412,17 +426,23 @@ class Server:
                 code = ExitCode.OK  # retired before it got a connection
                 return _exit(code)
             env = json.loads(message)
+            log = self._log_for(env)
+            try:
+                setup = self._admit(fds[0], env)
+            finally:
+                log = self._log_for(env)  # the client a PROXY header named, if any
             peer = peer_address(env["TCPREMOTEIP"], env["TCPREMOTEPORT"])
-            log = self.log.about(peer, os.getpid())
-            self.setup.drop_privileges()
-            code = self.setup.serve_connection(
+            setup.drop_privileges()
+            code = setup.serve_connection(
                 fds[0],
                 fds[0],
                 app_fds=(0, 1),
                 peer=peer,
-                extra_env=env,
                 on_handshake=lambda: _report_handshake(channel),
             )
+        except Denied as exc:
+            log.info(str(exc))
+            code = exc.exit_code
         except S6tlsError as exc:
             log.warn(str(exc))
             log.traceback()
@@ -434,6 +454,30 @@ class Server:
             log.warn(f"internal error: {type(exc).__name__}: {exc}")
             log.traceback()
         return _exit(code)
+
+    def _log_for(self, env: dict[str, str]) -> Log:
+        """The logger of the connection whose TCP variables are ``env``."""
+        return self.log.about(peer_address(env["TCPREMOTEIP"], env["TCPREMOTEPORT"]), os.getpid())
+
+    def _admit(self, fd: int, env: dict[str, str]) -> Setup:
+        """Before TLS, in the child: banner, PROXY header, rules (``gate``).
+
+        Updates ``env`` from a PROXY header; puts the connection's variables
+        and the rule's changes in this child's own environment, prog's to
+        be; returns the setup to serve with (another prog for an exec rule).
+        Raises what ``Gate.receive`` and ``Gate.check`` raise.
+        """
+        sock = socket.socket(fileno=fd)
+        try:
+            self.gate.receive(sock, env, self.setup.cfg.options.handshake_timeout_ms)
+            admission = self.gate.check(env, self._log_for(env).warn)
+        finally:
+            sock.detach()
+        os.environ.update(env)
+        apply_env(os.environ, admission.env)
+        if admission.exec is None:
+            return self.setup
+        return dataclasses.replace(self.setup, app=("execlineb", "-c", admission.exec))
 
 
 def _exit(code: int) -> NoReturn:
@@ -528,6 +572,7 @@ PROGRAM = Program(
         options.HANDSHAKE_TIMEOUT.with_default(10000),
         options.IDLE_TIMEOUT,
         *options.SERVER_TLS,
+        *gate.OPTIONS,
     ),
     operands=(Operand("ip", ip_address), Operand("port", options.port_number)),
     serve=serve,

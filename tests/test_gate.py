@@ -10,7 +10,7 @@ from ucspi_helpers import tcp_pair
 
 from s6tls.access import AccessPolicy
 from s6tls.errors import ExitCode, HandshakeTimeout, Refused
-from s6tls.gate import Gate, pass_gate, read_proxy_header
+from s6tls.gate import Gate, read_proxy_header
 
 DIRECT = {
     "TCPREMOTEIP": "127.0.0.1",
@@ -18,6 +18,12 @@ DIRECT = {
     "TCPLOCALIP": "127.0.0.1",
     "TCPLOCALPORT": "443",
 }
+
+
+def pass_gate(gate, sock, env, timeout_ms, warn):
+    """What the server's child does: receive (banner, header), then check."""
+    gate.receive(sock, env, timeout_ms)
+    return gate.check(env, warn)
 
 
 def trickle(sock, data: bytes) -> threading.Thread:
@@ -123,3 +129,14 @@ def test_the_rules_see_the_client_the_header_names(tmp_path):
         client.sendall(b"PROXY TCP4 192.0.2.1 127.0.0.1 1000 443\r\n")
         with pytest.raises(Refused, match=r"denied by rule ip4/192\.0\.2\.0_24"):
             pass_gate(gate, server, dict(DIRECT), 10000, pytest.fail)
+
+
+def test_no_nagle_sets_tcp_nodelay():
+    import socket
+
+    server, client = tcp_pair()
+    with server, client:
+        Gate().receive(server, dict(DIRECT), 0)
+        assert not server.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        Gate(nodelay=True).receive(server, dict(DIRECT), 0)
+        assert server.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
