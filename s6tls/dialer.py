@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from .access import Resolver
 from .config import is_ip
 from .errors import SystemFailure, UsageError
+from .options import UCSPI_TCP, Opt, port_number, switches, unsigned
 from .resolver import LookupFailed, SystemResolver
 
 
@@ -124,8 +125,71 @@ def local_names(
     return names
 
 
-def check_local_ip(text: str) -> str:
+def check_local_ip(text: str, name: str) -> str:
     """-i: an IP literal."""
     if not is_ip(text):
-        raise UsageError(f"-i needs an IP address, not {text!r}")
+        raise UsageError(f"{name} needs an IP address, not {text!r}")
     return text
+
+
+# s6-tcpclient's options, as s6-tlsclient takes them (with -4/-6 and -v).
+OPTIONS = (
+    *UCSPI_TCP,
+    *switches(
+        "qualify",
+        False,
+        (
+            ("-N", "--no-qualify"),
+            False,
+            "accepted: resolv.conf says how host is qualified",
+        ),
+        (("-n", "--qualify"), True, "accepted: resolv.conf says how host is qualified"),
+    ),
+    Opt(
+        "timeout_s",
+        ("-t", "--timeout"),
+        "give up after SECONDS, resolution and connection included (0: no limit)",
+        arg="SECONDS",
+        parse=unsigned,
+        default=0,
+    ),
+    Opt(
+        "timeouts",
+        ("-T", "--connection-timeouts"),
+        "try each address for X seconds, then the failed ones for Y",
+        arg="X+Y",
+        parse=parse_timeouts,
+        default=(2.0, 58.0),
+    ),
+    Opt(
+        "local_ip",
+        ("-i", "--local-ip"),
+        "connect from LOCALIP",
+        arg="LOCALIP",
+        parse=check_local_ip,
+        default=None,
+    ),
+    Opt(
+        "local_port",
+        ("-p", "--local-port"),
+        "connect from LOCALPORT",
+        arg="LOCALPORT",
+        parse=port_number,
+        default=0,
+    ),
+)
+
+
+def dial_from_values(values: dict) -> Dial:
+    """The ``Dial`` that s6-tlsclient's parsed options describe; -t starts now."""
+    deadline = time.monotonic() + values["timeout_s"] if values["timeout_s"] else None
+    return Dial(
+        values["host"],
+        values["port"],
+        values["family"],
+        values["local_ip"],
+        values["local_port"],
+        values["timeouts"],
+        deadline,
+        values["nodelay"],
+    )

@@ -6,40 +6,23 @@ variables.  The server name (SNI and verification) defaults to host when host
 is not an IP literal.  See man/s6-tlsclient.1.
 """
 
-import socket
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
 from . import options
 from .cli import peer_address
 from .config import is_ip
-from .errors import SystemFailure
+from .dialer import OPTIONS, connect, dial_from_values, local_names
 from .options import Operand, Opt
 from .program import Program, Setup
 from .program import main as run
+from .resolver import SystemResolver
 from .tlsc import ENVIRONMENT
+from .ucspi import unmap
 
 FAMILY = (
     Opt("family", ("-4", "--ipv4"), "connect over IPv4 only", value=4, default=None),
     Opt("family", ("-6", "--ipv6"), "connect over IPv6 only", value=6),
-)
-CONNECT = (
-    Opt(
-        "connect_timeout_ms",
-        ("-t", "--timeout"),
-        "give up connecting to an address after MS milliseconds (0: the system's limit)",
-        arg="MS",
-        parse=options.unsigned,
-        default=0,
-    ),
-    Opt(
-        "local_ip",
-        ("-i", "--local-ip"),
-        "connect from LOCALIP",
-        arg="LOCALIP",
-        parse=options.nonempty,
-        default=None,
-    ),
 )
 
 
@@ -52,54 +35,33 @@ def adjust(values: dict[str, Any]) -> None:
 def serve(setup: Setup) -> int:
     """Connect, then the connection's socket for both ciphertext fds, prog on 6 and 7."""
     v = setup.values
-    timeout = v["connect_timeout_ms"] / 1000 or None
-    sock = connect(v["host"], v["port"], v["family"], timeout, v["local_ip"])
+    if v["ident"]:
+        setup.log.warn("-r: s6tls does no IDENT look-up, TCPREMOTEINFO stays unset")
+    sock = connect(dial_from_values(v))
     local, remote = sock.getsockname(), sock.getpeername()
     env = {
         "PROTO": "TCP",
-        "TCPREMOTEIP": remote[0],
+        "TCPREMOTEIP": unmap(remote[0]),
         "TCPREMOTEPORT": str(remote[1]),
-        "TCPLOCALIP": local[0],
+        "TCPLOCALIP": unmap(local[0]),
         "TCPLOCALPORT": str(local[1]),
     }
+    names = local_names(
+        SystemResolver(),
+        env["TCPLOCALIP"],
+        env["TCPREMOTEIP"],
+        dns=v["dns"],
+        localname=v["localname"],
+    )
     setup.drop_privileges()
     fd = sock.detach()
     return setup.serve_connection(
         fd,
         fd,
         app_fds=setup.cfg.options.app_fds,
-        peer=peer_address(remote[0], remote[1]),
-        extra_env=env,
+        peer=peer_address(env["TCPREMOTEIP"], remote[1]),
+        extra_env={**env, **names},
     )
-
-
-def connect(
-    host: str, port: int, family: int | None, timeout: float | None, local_ip: str | None
-) -> socket.socket:
-    """A connected TCP socket to host:port, trying each address in turn.
-
-    Raises ``SystemFailure`` naming the last error when no address answers.
-    """
-    fam = {4: socket.AF_INET, 6: socket.AF_INET6}.get(family or 0, socket.AF_UNSPEC)
-    try:
-        addrs = socket.getaddrinfo(host, port, fam, socket.SOCK_STREAM)
-    except socket.gaierror as exc:
-        raise SystemFailure(f"unable to resolve {host}: {exc.strerror}") from None
-    last = "no address"
-    for af, kind, proto, _name, addr in addrs:
-        sock = socket.socket(af, kind, proto)
-        try:
-            if local_ip:
-                sock.bind((local_ip, 0))
-            sock.settimeout(timeout)
-            sock.connect(addr)
-        except OSError as exc:
-            sock.close()
-            last = "connection timed out" if isinstance(exc, TimeoutError) else str(exc.strerror)
-            continue
-        sock.settimeout(None)
-        return sock
-    raise SystemFailure(f"unable to connect to {host} port {port}: {last}")
 
 
 PROGRAM = Program(
@@ -109,7 +71,7 @@ PROGRAM = Program(
     options=(
         *options.VERBOSITY_SWITCHES,
         *FAMILY,
-        *CONNECT,
+        *OPTIONS,
         *options.TLS,
         *options.CLIENT_TLS,
     ),
