@@ -64,7 +64,7 @@ def _start_servers(procs: Processes, tmp: Path, pki: Pki) -> dict[str, tuple[int
     ports = {name: free_port() for name in SERVERS}
     commands = {
         "s6tls": (
-            [*program("s6-tlsserver"), "-c", "100", "127.0.0.1", str(ports["s6tls"]), "cat"],
+            [*program("s6-tlsserver"), "-H", "-c", "100", "127.0.0.1", str(ports["s6tls"]), "cat"],
             {"CERTFILE": pki.cert, "KEYFILE": pki.key},
         ),
         "stunnel-per-connection": (

@@ -88,7 +88,7 @@ def _server(
     procs: Processes, pki: Pki, app: list[str], maxconn: int, err: Path
 ) -> tuple[subprocess.Popen[bytes], int]:
     port = free_port()
-    argv = [*program("s6-tlsserver"), "-c", str(maxconn), "-C", str(maxconn)]
+    argv = [*program("s6-tlsserver"), "-H", "-c", str(maxconn), "-C", str(maxconn)]
     with err.open("ab") as stderr:
         server = procs.start(
             [*argv, "127.0.0.1", str(port), *app],

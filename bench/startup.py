@@ -102,7 +102,7 @@ def measure(pki: Pki, connections: int, log: Callable[[str], None]) -> dict[str,
             "s6-tlsd": (tcpserver(ports["s6-tlsd"], [*program("s6-tlsd"), "--", "cat"]), keys),
             "stunnel": (tcpserver(ports["stunnel"], stunnel_inetd_server(tmp, pki)), {}),
             "s6-tlsserver": (
-                [*program("s6-tlsserver"), "127.0.0.1", str(ports["s6-tlsserver"]), "cat"],
+                [*program("s6-tlsserver"), "-H", "127.0.0.1", str(ports["s6-tlsserver"]), "cat"],
                 keys,
             ),
         }

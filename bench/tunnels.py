@@ -83,13 +83,14 @@ class Tunnel:
 
 
 def _s6tls_server(tmp: Path, pki: Pki, port: int, args: Sequence[str]) -> Command:
-    argv = [*program("s6-tlsserver"), "127.0.0.1", str(port), *endpoint(0, 1, args)]
+    argv = [*program("s6-tlsserver"), "-H", "127.0.0.1", str(port), *endpoint(0, 1, args)]
     return Command(argv, {"CERTFILE": pki.cert, "KEYFILE": pki.key})
 
 
 def _s6tls_client(tmp: Path, pki: Pki, port: int, args: Sequence[str]) -> Command:
     argv = [
         *program("s6-tlsclient"),
+        "-H",
         *("-k", SERVER_NAME, "127.0.0.1", str(port)),
         *endpoint(6, 7, args),
     ]
