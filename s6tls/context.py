@@ -2,127 +2,320 @@
 
 Contexts are built completely, once per process, before the first
 connection (pyOpenSSL forbids changing a context once it made a connection,
-and a fork-server shares them with its children).  Every file is opened
-here: a certificate, key or trust anchor that cannot be used is a
-``ConfigError`` (exit 96).
+and a fork-server shares them with its children).  ``Contexts`` reads the
+files through ``credentials`` (a file that cannot be used is a
+``ConfigError``, exit 96), builds from memory, and keeps the credentials to
+build again with a new session ticket key.
 
-Peer checks run inside the handshake: the chain through OpenSSL's own
-verification, the name through ``service_identity`` in the verify callback,
-so a client that rejects the server sends an alert instead of Finished.
+The policy: TLS 1.2 and 1.3 only (``TLS_MIN_VERSION``/``TLS_MAX_VERSION``),
+the server's order of suites and groups wins, and a value OpenSSL does not
+accept in ``TLS_CIPHERS``, ``TLS_CIPHERSUITES`` or ``TLS_GROUPS`` is a
+``UsageError`` (100) naming the variable.
+
+Peer checks run inside the handshake: the chain (with CRLs when
+``CRLFILE`` is set) through OpenSSL's own verification, the rest
+(``peer.PeerPolicy``: server name, allow-lists, control characters) in the
+verify callback, a required OCSP staple in the status callback and the
+server name a client sends in the SNI callback.  A refusal sends an alert
+and leaves its reason in the connection's ``VerifyNotes``.
 """
 
+import datetime
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from cryptography import x509
 from OpenSSL import SSL
-from OpenSSL.crypto import X509
+from OpenSSL.crypto import X509, X509StoreFlags
 
-from .config import Keypair, TlsConfig, is_ip
-from .errors import ConfigError
+from . import ossl
+from .config import TlsConfig
+from .credentials import Credentials, LoadedKeypair, load_credentials
+from .errors import ConfigError, UsageError
 from .link import ssl_error_text
+from .names import is_host_name
+from .ocsp import check_stapled
+from .peer import PeerPolicy
+from .sessions import SessionKeeper, SessionStore
 
-# Safe defaults for every context: TLS 1.2 at least, no compression, no
-# renegotiation, and a bare EOF is not an OpenSSL error (the engine decides).
+# Safe defaults for every context: no compression, no renegotiation, and a
+# bare EOF is not an OpenSSL error (the engine decides).
 _OPTIONS = SSL.OP_NO_COMPRESSION | SSL.OP_NO_RENEGOTIATION | SSL.OP_IGNORE_UNEXPECTED_EOF
 _SESSION_ID = b"s6tls"
+_VERSIONS = {"1.2": SSL.TLS1_2_VERSION, "1.3": SSL.TLS1_3_VERSION}
+DEFAULT_GROUPS = "X25519:P-256:P-384"
+# How long one session ticket key of s6-tlsserver lives at most.
+TICKET_KEY_LIFETIME = 12 * 3600.0
+
+Warn = Callable[[str], None]
 
 
 @dataclass
 class VerifyNotes:
-    """Why the verify callback rejected a peer; kept as the connection's app data."""
+    """What one connection's callbacks learnt; kept as the connection's app data.
 
-    hostname: str | None = None
+    ``reasons``: why a check refused the peer, first one first.
+    ``psk_identity``: the PSK identity the handshake used, if any.
+    """
+
     reasons: list[str] = field(default_factory=list)
+    psk_identity: str | None = None
+    sessions: SessionKeeper | None = None  # a client with TLS_SESSION_DIR
 
 
-def build_context(cfg: TlsConfig) -> SSL.Context:
+def default_groups() -> str:
+    """The hybrid post-quantum group first where this OpenSSL has it, then X25519, P-256, P-384."""
+    if ossl.has_group(ossl.HYBRID_GROUP):
+        return f"{ossl.HYBRID_GROUP}:{DEFAULT_GROUPS}"
+    return DEFAULT_GROUPS
+
+
+class Contexts:
+    """The context of one process, from credentials read once.
+
+    A server that ``tickets`` (s6-tlsserver) keeps one session ticket key in
+    its context, which every child inherits through fork, so any child
+    resumes a session another one started.  ``reload`` (SIGHUP) reads the
+    files again and builds a new context, with a new key; ``rotate_if_due``
+    builds a new context from the credentials in memory once the key is
+    ``TICKET_KEY_LIFETIME`` seconds old.  The caller forks no child with a
+    context older than the last of these calls.
+
+    The warnings about the files (an expired certificate, a key others can
+    read) go to ``warn``, at start and at each reload.
+
+    Raises ``ConfigError`` (96) if a file cannot be used, ``UsageError``
+    (100) if OpenSSL refuses a policy value.
+    """
+
+    def __init__(self, cfg: TlsConfig, warn: Warn | None = None, *, tickets: bool = False) -> None:
+        self.cfg = cfg
+        self.warn = warn
+        self.tickets = tickets
+        self.creds = self._load()
+        self.context = make_context(cfg, self.creds, tickets=tickets)
+        self.born = time.monotonic()
+
+    def _load(self) -> Credentials:
+        creds = load_credentials(self.cfg)
+        for line in creds.warnings:
+            if self.warn is not None:
+                self.warn(line)
+        return creds
+
+    def reload(self) -> None:
+        """Read the files again and build a new context, or raise and keep the old one."""
+        creds = self._load()
+        self.context = make_context(self.cfg, creds, tickets=self.tickets)
+        self.creds = creds
+        self.born = time.monotonic()
+
+    def seconds_to_rotation(self) -> float:
+        """How long until the ticket key must be replaced (0 when it is due)."""
+        return max(0.0, self.born + TICKET_KEY_LIFETIME - time.monotonic())
+
+    def rotate_if_due(self) -> bool:
+        """Replace the ticket key if it is old enough; True if it was replaced."""
+        if not self.tickets or self.seconds_to_rotation() > 0:
+            return False
+        self.context = make_context(self.cfg, self.creds, tickets=True)
+        self.born = time.monotonic()
+        return True
+
+
+def build_context(
+    cfg: TlsConfig, warn: Warn | None = None, *, tickets: bool = False
+) -> SSL.Context:
     """The context for ``cfg``'s role, with SNI contexts attached for a server.
 
-    Raises ``ConfigError`` if a file cannot be read or used.
+    One ``Contexts(cfg, warn, tickets=tickets).context``: every file read once.
+    """
+    return Contexts(cfg, warn, tickets=tickets).context
+
+
+def make_context(cfg: TlsConfig, creds: Credentials, *, tickets: bool = False) -> SSL.Context:
+    """The context from credentials already read: opens no file.
+
+    Each call makes a new session ticket key.  ``tickets``: a server issues
+    TLS 1.2 session tickets (TLS 1.3 ones: see ``config.no_tickets_conf``).
     """
     if cfg.role == "client":
-        return _client_context(cfg)
-    return _server_context(cfg)
-
-
-def _base_context(cfg: TlsConfig) -> SSL.Context:
-    ctx = SSL.Context(SSL.TLS_METHOD)
-    ctx.set_min_proto_version(SSL.TLS1_2_VERSION)
-    ctx.set_options(_OPTIONS)
-    ctx.set_session_id(_SESSION_ID)
-    if cfg.verify_peer != "none":
-        _load_trust(ctx, cfg)
-        mode = SSL.VERIFY_PEER
-        if cfg.role == "server" and cfg.verify_peer == "required":
-            mode |= SSL.VERIFY_FAIL_IF_NO_PEER_CERT
-        ctx.set_verify(mode, _verify_callback)
-    return ctx
-
-
-def _check_readable(path: str, what: str) -> None:
-    """Raise ``ConfigError`` with the system's reason if ``path`` cannot be opened.
-
-    OpenSSL's own text for a missing file is "system lib", which says nothing.
-    """
-    try:
-        with open(path, "rb"):
-            pass
-    except OSError as exc:
-        raise ConfigError(f"unable to read {what}{path}: {exc.strerror}") from None
-
-
-def _load_trust(ctx: SSL.Context, cfg: TlsConfig) -> None:
-    if cfg.cadir and not os.access(cfg.cadir, os.R_OK | os.X_OK):
-        raise ConfigError(f"unable to read CADIR {cfg.cadir}: not a readable directory")
-    if cfg.cafile:
-        _check_readable(cfg.cafile, "CAFILE ")
-    try:
-        ctx.load_verify_locations(cfg.cafile, cfg.cadir)
-        if cfg.role == "server" and cfg.cafile:
-            ctx.load_client_ca(cfg.cafile.encode())
-    except SSL.Error as exc:
-        where = " and ".join(
-            f"{n} {v}" for n, v in (("CAFILE", cfg.cafile), ("CADIR", cfg.cadir)) if v
-        )
-        reason = ssl_error_text(exc)
-        raise ConfigError(f"unable to load trust anchors from {where}: {reason}") from None
-
-
-def _load_keypair(ctx: SSL.Context, pair: Keypair) -> None:
-    _check_readable(pair.certfile, "certificate ")
-    _check_readable(pair.keyfile, "private key ")
-    try:
-        ctx.use_certificate_chain_file(pair.certfile)
-        ctx.use_privatekey_file(pair.keyfile)
-        ctx.check_privatekey()
-    except SSL.Error as exc:
-        raise ConfigError(
-            f"unable to load keypair {pair.certfile} / {pair.keyfile}: {ssl_error_text(exc)}"
-        ) from None
-
-
-def _client_context(cfg: TlsConfig) -> SSL.Context:
-    ctx = _base_context(cfg)
-    if cfg.options.client_cert and cfg.keypair:
-        _load_keypair(ctx, cfg.keypair)
-    return ctx
-
-
-def _server_context(cfg: TlsConfig) -> SSL.Context:
-    named: dict[str, SSL.Context] = {}
-    for name, pair in cfg.sni_keypairs:
-        sub = _base_context(cfg)
-        _load_keypair(sub, pair)
+        ctx = _base_context(cfg, creds)
+        if cfg.options.client_cert and creds.keypair:
+            _use_keypair(ctx, creds.keypair)
+        if cfg.session_dir:
+            ctx.set_info_callback(_keep_sessions)
+        return ctx
+    named = {}
+    for name, pair in creds.sni:
+        sub = _base_context(cfg, creds)
+        _use_keypair(sub, pair)
         named[name] = sub
-    ctx = _base_context(cfg)
-    if cfg.keypair and cfg.options.sni_level < 2:
-        _load_keypair(ctx, cfg.keypair)
-    if named:
-        has_default = cfg.keypair is not None and cfg.options.sni_level < 2
-        ctx.set_tlsext_servername_callback(_sni_switcher(named, has_default))
+    ctx = _base_context(cfg, creds)
+    if not tickets:
+        ctx.set_options(SSL.OP_NO_TICKET)
+    if creds.keypair:
+        _use_keypair(ctx, creds.keypair)
+        if creds.ocsp:
+            ctx.set_ocsp_server_callback(_staple, creds.ocsp)
+    has_default = creds.keypair is not None or bool(creds.psks)
+    ossl.set_servername_callback(ctx, _sni_switcher(named, has_default))
     return ctx
+
+
+def _base_context(cfg: TlsConfig, creds: Credentials) -> SSL.Context:
+    ctx = SSL.Context(SSL.TLS_METHOD)
+    ctx.set_min_proto_version(_VERSIONS[cfg.min_version])
+    ctx.set_max_proto_version(_VERSIONS[cfg.max_version])
+    options = _OPTIONS
+    if cfg.role == "server":
+        options |= SSL.OP_CIPHER_SERVER_PREFERENCE
+    ctx.set_options(options)
+    ctx.set_session_id(_SESSION_ID)
+    ctx.set_session_cache_mode(SSL.SESS_CACHE_OFF)  # tickets only: processes share no cache
+    _set_policy(ctx, cfg)
+    _set_verification(ctx, cfg, creds)
+    if cfg.alpn:
+        _set_alpn(ctx, cfg)
+    if creds.psks:
+        _set_psk(ctx, cfg, creds)
+    return ctx
+
+
+def _set_policy(ctx: SSL.Context, cfg: TlsConfig) -> None:
+    """Suites and groups; OpenSSL's refusal is the user's usage error."""
+    try:
+        ctx.set_cipher_list(cfg.ciphers.encode())
+    except SSL.Error:
+        raise UsageError(
+            f"invalid TLS_CIPHERS: OpenSSL accepts no cipher in {cfg.ciphers!r}"
+        ) from None
+    suites = cfg.ciphersuites
+    if suites is None and cfg.pskfile and cfg.role == "server":
+        # An external PSK needs a SHA-256 suite, and the server's order wins.
+        suites = "TLS_AES_128_GCM_SHA256:TLS_CHACHA20_POLY1305_SHA256:TLS_AES_256_GCM_SHA384"
+    if suites is not None:
+        try:
+            ctx.set_tls13_ciphersuites(suites.encode())
+        except SSL.Error:
+            raise UsageError(f"invalid TLS_CIPHERSUITES: OpenSSL refuses {suites!r}") from None
+    groups = cfg.groups or default_groups()
+    if not ossl.set_groups(ctx, groups):
+        raise UsageError(f"invalid TLS_GROUPS: OpenSSL refuses {groups!r}")
+
+
+def _set_verification(ctx: SSL.Context, cfg: TlsConfig, creds: Credentials) -> None:
+    """Trust anchors, CRLs and the verify callback, as the role and options ask.
+
+    A client always verifies with the callback, so that the strings of the
+    server's certificate are checked even under --no-verify-cert, which only
+    stops the chain (and name) from being checked.
+    """
+    check_chain = cfg.verify_peer != "none"
+    if cfg.role == "server" and not check_chain:
+        return
+    if check_chain:
+        _load_trust(ctx, cfg, creds)
+    name = cfg.servername if cfg.role == "client" and check_chain else None
+    policy = PeerPolicy(
+        name=name,
+        dns=cfg.peer_dns,
+        uri=cfg.peer_uri,
+        email=cfg.peer_email,
+        ip=cfg.peer_ip,
+        spki=cfg.peer_spki,
+    )
+    mode = SSL.VERIFY_PEER
+    if cfg.role == "server" and cfg.verify_peer == "required":
+        mode |= SSL.VERIFY_FAIL_IF_NO_PEER_CERT
+    ctx.set_verify(mode, _verify_callback(policy, check_chain))
+    if cfg.ocsp == "require":
+        ctx.set_ocsp_client_callback(_check_staple)
+
+
+def _load_trust(ctx: SSL.Context, cfg: TlsConfig, creds: Credentials) -> None:
+    if cfg.cadir:
+        if not os.access(cfg.cadir, os.R_OK | os.X_OK):
+            raise ConfigError(f"unable to read CADIR {cfg.cadir}: not a readable directory")
+        try:
+            ctx.load_verify_locations(None, cfg.cadir)
+        except SSL.Error as exc:
+            reason = ssl_error_text(exc)
+            raise ConfigError(f"unable to use CADIR {cfg.cadir}: {reason}") from None
+    store = ctx.get_cert_store()
+    assert store is not None
+    for ca in creds.cas:
+        store.add_cert(X509.from_cryptography(ca))
+        if cfg.role == "server":
+            ctx.add_client_ca(ca)
+    if creds.crls:
+        for crl in creds.crls:
+            store.add_crl(crl)
+        flags = X509StoreFlags.CRL_CHECK
+        if cfg.crl_check == "chain":
+            flags |= X509StoreFlags.CRL_CHECK_ALL
+        store.set_flags(flags)
+
+
+def _use_keypair(ctx: SSL.Context, pair: LoadedKeypair) -> None:
+    ctx.use_certificate(pair.chain[0])
+    for cert in pair.chain[1:]:
+        ctx.add_extra_chain_cert(cert)
+    ctx.use_privatekey(pair.key)
+
+
+def _set_alpn(ctx: SSL.Context, cfg: TlsConfig) -> None:
+    protocols = [p.encode("ascii") for p in cfg.alpn]
+    if cfg.role == "client":
+        ctx.set_alpn_protos(protocols)
+        return
+
+    def select(conn: SSL.Connection, offered: list[bytes]) -> bytes:
+        for protocol in protocols:
+            if protocol in offered:
+                return protocol
+        reason = f"no application protocol in common (TLS_ALPN {','.join(cfg.alpn)})"
+        _note(conn, reason)
+        # pyOpenSSL answers an exception with the no_application_protocol alert.
+        raise SSL.Error(reason)
+
+    ctx.set_alpn_select_callback(select)
+
+
+def _set_psk(ctx: SSL.Context, cfg: TlsConfig, creds: Credentials) -> None:
+    keys = dict(creds.psks)
+    if cfg.role == "client":
+        identity = cfg.psk_identity.encode() if cfg.psk_identity else creds.psks[0][0]
+
+        def choose(conn: SSL.Connection) -> tuple[bytes, bytes]:
+            _notes(conn).psk_identity = identity.decode("ascii")
+            return identity, keys[identity]
+
+        ossl.set_psk_client_callback(ctx, choose)
+        return
+
+    def lookup(conn: SSL.Connection, identity: bytes) -> bytes | None:
+        # Also called with a session ticket's identity, which no line matches.
+        key = keys.get(identity)
+        if key is not None:
+            _notes(conn).psk_identity = identity.decode("ascii")
+        return key
+
+    ossl.set_psk_server_callback(ctx, lookup)
+
+
+def _notes(conn: SSL.Connection) -> VerifyNotes:
+    """The connection's notes (``prepare_connection`` attached them)."""
+    notes = conn.get_app_data()
+    if not isinstance(notes, VerifyNotes):
+        notes = VerifyNotes()
+        conn.set_app_data(notes)
+    return notes
+
+
+def _note(conn: SSL.Connection, reason: str) -> None:
+    _notes(conn).reasons.append(reason)
 
 
 def sni_lookup(names: dict[str, SSL.Context], servername: str) -> SSL.Context | None:
@@ -139,80 +332,100 @@ def sni_lookup(names: dict[str, SSL.Context], servername: str) -> SSL.Context | 
 
 def _sni_switcher(
     names: dict[str, SSL.Context], has_default: bool
-) -> Callable[[SSL.Connection], None]:
-    """The SNI callback: switch to the context for the client's name.
+) -> Callable[[SSL.Connection], bool]:
+    """The SNI callback: refuse a name that is not a host name, switch to its keypair.
 
-    Without a default keypair (-k 2) and no match, the handshake will fail
-    for want of a certificate; the reason goes into the connection's
-    ``VerifyNotes`` so that the message names the server name, not only
-    OpenSSL's "no suitable signature algorithm".  (pyOpenSSL's callback
-    cannot abort the handshake itself.)
+    A server name that is not a valid host name (LDH labels, at most 253
+    octets) is refused with the ``unrecognized_name`` alert.  Without a
+    default keypair (-k 2) and no match, the handshake will fail for want of
+    a certificate; the reason names the server name, not only OpenSSL's "no
+    suitable signature algorithm".
     """
 
-    def switch(conn: SSL.Connection) -> None:
+    def switch(conn: SSL.Connection) -> bool:
         raw = conn.get_servername()
         name = raw.decode("ascii", "replace") if raw else ""
+        if raw and not is_host_name(name):
+            _note(conn, "client sent a server name that is not a valid host name")
+            return False
         sub = sni_lookup(names, name) if name else None
         if sub is not None:
             conn.set_context(sub)
-            return
-        notes = conn.get_app_data()
-        if not has_default and isinstance(notes, VerifyNotes):
+        elif not has_default:
             why = f"no keypair for server name {name}" if name else "client sent no server name"
-            notes.reasons.append(f"{why} under -k 2")
+            _note(conn, f"{why} under -k 2")
+        return True
 
     return switch
 
 
-# OpenSSL's X509_V_ERR_* texts for the chain errors a user meets most.
-_CHAIN_ERRORS = {
-    2: "unable to get issuer certificate",
-    9: "certificate is not yet valid",
-    10: "certificate has expired",
-    18: "self-signed certificate",
-    19: "self-signed certificate in certificate chain",
-    20: "unable to get local issuer certificate",
-    21: "unable to verify the first certificate",
-    26: "unsupported certificate purpose",
-}
+def _verify_callback(
+    policy: PeerPolicy, check_chain: bool
+) -> Callable[[SSL.Connection, X509, int, int, int], bool]:
+    """OpenSSL's chain verdict (unless ``check_chain`` is off), then ``policy`` at depth 0."""
 
-
-def _verify_callback(conn: SSL.Connection, cert: X509, errnum: int, depth: int, ok: int) -> bool:
-    """OpenSSL's chain verdict, plus the name check at depth 0 when a name is set.
-
-    Why a peer was rejected goes into the connection's ``VerifyNotes``.
-    """
-    notes = conn.get_app_data()
-    if not isinstance(notes, VerifyNotes):
-        return bool(ok)
-    if not ok:
-        text = _CHAIN_ERRORS.get(errnum, f"X509 verify error {errnum}")
-        notes.reasons.append(f"certificate verify failed at depth {depth}: {text}")
-        return False
-    if depth == 0 and notes.hostname:
-        reason = check_name(cert.to_cryptography(), notes.hostname)
-        if reason:
-            notes.reasons.append(reason)
+    def verify(conn: SSL.Connection, cert: X509, errnum: int, depth: int, ok: int) -> bool:
+        if not ok and check_chain:
+            text = ossl.verify_error_text(errnum)
+            _note(conn, f"certificate verify failed at depth {depth}: {text}")
             return False
+        if depth == 0:
+            reason = policy.check(cert)
+            if reason:
+                _note(conn, reason)
+                return False
+        return True
+
+    return verify
+
+
+def _keep_sessions(conn: SSL.Connection, where: int, _ret: int) -> None:
+    """The client's info callback under TLS_SESSION_DIR."""
+    notes = _notes(conn)
+    if notes.sessions is not None:
+        notes.sessions.on_info(conn, where)
+
+
+def _staple(_conn: SSL.Connection, response: bytes) -> bytes:
+    """The server's OCSP callback: the response read from OCSPFILE."""
+    return response
+
+
+def _check_staple(conn: SSL.Connection, response: bytes, _data: object) -> bool:
+    """TLS_OCSP=require: a good, current response for the server's certificate."""
+    if ossl.session_reused(conn):
+        return True  # checked in the handshake that made the session
+    chain = conn.get_verified_chain(as_cryptography=True) or []
+    if len(chain) < 2:
+        reason: str | None = "no issuer to check the OCSP response against"
+    else:
+        reason = check_stapled(response, chain[0], chain[1], datetime.datetime.now(datetime.UTC))
+    if reason:
+        _note(conn, reason)
+        return False
     return True
 
 
-def check_name(cert: x509.Certificate, name: str) -> str | None:
-    """None if ``cert`` is valid for ``name`` (a DNS name or an IP literal), else why not.
+def prepare_connection(cfg: TlsConfig, conn: SSL.Connection) -> VerifyNotes:
+    """Set up ``conn`` (from ``link.new_connection``) for its handshake; return its notes.
 
-    The matching is ``service_identity``'s (RFC 6125), never ours.
+    A client sends its server name as SNI (unless it is an IP literal),
+    asks for an OCSP staple under TLS_OCSP=require, and offers the session
+    kept in TLS_SESSION_DIR; then the connection is put in connect or accept
+    state.
     """
-    from service_identity import CertificateError, VerificationError
-    from service_identity.cryptography import (
-        verify_certificate_hostname,
-        verify_certificate_ip_address,
-    )
-
-    try:
-        if is_ip(name):
-            verify_certificate_ip_address(cert, name)
-        else:
-            verify_certificate_hostname(cert, name)
-    except (VerificationError, CertificateError):
-        return f"certificate does not match the server name {name}"
-    return None
+    notes = VerifyNotes()
+    conn.set_app_data(notes)
+    if cfg.role == "server":
+        conn.set_accept_state()
+        return notes
+    if cfg.servername and not cfg.servername_is_ip:
+        conn.set_tlsext_host_name(cfg.servername.encode("ascii"))
+    if cfg.ocsp == "require":
+        conn.request_ocsp()
+    if cfg.session_dir and cfg.servername and not cfg.pskfile:
+        store = SessionStore.for_config(cfg)
+        store.attach(conn)
+        notes.sessions = SessionKeeper(store)
+    conn.set_connect_state()
+    return notes

@@ -6,16 +6,16 @@ turns the finished connection into the variables s6-networking gives to the
 application (``SSL_PROTOCOL``, ``SSL_CIPHER``, ...).
 """
 
-import hashlib
 import select
 import time
 
-from cryptography import x509
-from cryptography.x509.oid import NameOID
 from OpenSSL import SSL
 
+from .context import VerifyNotes
 from .errors import HandshakeError, HandshakeTimeout
 from .link import PeerGone, WouldBlock, make_link, ssl_error_text
+from .ossl import session_reused
+from .peer import certificate_facts
 
 
 def handshake(conn: SSL.Connection, rfd: int, wfd: int, timeout_ms: int = 0) -> None:
@@ -71,55 +71,36 @@ def handshake(conn: SSL.Connection, rfd: int, wfd: int, timeout_ms: int = 0) -> 
             raise HandshakeTimeout("handshake timed out")
 
 
-# OpenSSL's short names where they differ from RFC 4514's, for the one-line form.
-_OPENSSL_NAMES = {
-    NameOID.EMAIL_ADDRESS: "emailAddress",
-    NameOID.SERIAL_NUMBER: "serialNumber",
-    NameOID.SURNAME: "SN",
-    NameOID.GIVEN_NAME: "GN",
-    NameOID.TITLE: "title",
-    NameOID.PSEUDONYM: "pseudonym",
-    NameOID.BUSINESS_CATEGORY: "businessCategory",
-    NameOID.POSTAL_CODE: "postalCode",
-    NameOID.DN_QUALIFIER: "dnQualifier",
-    NameOID.USER_ID: "UID",
-}
-
-
-def oneline_name(name: x509.Name) -> str:
-    """A distinguished name in OpenSSL's one-line form: ``/CN=x/O=y``, in DER order."""
-    parts = []
-    for rdn in name.rdns:
-        parts.append(
-            "+".join(
-                f"{_OPENSSL_NAMES.get(a.oid, a.rfc4514_attribute_name)}={a.value!s}" for a in rdn
-            )
-        )
-    return "".join("/" + p for p in parts)
-
-
 def connection_facts(conn: SSL.Connection) -> dict[str, str]:
     """The SSL_* variables for the application, from a connection after its handshake.
 
-    ``SSL_PROTOCOL`` and ``SSL_CIPHER`` always; ``SSL_TLS_SNI_SERVERNAME``
-    when the client sent a server name (server side); ``SSL_PEER_CERT_HASH``
-    (``SHA256:`` + hex of the DER) and ``SSL_PEER_CERT_SUBJECT`` when the peer
-    sent a certificate.
+    ``SSL_PROTOCOL``, ``SSL_CIPHER`` and ``SSL_SESSION_RESUMED`` always;
+    ``SSL_TLS_SNI_SERVERNAME`` when a server name was sent (a valid host
+    name: the server refuses any other); ``SSL_ALPN_PROTOCOL`` when ALPN
+    agreed on one; ``SSL_PSK_IDENTITY`` when a PSK authenticated the
+    handshake; the ``SSL_PEER_CERT_*`` variables of ``peer.certificate_facts``
+    when the peer has a certificate.
     """
+    protocol, cipher = conn.get_protocol_version_name(), conn.get_cipher_name() or ""
+    reused = session_reused(conn)
+    # An external PSK is a "resumption" under TLS 1.3 and a PSK suite under TLS 1.2.
+    psk_used = reused if protocol == "TLSv1.3" else "PSK" in cipher
+    notes = conn.get_app_data()
+    psk = notes.psk_identity if psk_used and isinstance(notes, VerifyNotes) else None
     facts = {
-        "SSL_PROTOCOL": conn.get_protocol_version_name(),
-        "SSL_CIPHER": conn.get_cipher_name() or "",
+        "SSL_PROTOCOL": protocol,
+        "SSL_CIPHER": cipher,
+        "SSL_SESSION_RESUMED": "1" if reused and psk is None else "0",
     }
     sni = conn.get_servername()
     if sni:
         facts["SSL_TLS_SNI_SERVERNAME"] = sni.decode("ascii", "replace")
-    cert = conn.get_peer_certificate(as_cryptography=True)
+    alpn = conn.get_alpn_proto_negotiated()
+    if alpn:
+        facts["SSL_ALPN_PROTOCOL"] = alpn.decode("ascii", "replace")
+    if psk is not None:
+        facts["SSL_PSK_IDENTITY"] = psk
+    cert = conn.get_peer_certificate()
     if cert is not None:
-        # Imported here: a server without client certificates never needs it,
-        # and s6-tlsd pays every import once per connection.
-        from cryptography.hazmat.primitives.serialization import Encoding
-
-        der = cert.public_bytes(Encoding.DER)
-        facts["SSL_PEER_CERT_HASH"] = "SHA256:" + hashlib.sha256(der).hexdigest()
-        facts["SSL_PEER_CERT_SUBJECT"] = oneline_name(cert.subject)
+        facts.update(certificate_facts(cert))
     return facts

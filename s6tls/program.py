@@ -30,13 +30,15 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 from . import __version__, options
 from .cli import Log, run_main
-from .config import Options, Role, TlsConfig
+from .config import Options, Role, TlsConfig, no_tickets_conf
 from .errors import AppNotExecutable, AppNotFound
 from .options import Operand, Opt
 from .privileges import Ids, check_ids, drop_privileges, ids_from_config, ids_from_options
 
 if TYPE_CHECKING:
     from OpenSSL import SSL
+
+    from .context import Contexts
 
 _TLS_FIELDS = frozenset(f.name for f in dataclasses.fields(Options))
 
@@ -58,6 +60,9 @@ class Program:
     exit code.  ``adjust`` may fill in values that follow from others
     before the configuration is read (s6-tlsclient's server name).
     ``environment`` and ``exit_codes`` are the last two parts of --help.
+    ``issues_tickets``: a server whose connections are served by children of
+    one process, which can resume each other's sessions (s6-tlsserver); any
+    other server sends no session ticket.
     """
 
     name: str
@@ -69,6 +74,7 @@ class Program:
     environment: tuple[tuple[str, str], ...] = ()
     exit_codes: tuple[tuple[str, str], ...] = EXIT_CODES
     adjust: Callable[[dict[str, Any]], None] | None = None
+    issues_tickets: bool = False
 
     def usage(self) -> str:
         """The one-line synopsis, as in the man page."""
@@ -89,7 +95,10 @@ class Program:
 
 @dataclass(frozen=True)
 class Setup:
-    """Everything a program's network side needs, checked and built."""
+    """Everything a program's network side needs, checked and built.
+
+    ``ctx`` is ``contexts.context`` as it was when the Setup was made.
+    """
 
     program: Program
     log: Log
@@ -98,6 +107,7 @@ class Setup:
     app: tuple[str, ...]
     values: Mapping[str, Any]
     ids: Ids
+    contexts: "Contexts"
 
     def drop_privileges(self) -> None:
         """Become the ids asked for (checked at start); after the keys, before a handshake."""
@@ -162,15 +172,21 @@ def start(program: Program, argv: Sequence[str], log: Log) -> int:
     cfg = TlsConfig.from_env(program.role, os.environ, tls)
     ids = check_ids(_asked_ids(values, cfg))
     check_app(app[0])
+    conf = None if cfg.role == "client" or program.issues_tickets else no_tickets_conf(os.environ)
+    if conf:
+        os.environ["OPENSSL_CONF"] = conf  # OpenSSL reads it once, as it starts below
     # The TLS modules are half the start-up: a usage error does not pay for them.
     # Everything a connection needs is imported here, before privileges are
     # dropped: the new user may not be able to read the installation.
     from . import tunnel  # noqa: F401
-    from .context import build_context
+    from .context import Contexts
 
-    ctx = build_context(cfg)
     announce(cfg, log)
-    return program.serve(Setup(program, log, cfg, ctx, app, values, ids))
+    contexts = Contexts(cfg, log.warn, tickets=program.issues_tickets)
+    if conf:
+        del os.environ["OPENSSL_CONF"]  # ours, not the application's
+    setup = Setup(program, log, cfg, contexts.context, app, values, ids, contexts)
+    return program.serve(setup)
 
 
 def _asked_ids(values: Mapping[str, Any], cfg: TlsConfig) -> Ids:
@@ -183,12 +199,14 @@ def _asked_ids(values: Mapping[str, Any], cfg: TlsConfig) -> Ids:
 
 
 def announce(cfg: TlsConfig, log: Log) -> None:
-    """The start-up warnings and notes about a configuration that works, but maybe not as meant.
+    """The start-up warnings about a configuration that works, but maybe not as meant.
 
-    Every such check of the configuration belongs here, once per start.
+    The configuration's own (``TlsConfig.warnings``) are printed here, once
+    per start; those about the files (an expired certificate, a key others
+    can read) come from ``Contexts``, at start and at each reload.
     """
-    if cfg.role == "client" and not cfg.options.verify_cert:
-        log.info("not verifying the server's certificate (--no-verify-cert)")
+    for line in cfg.warnings:
+        log.warn(line)
 
 
 def check_app(name: str) -> None:

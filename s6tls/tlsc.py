@@ -19,6 +19,7 @@ ENVIRONMENT = (
     ("CAFILE, CADIR", "trust anchors to verify the server (one is needed)"),
     ("CERTFILE, KEYFILE", "the client certificate and key, with -y"),
     ("TLS_UID, TLS_GID", "numeric ids to run as after reading the keys (root only)"),
+    ("TLS_*, PSKFILE, CRLFILE...", "TLS policy: versions, suites, ALPN, allow-lists (man page)"),
 )
 APP_FDS = (
     Opt(

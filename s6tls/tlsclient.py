@@ -2,8 +2,9 @@
 
 Connects to host:port, then runs the s6-tlsc logic in-process: prog gets the
 cleartext on its fds 6 (read) and 7 (write), the TLS facts and the client TCP
-variables.  The server name (SNI and verification) defaults to host when host
-is not an IP literal.  See man/s6-tlsclient.1.
+variables.  The server name defaults to host: a name is sent as SNI and
+checked against the certificate's DNS names, an IP literal is checked against
+its IP addresses.  See man/s6-tlsclient.1.
 """
 
 from collections.abc import Sequence
@@ -11,7 +12,6 @@ from typing import Any, NoReturn
 
 from . import options
 from .cli import peer_address
-from .config import is_ip
 from .dialer import OPTIONS, connect, dial_from_values, local_names
 from .options import Operand, Opt
 from .program import Program, Setup
@@ -27,8 +27,8 @@ FAMILY = (
 
 
 def adjust(values: dict[str, Any]) -> None:
-    """The server name defaults to host, unless host is an IP literal."""
-    if values["servername"] is None and not is_ip(values["host"]):
+    """The server name defaults to host: a name, or an IP literal checked against IP SANs."""
+    if values["servername"] is None:
         values["servername"] = values["host"]
 
 

@@ -16,10 +16,11 @@ from .program import main as run
 from .ucspi import check_fds, peer_of, tcp_variables
 
 ENVIRONMENT = (
-    ("CERTFILE, KEYFILE", "the certificate chain and its private key (PEM)"),
+    ("CERTFILE, KEYFILE", "the certificate chain and its private key (PEM or DER)"),
     ("CERTFILE:name, KEYFILE:name", "a keypair per SNI name, with -k 1 or 2"),
     ("CAFILE, CADIR", "trust anchors for client certificates (-Y, -y)"),
     ("TLS_UID, TLS_GID", "numeric ids to run as after reading the keys (root only)"),
+    ("TLS_*, PSKFILE, CRLFILE...", "TLS policy: versions, suites, ALPN, allow-lists (man page)"),
     ("PROTO, TCPREMOTEIP...", "passed to prog; read from the socket when PROTO is unset"),
 )
 

@@ -10,8 +10,11 @@ Signals reach the accept loop through a selfpipe: SIGCHLD reaps children,
 SIGTERM stops accepting, drops the connections still in their handshake and
 lets running ones finish, SIGQUIT also sends SIGTERM to the running ones,
 SIGHUP rebuilds the contexts from the files named in the environment (new
-connections only).  Under systemd, the listening sockets may come from a
-socket unit and readiness goes to ``NOTIFY_SOCKET``.
+connections only).  Every child inherits the context, and with it the
+session ticket key, so children resume each other's sessions; the key is
+replaced on SIGHUP and at least every 12 hours.  Under systemd, the
+listening sockets may come from a socket unit and readiness goes to
+``NOTIFY_SOCKET``.
 """
 
 import contextlib
@@ -37,7 +40,6 @@ from .access import Denied
 from .app import exit_code
 from .cli import Log, peer_address, plural
 from .config import is_ip
-from .context import build_context
 from .errors import ExitCode, S6tlsError, SystemFailure, UsageError
 from .options import Operand, Opt
 from .program import Program, Setup
@@ -198,12 +200,13 @@ class Server:
             gc.freeze()  # keep the pages shared with the children shared
             self._fork_spare()
             while self.listeners or self.children:
-                for fd, _events in self.poller.poll(self._pause_left_ms()):
+                for fd, _events in self.poller.poll(self._timeout_ms()):
                     if fd == selfpipe.fileno():
                         self._on_signals(selfpipe.read())
                     else:
                         self._accept(fd)
                 self._resume_if_due()
+                self._rotate_if_due()
         return ExitCode.OK
 
     def _ready(self, notify: bool) -> None:
@@ -291,11 +294,11 @@ class Server:
 
     def _reload(self) -> None:
         try:
-            ctx = build_context(self.setup.cfg)
+            self.setup.contexts.reload()
         except S6tlsError as exc:
             self.log.warn(f"unable to reload the keypairs, keeping the old ones: {exc}")
             return
-        self.setup = dataclasses.replace(self.setup, ctx=ctx)
+        self.setup = dataclasses.replace(self.setup, ctx=self.setup.contexts.context)
         self.log.info("reloaded the keypairs")
         if self.listeners:
             self._retire_spare()  # it holds the old contexts
@@ -354,10 +357,20 @@ class Server:
             self._watch_listeners(False)
             self.paused_until = time.monotonic() + PAUSE
 
-    def _pause_left_ms(self) -> int | None:
-        if self.paused_until is None:
-            return None
-        return max(0, int((self.paused_until - time.monotonic()) * 1000) + 1)
+    def _timeout_ms(self) -> int:
+        """Until the accept pause ends or the session ticket key must be replaced."""
+        left = self.setup.contexts.seconds_to_rotation()
+        if self.paused_until is not None:
+            left = min(left, self.paused_until - time.monotonic())
+        return max(0, int(left * 1000) + 1)
+
+    def _rotate_if_due(self) -> None:
+        """A new session ticket key every 12 hours: new children get a new context."""
+        if self.setup.contexts.rotate_if_due():
+            self.setup = dataclasses.replace(self.setup, ctx=self.setup.contexts.context)
+            if self.listeners:
+                self._retire_spare()  # it holds the old key
+                self._fork_spare()
 
     def _resume_if_due(self) -> None:
         if self.paused_until is not None and time.monotonic() >= self.paused_until:
@@ -578,6 +591,7 @@ PROGRAM = Program(
     serve=serve,
     environment=ENVIRONMENT,
     exit_codes=EXIT_CODES,
+    issues_tickets=True,
 )
 
 

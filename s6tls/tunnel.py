@@ -13,7 +13,7 @@ from OpenSSL import SSL
 from .app import application_env, exit_code, spawn
 from .cli import Log
 from .config import TlsConfig
-from .context import VerifyNotes
+from .context import prepare_connection
 from .engine import run
 from .errors import HandshakeError, SystemFailure
 from .handshake import connection_facts, handshake
@@ -53,21 +53,11 @@ def serve_connection(
     for fd in {rfd, wfd}:
         os.set_inheritable(fd, False)  # the application never sees the network
     conn = new_connection(ctx, rfd, wfd)
-    notes = VerifyNotes()
-    conn.set_app_data(notes)
-    if cfg.role == "client":
-        name = opts.servername
-        if name and not cfg.servername_is_ip:
-            conn.set_tlsext_host_name(name.encode("idna"))
-        if name and cfg.verify_peer != "none":
-            notes.hostname = name
-        conn.set_connect_state()
-    else:
-        conn.set_accept_state()
+    notes = prepare_connection(cfg, conn)
     try:
         handshake(conn, rfd, wfd, opts.handshake_timeout_ms)
     except HandshakeError as exc:
-        if notes.reasons:
+        if notes.reasons and notes.reasons[0] != str(exc):
             raise HandshakeError(f"{notes.reasons[0]} ({exc})") from None
         raise
     if on_handshake is not None:

@@ -31,6 +31,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
+def write_leaf(leaf: trustme.LeafCert, cert: Path, key: Path) -> None:
+    """Write a leaf's certificate and its key, the key with mode 0600 as keys should be."""
+    leaf.cert_chain_pems[0].write_to_path(str(cert))
+    leaf.private_key_pem.write_to_path(str(key))
+    key.chmod(0o600)
+
+
 @pytest.fixture(scope="session")
 def ca() -> trustme.CA:
     return trustme.CA()
@@ -74,6 +81,7 @@ def pki(
     for name, blob in files.items():
         path = d / f"{name}.pem"
         blob.write_to_path(str(path))
+        path.chmod(0o600)  # keys others can read earn a warning
         out[name] = str(path)
     return out
 

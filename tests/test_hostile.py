@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import STARTED, program
+from conftest import STARTED, program, write_leaf
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from OpenSSL import SSL
@@ -117,8 +117,7 @@ def envs(pki, mark, tmp_path_factory, other_ca):
     """Environments: server, client, and a client with a certificate from another CA."""
     d = tmp_path_factory.mktemp("rogue")
     rogue = other_ca.issue_cert("client.example")
-    rogue.cert_chain_pems[0].write_to_path(str(d / "cert.pem"))
-    rogue.private_key_pem.write_to_path(str(d / "key.pem"))
+    write_leaf(rogue, d / "cert.pem", d / "key.pem")
     base = {**os.environ, "MARK": str(mark)}
     return {
         "server": {**base, "CERTFILE": pki["server_cert"], "KEYFILE": pki["server_key"]},

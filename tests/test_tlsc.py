@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 import pytest
 from ucspi_helpers import (
+    CLIENT_PRINT_ENV,
     PY,
     SERVER_PRINT_ENV,
     LineReader,
@@ -221,20 +222,37 @@ def test_application_gets_pipes_on_its_fds_never_the_socket(args, expected, serv
     assert res.stdout.decode().strip() == expected
 
 
-def test_no_verify_cert_needs_no_ca_and_says_so_at_v_2(server_env, client_env, pki):
+def test_no_verify_cert_needs_no_ca_and_says_so_unless_quiet(server_env, client_env, pki):
     env = {k: v for k, v in client_env.items() if k != "CAFILE"}
     with TcpServer([], SERVER_PRINT_ENV, server_env) as srv:
-        client_seen, _ = exchange_environments(srv.port, ["--no-verify-cert"], env)
+        res = tcpclient(srv.port, ["--no-verify-cert"], CLIENT_PRINT_ENV, env)
         assert srv.wait_end() == (0, [])
-        loud = tcpclient(srv.port, ["--no-verify-cert", "-v", "2"], ["true"], env)
+        quiet = tcpclient(srv.port, ["--no-verify-cert", "-v", "0"], ["true"], env)
         assert srv.wait_end() == (0, [])
+    assert res.returncode == 0
+    assert res.stderr.decode() == (
+        "s6-tlsc: warning: not verifying the server's certificate (--no-verify-cert)\n"
+    )
+    client_seen, _ = eval(res.stdout)
     assert client_seen["SSL_PEER_CERT_HASH"] == openssl_sha256(pki["server_cert"])
     assert "SSL_TLS_SNI_SERVERNAME" not in client_seen  # no -k: no SNI
-    assert loud.returncode == 0
-    lines = loud.stderr.decode().splitlines()
-    assert lines[0] == "s6-tlsc: info: not verifying the server's certificate (--no-verify-cert)"
-    assert lines[1].startswith("s6-tlsc: info: peer 127.0.0.1:")
-    assert len(lines) == 2
+    assert (quiet.returncode, quiet.stderr) == (0, b"")
+
+
+def test_without_k_the_chain_is_checked_and_a_warning_says_the_name_is_not(
+    server_env, client_env, pki, tmp_path
+):
+    with TcpServer([], ["true"], server_env) as srv:
+        res = tcpclient(srv.port, [], ["true"], client_env)
+        assert srv.wait_end() == (0, [])
+        env = {**client_env, "CAFILE": pki["other_ca"]}
+        refused = tcpclient(srv.port, [], ["true"], env)
+        assert srv.wait_end()[0] == 97
+    warning = "s6-tlsc: warning: the server's name is not checked, only its chain: use -k NAME"
+    assert res.returncode == 0
+    assert res.stderr.decode().startswith(warning) and res.stderr.count(b"\n") == 1
+    assert refused.returncode == 97
+    assert b"unable to get local issuer certificate" in refused.stderr
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to drop privileges")
@@ -360,7 +378,7 @@ def test_silent_server_times_out_with_K_and_exits_98(client_env, tmp_path):
             [],
             {"CAFILE": "@garbage"},
             96,
-            "unable to load trust anchors from CAFILE @garbage: no certificate or crl found",
+            "CAFILE @garbage is neither PEM nor DER: give a certificate file",
         ),
         (
             [],
@@ -374,13 +392,16 @@ def test_silent_server_times_out_with_K_and_exits_98(client_env, tmp_path):
             ["-y"],
             {"KEYFILE": "/nonexistent/key.pem"},
             96,
-            "unable to read private key /nonexistent/key.pem: No such file or directory",
+            "unable to read KEYFILE /nonexistent/key.pem: No such file or directory",
         ),
         ([], {"TLS_UID": "nobody"}, 100, "invalid TLS_UID: 'nobody' is not a numeric id"),
         ([], {"TLS_GID": "1.5"}, 100, "invalid TLS_GID: '1.5' is not a numeric id"),
         (["-6", "7", "-7", "7"], {}, 100, "-6 and -7 must be different descriptors, 3 or more"),
         (["-6", "2"], {}, 100, "-6 and -7 must be different descriptors, 3 or more"),
         (["-k", ""], {}, 100, "-k needs a server name"),
+        (["-k", "a..b"], {}, 100, "invalid server name 'a..b': not a valid host name"),
+        (["-k", "a" * 64 + ".example"], {}, 100, "invalid server name 'aaaa"),
+        (["-k", "xn--zz.example"], {}, 100, "invalid server name 'xn--zz.example': not a valid"),
         (["-X"], {}, 100, "unrecognized option: -X (see s6-tlsc --help)"),
         (["-K", "-1"], {}, 100, "-K must be an unsigned integer, not '-1'"),
     ],
@@ -398,7 +419,7 @@ def test_bad_configuration_exits_before_the_handshake(
             env[name] = str(garbage) if value == "@garbage" else value
     s, c = tcp_pair()
     with s:
-        tlsc = spawn_tlsc(args, ["true"], env, c)
+        tlsc = spawn_tlsc(["-k", "localhost", *args], ["true"], env, c)
         got, _, err = finish(tlsc)
         s.settimeout(10)
         assert s.recv(1) == b""  # nothing was sent: not even a ClientHello

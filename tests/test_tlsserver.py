@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import program
+from conftest import program, write_leaf
 from server_helpers import APPS, fd_count, start_server, tls_connect, zombies
 
 PRINT_ENV = [sys.executable, "-c", "import os,sys; sys.stdout.write(repr(dict(os.environ)))"]
@@ -186,8 +186,7 @@ def test_sighup_gives_new_connections_the_new_certificate_and_leaves_open_ones_a
     old, new = ca.issue_cert("localhost"), ca.issue_cert("localhost")
     cert, key, cafile = tmp_path / "cert.pem", tmp_path / "key.pem", tmp_path / "ca.pem"
     ca.cert_pem.write_to_path(str(cafile))
-    old.cert_chain_pems[0].write_to_path(str(cert))
-    old.private_key_pem.write_to_path(str(key))
+    write_leaf(old, cert, key)
     env = {**os.environ, "CERTFILE": str(cert), "KEYFILE": str(key)}
     server, port = start_server(["-v"], ["cat"], env)
     reap.append(server)
@@ -196,8 +195,7 @@ def test_sighup_gives_new_connections_the_new_certificate_and_leaves_open_ones_a
         return hashlib.sha256(conn.getpeercert(binary_form=True)).hexdigest()
 
     first = tls_connect(port, str(cafile))
-    new.cert_chain_pems[0].write_to_path(str(cert))
-    new.private_key_pem.write_to_path(str(key))
+    write_leaf(new, cert, key)
     server.send_signal(signal.SIGHUP)
     read_log_until(server, "reloaded the keypairs")
     second = tls_connect(port, str(cafile))

@@ -1,0 +1,192 @@
+"""The OpenSSL functions pyOpenSSL does not wrap, through the binding it uses itself.
+
+pyOpenSSL runs on the OpenSSL that cryptography bundles, and exposes that
+library's cffi binding as ``OpenSSL._util.lib``/``ffi``.  This module is the
+only place that calls it, for what pyOpenSSL has no method for: key-exchange
+groups, PSK callbacks, a server-name callback that can refuse a name with an
+alert, session (de)serialisation and reuse, the one-line form of a name and
+the text of a verification error.  Nothing here loads a second copy of libssl.
+
+Every callback handed to OpenSSL is kept alive on the pyOpenSSL object it
+belongs to, and never lets a Python exception reach cffi: it answers OpenSSL
+with the failure value instead.
+"""
+
+from collections.abc import Callable
+
+from OpenSSL import SSL
+from OpenSSL._util import ffi, lib
+from OpenSSL.crypto import X509
+
+# RFC 8446 alert numbers OpenSSL takes from a server-name callback.
+ALERT_UNRECOGNIZED_NAME = 112
+_SSL_TLSEXT_ERR_OK = 0
+_SSL_TLSEXT_ERR_ALERT_FATAL = 2
+
+# The hybrid post-quantum key exchange, where the OpenSSL in use has it.
+HYBRID_GROUP = "X25519MLKEM768"
+
+
+def _keep(owner: object, callback: object) -> None:
+    """Tie a cffi callback's lifetime to ``owner`` (a Context)."""
+    kept = owner.__dict__.setdefault("_s6tls_callbacks", [])
+    kept.append(callback)
+
+
+def set_groups(ctx: SSL.Context, groups: str) -> bool:
+    """Set the key-exchange groups (``:``-separated, preference order).
+
+    Returns False, leaving the context as it was, if OpenSSL rejects the
+    list (an unknown group, say).
+    """
+    ok = lib.SSL_CTX_set1_curves_list(ctx._context, groups.encode()) == 1
+    lib.ERR_clear_error()
+    return ok
+
+
+def has_group(name: str) -> bool:
+    """True if the OpenSSL in use knows the key-exchange group ``name``."""
+    return set_groups(SSL.Context(SSL.TLS_METHOD), name)
+
+
+def set_servername_callback(ctx: SSL.Context, accept: Callable[[SSL.Connection], bool]) -> None:
+    """Call ``accept(conn)`` when a ClientHello arrives; False refuses the handshake.
+
+    Unlike pyOpenSSL's own setter, a refusal sends the ``unrecognized_name``
+    alert and prints nothing.  ``accept`` may switch the connection's context
+    (``conn.set_context``).  An exception in ``accept`` counts as a refusal.
+    """
+
+    def callback(ssl: object, alert: object, _arg: object) -> int:
+        try:
+            ok = accept(SSL.Connection._reverse_mapping[ssl])
+        except Exception:
+            ok = False
+        if ok:
+            return _SSL_TLSEXT_ERR_OK
+        alert[0] = ALERT_UNRECOGNIZED_NAME  # type: ignore[index]
+        return _SSL_TLSEXT_ERR_ALERT_FATAL
+
+    cb = ffi.callback("int (*)(SSL *, int *, void *)", callback, onerror=_refuse_name)
+    _keep(ctx, cb)
+    lib.SSL_CTX_set_tlsext_servername_callback(ctx._context, cb)
+
+
+def _refuse_name(*_exc: object) -> int:
+    return _SSL_TLSEXT_ERR_ALERT_FATAL
+
+
+def set_psk_server_callback(
+    ctx: SSL.Context, lookup: Callable[[SSL.Connection, bytes], bytes | None]
+) -> None:
+    """Accept PSK handshakes: ``lookup(conn, identity)`` gives the key, or None.
+
+    OpenSSL uses these keys for TLS 1.2 PSK suites and, as external PSKs
+    with SHA-256, for TLS 1.3.
+    """
+
+    def callback(ssl: object, identity: object, psk: object, max_len: int) -> int:
+        try:
+            conn = SSL.Connection._reverse_mapping[ssl]
+            key = lookup(conn, ffi.string(identity))
+        except Exception:
+            return 0
+        if key is None or len(key) > max_len:
+            return 0
+        ffi.memmove(psk, key, len(key))
+        return len(key)
+
+    cb = ffi.callback(
+        "unsigned int (*)(SSL *, char *, unsigned char *, unsigned int)", callback, onerror=_zero
+    )
+    _keep(ctx, cb)
+    lib.SSL_CTX_set_psk_server_callback(ctx._context, cb)
+
+
+def set_psk_client_callback(
+    ctx: SSL.Context, choose: Callable[[SSL.Connection], tuple[bytes, bytes] | None]
+) -> None:
+    """Offer a PSK in every handshake: ``choose(conn)`` gives (identity, key), or None."""
+
+    def callback(
+        ssl: object, _hint: object, id_out: object, max_id: int, psk: object, max_psk: int
+    ) -> int:
+        try:
+            chosen = choose(SSL.Connection._reverse_mapping[ssl])
+        except Exception:
+            return 0
+        if chosen is None:
+            return 0
+        identity, key = chosen
+        if len(identity) > max_id or len(key) > max_psk:
+            return 0
+        ffi.memmove(id_out, identity + b"\0", len(identity) + 1)
+        ffi.memmove(psk, key, len(key))
+        return len(key)
+
+    cb = ffi.callback(
+        "unsigned int (*)(SSL *, char *, char *, unsigned int, unsigned char *, unsigned int)",
+        callback,
+        onerror=_zero,
+    )
+    _keep(ctx, cb)
+    lib.SSL_CTX_set_psk_client_callback(ctx._context, cb)
+
+
+def _zero(*_exc: object) -> int:
+    return 0
+
+
+def session_reused(conn: SSL.Connection) -> bool:
+    """True if the handshake of ``conn`` resumed a session."""
+    return lib.SSL_session_reused(conn._ssl) == 1
+
+
+def session_to_der(conn: SSL.Connection) -> bytes | None:
+    """The connection's current session in OpenSSL's DER form, or None."""
+    session = lib.SSL_get_session(conn._ssl)
+    if session == ffi.NULL:
+        return None
+    size = lib.i2d_SSL_SESSION(session, ffi.NULL)
+    if size <= 0:
+        return None
+    buf = ffi.new("unsigned char[]", size)
+    lib.i2d_SSL_SESSION(session, ffi.new("unsigned char **", buf))
+    return ffi.buffer(buf, size)[:]
+
+
+def use_session_der(conn: SSL.Connection, der: bytes) -> bool:
+    """Offer the session in ``der`` (from ``session_to_der``) in the next handshake.
+
+    Returns False, changing nothing, if ``der`` is not a session OpenSSL
+    can read.
+    """
+    buf = ffi.new("unsigned char[]", der)
+    session = lib.d2i_SSL_SESSION(ffi.NULL, ffi.new("unsigned char **", buf), len(der))
+    if session == ffi.NULL:
+        lib.ERR_clear_error()
+        return False
+    try:
+        return lib.SSL_set_session(conn._ssl, session) == 1
+    finally:
+        lib.SSL_SESSION_free(session)  # SSL_set_session took its own reference
+
+
+def subject_oneline(cert: X509) -> str:
+    """The certificate's subject in OpenSSL's one-line form (``X509_NAME_oneline``).
+
+    ``/`` inside a value is ``\\/``, bytes outside printable ASCII are
+    ``\\xHH``: the form libtls gives to s6-networking's applications.
+    """
+    text = lib.X509_NAME_oneline(lib.X509_get_subject_name(cert._x509), ffi.NULL, 0)
+    if text == ffi.NULL:
+        raise MemoryError("X509_NAME_oneline")
+    try:
+        return ffi.string(text).decode("ascii", "replace")
+    finally:
+        lib.OPENSSL_free(text)
+
+
+def verify_error_text(errnum: int) -> str:
+    """OpenSSL's text for an ``X509_V_ERR_*`` code, e.g. "certificate revoked"."""
+    return ffi.string(lib.X509_verify_cert_error_string(errnum)).decode("ascii", "replace")

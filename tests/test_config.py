@@ -1,0 +1,164 @@
+"""The configuration: environment and options in, a validated TlsConfig or one error out."""
+
+import pytest
+
+from s6tls.app import application_env
+from s6tls.config import VARIABLES, Options, TlsConfig
+from s6tls.errors import ConfigError, UsageError
+
+SERVER = {"CERTFILE": "c.pem", "KEYFILE": "k.pem"}
+CLIENT = {"CAFILE": "ca.pem"}
+
+
+def server(env: dict[str, str], **opts: object) -> TlsConfig:
+    return TlsConfig.from_env("server", {**SERVER, **env}, Options(**opts))  # type: ignore[arg-type]
+
+
+def client(env: dict[str, str], **opts: object) -> TlsConfig:
+    opts.setdefault("servername", "localhost")
+    return TlsConfig.from_env("client", {**CLIENT, **env}, Options(**opts))  # type: ignore[arg-type]
+
+
+def test_defaults_are_tls_1_2_to_1_3_with_forward_secret_aead_suites_only():
+    cfg = server({})
+    assert (cfg.min_version, cfg.max_version) == ("1.2", "1.3")
+    suites = cfg.ciphers.split(":")
+    assert suites and all(s.startswith("ECDHE-") for s in suites)
+    assert all("GCM" in s or "CHACHA20-POLY1305" in s for s in suites)
+    assert cfg.ciphersuites is None and cfg.groups is None and cfg.alpn == ()
+
+
+def test_every_policy_variable_fills_its_field():
+    env = {
+        "TLS_MIN_VERSION": "1.3",
+        "TLS_MAX_VERSION": "1.3",
+        "TLS_CIPHERS": "ECDHE-RSA-AES128-GCM-SHA256",
+        "TLS_CIPHERSUITES": "TLS_AES_128_GCM_SHA256",
+        "TLS_GROUPS": "X25519:P-256",
+        "TLS_ALPN": "h2, http/1.1",
+        "PSKFILE": "psk",
+        "PSK_IDENTITY": "alice",
+        "TLS_PEER_DNS": "Straße.example,a.example",
+        "TLS_PEER_URI": "spiffe://example.org/ns/default/sa/web",
+        "TLS_PEER_EMAIL": "a@b.example",
+        "TLS_PEER_IP": "::1,127.0.0.1",
+        "TLS_PEER_SPKI": "47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU=",
+        "CRLFILE": "crl.pem",
+        "TLS_CRL_CHECK": "chain",
+        "TLS_OCSP": "require",
+        "TLS_SESSION_DIR": "/var/cache/s6tls",
+        "KEYPASSFILE": "pass",
+    }
+    cfg = client(env)
+    assert cfg.alpn == ("h2", "http/1.1")
+    assert cfg.peer_dns == ("xn--strae-oqa.example", "a.example")
+    assert cfg.peer_ip == ("::1", "127.0.0.1")
+    assert (cfg.crl_check, cfg.ocsp, cfg.psk_identity) == ("chain", "require", "alice")
+    assert cfg.session_dir == "/var/cache/s6tls" and cfg.keypassfile == "pass"
+
+
+def test_a_program_ignores_the_variables_of_the_other_side():
+    assert server({"TLS_OCSP": "maybe", "PSK_IDENTITY": "x:y"}).ocsp is None
+    assert client({"OCSPFILE": "ocsp.der"}).ocspfile is None
+
+
+@pytest.mark.parametrize(
+    ("role", "env", "opts", "message"),
+    [
+        ("server", {"TLS_MIN_VERSION": "1.1"}, {}, "invalid TLS_MIN_VERSION: '1.1' is not 1.2"),
+        ("server", {"TLS_MIN_VERSION": "1.3", "TLS_MAX_VERSION": "1.2"}, {}, "TLS_MIN_VERSION is"),
+        (
+            "server",
+            {"TLS_CIPHERSUITES": "TLS_AES_128_GCM_SHA256 X"},
+            {},
+            "invalid TLS_CIPHERSUITES",
+        ),
+        ("server", {"TLS_GROUPS": "X25519,P-256"}, {}, "invalid TLS_GROUPS"),
+        ("server", {"TLS_ALPN": "h2,,http/1.1"}, {}, "invalid TLS_ALPN"),
+        ("server", {"TLS_ALPN": "h2\x1b"}, {}, "invalid TLS_ALPN"),
+        ("server", {"TLS_PEER_DNS": "a..b"}, {"peer_verify": "required"}, "invalid TLS_PEER_DNS"),
+        (
+            "server",
+            {"TLS_PEER_URI": "no-scheme"},
+            {"peer_verify": "required"},
+            "invalid TLS_PEER_URI",
+        ),
+        (
+            "server",
+            {"TLS_PEER_EMAIL": "nobody"},
+            {"peer_verify": "required"},
+            "invalid TLS_PEER_EMAIL",
+        ),
+        ("server", {"TLS_PEER_IP": "1.2.3"}, {"peer_verify": "required"}, "invalid TLS_PEER_IP"),
+        ("server", {"TLS_PEER_SPKI": "abcd"}, {"peer_verify": "required"}, "invalid TLS_PEER_SPKI"),
+        (
+            "server",
+            {"TLS_PEER_DNS": "a.example", "CAFILE": "ca.pem"},
+            {"peer_verify": "optional"},
+            "TLS_PEER_* allow-lists need -y",
+        ),
+        (
+            "server",
+            {"TLS_CRL_CHECK": "all"},
+            {},
+            "invalid TLS_CRL_CHECK: 'all' is not leaf or chain",
+        ),
+        ("server", {"TLS_CRL_CHECK": "leaf"}, {}, "TLS_CRL_CHECK needs CRLFILE"),
+        ("server", {"CRLFILE": "a\nb"}, {}, "invalid CRLFILE: it holds a control character"),
+        (
+            "server",
+            {"PSKFILE": "p", "TLS_CIPHERSUITES": "TLS_AES_256_GCM_SHA384"},
+            {},
+            "PSKFILE needs",
+        ),
+        ("client", {"TLS_OCSP": "yes"}, {}, "invalid TLS_OCSP: 'yes' is not require"),
+        ("client", {"TLS_OCSP": "require"}, {"verify_cert": False}, "TLS_OCSP=require cannot"),
+        ("client", {"PSK_IDENTITY": "alice"}, {}, "PSK_IDENTITY needs PSKFILE"),
+        ("client", {"PSKFILE": "p", "PSK_IDENTITY": "a:b"}, {}, "invalid PSK_IDENTITY"),
+        ("client", {}, {"servername": "a..b"}, "invalid server name 'a..b'"),
+        ("client", {}, {"servername": "x" * 64 + ".example"}, "invalid server name"),
+        ("client", {}, {"servername": "bad_name.example"}, "invalid server name"),
+    ],
+)
+def test_a_bad_value_is_a_usage_error_naming_the_variable(role, env, opts, message):
+    with pytest.raises(UsageError) as info:
+        (server if role == "server" else client)(env, **opts)
+    assert str(info.value).startswith(message)
+
+
+def test_psk_replaces_certificates_and_trust_anchors():
+    assert TlsConfig.from_env("server", {"PSKFILE": "p"}, Options()).keypair is None
+    assert TlsConfig.from_env("client", {"PSKFILE": "p"}, Options()).cafile is None
+    with pytest.raises(UsageError):
+        TlsConfig.from_env("server", {}, Options())
+
+
+def test_server_names_are_idna_2008_and_ip_literals_are_normalised():
+    assert client({}, servername="Straße.DE.").servername == "xn--strae-oqa.de"
+    assert client({}, servername="0:0::1").servername == "::1"
+    assert client({}, servername="::1").servername_is_ip
+
+
+def test_warnings_for_what_works_but_is_probably_a_mistake():
+    assert server({"CERTFILE:a.example": "a", "KEYFILE:a.example": "b"}).warnings == (
+        "the CERTFILE:name keypairs are ignored without -k 1 or -k 2",
+    )
+    assert server({"CERTFILE:a.example": "a", "KEYFILE:a.example": "b"}, sni_level=1).warnings == ()
+    assert client({}, verify_cert=False).warnings == (
+        "not verifying the server's certificate (--no-verify-cert)",
+    )
+    assert client({}, servername=None).warnings == (
+        "the server's name is not checked, only its chain: use -k NAME to check it",
+    )
+    assert client({}).warnings == ()
+
+
+def test_unpaired_sni_keypair_is_a_configuration_error():
+    with pytest.raises(ConfigError):
+        server({"KEYFILE:a.example": "k"}, sni_level=1)
+
+
+def test_z_removes_every_policy_variable_from_the_application_environment():
+    env = {v.name: "x" for v in VARIABLES} | {"CERTFILE:a": "c", "PATH": "/bin"}
+    assert application_env(env, {}, keep_secrets=False) == {"PATH": "/bin"}
+    assert application_env(env, {}, keep_secrets=True) == env

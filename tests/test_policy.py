@@ -1,0 +1,217 @@
+"""TLS policy against real peers: versions, suites, groups, ALPN, session tickets.
+
+Each server is a real s6-tlsd under tcpserver or a real s6-tlsserver, and
+each client a real ``openssl s_client`` (OpenSSL 3.0) or s6-tlsc.
+"""
+
+import os
+import signal
+
+import pytest
+import trustme
+from conftest import write_leaf
+from openssl_peer import s_client
+from server_helpers import start_server
+from ucspi_helpers import LineReader, TcpServer, fatal, tcpclient, touch_then
+
+from s6tls import ossl
+from s6tls.context import default_groups
+
+SHOW = ["sh", "-c", 'echo "alpn=${SSL_ALPN_PROTOCOL-unset} resumed=$SSL_SESSION_RESUMED"']
+
+
+@pytest.fixture(scope="module")
+def rsa_env(tmp_path_factory: pytest.TempPathFactory, ca: trustme.CA) -> dict[str, str]:
+    """A server environment with an RSA certificate from the trusted CA."""
+    d = tmp_path_factory.mktemp("rsa")
+    write_leaf(ca.issue_cert("localhost", key_type=trustme.KeyType.RSA), d / "c.pem", d / "k.pem")
+    return {**os.environ, "CERTFILE": str(d / "c.pem"), "KEYFILE": str(d / "k.pem")}
+
+
+@pytest.fixture(scope="module")
+def ecdsa_server(pki):
+    env = {**os.environ, "CERTFILE": pki["server_cert"], "KEYFILE": pki["server_key"]}
+    server, port = start_server(["-S"], ["true"], env)
+    yield port
+    server.terminate()
+    server.communicate(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def rsa_server(rsa_env):
+    server, port = start_server(["-S"], ["true"], rsa_env)
+    yield port
+    server.terminate()
+    server.communicate(timeout=30)
+
+
+# --- versions and suites -----------------------------------------------------------------
+
+TLS12_FORWARD_SECRET_AEAD = {
+    "ecdsa": [
+        "ECDHE-ECDSA-AES128-GCM-SHA256",
+        "ECDHE-ECDSA-AES256-GCM-SHA384",
+        "ECDHE-ECDSA-CHACHA20-POLY1305",
+    ],
+    "rsa": [
+        "ECDHE-RSA-AES128-GCM-SHA256",
+        "ECDHE-RSA-AES256-GCM-SHA384",
+        "ECDHE-RSA-CHACHA20-POLY1305",
+    ],
+}
+# What OpenSSL's own defaults accept and Mozilla's intermediate profile does not.
+TLS12_REFUSED = {
+    "ecdsa": ["ECDHE-ECDSA-AES128-SHA", "ECDHE-ECDSA-AES256-SHA384", "ECDHE-ECDSA-AES128-SHA256"],
+    "rsa": [
+        "AES128-SHA",  # static RSA key exchange, CBC, SHA-1
+        "AES256-GCM-SHA384",  # static RSA key exchange
+        "ECDHE-RSA-AES128-SHA",
+        "ECDHE-RSA-AES256-SHA384",
+        "DHE-RSA-AES128-GCM-SHA256",
+    ],
+}
+
+
+@pytest.mark.parametrize("kind", ["ecdsa", "rsa"])
+def test_tls_1_2_offers_exactly_the_forward_secret_aead_suites(kind, ecdsa_server, rsa_server):
+    port = ecdsa_server if kind == "ecdsa" else rsa_server
+    for cipher in TLS12_FORWARD_SECRET_AEAD[kind]:
+        peer = s_client(port, "-tls1_2", "-cipher", cipher)
+        assert (peer.protocol, peer.cipher) == ("TLSv1.2", cipher), peer.err
+    for cipher in TLS12_REFUSED[kind]:
+        peer = s_client(port, "-tls1_2", "-cipher", cipher)
+        assert not peer.connected and peer.code == 1, cipher
+
+
+@pytest.mark.parametrize("flag", ["-tls1", "-tls1_1"])
+def test_tls_1_0_and_1_1_are_refused(flag, ecdsa_server):
+    peer = s_client(ecdsa_server, flag, "-cipher", "DEFAULT@SECLEVEL=0")
+    assert not peer.connected
+
+
+def test_the_server_order_of_suites_wins(ecdsa_server):
+    offered = "ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-ECDSA-AES128-GCM-SHA256"
+    peer = s_client(ecdsa_server, "-tls1_2", "-cipher", offered)
+    assert peer.cipher == "ECDHE-ECDSA-AES128-GCM-SHA256"
+
+
+def test_versions_suites_and_groups_follow_the_variables(server_env):
+    env = {
+        **server_env,
+        "TLS_MIN_VERSION": "1.3",
+        "TLS_CIPHERSUITES": "TLS_CHACHA20_POLY1305_SHA256",
+        "TLS_GROUPS": "P-384",
+    }
+    server, port = start_server(["-S"], ["true"], env)
+    try:
+        assert not s_client(port, "-tls1_2").connected
+        peer = s_client(port)
+        assert (peer.protocol, peer.cipher) == ("TLSv1.3", "TLS_CHACHA20_POLY1305_SHA256")
+        assert "secp384r1" in (peer.fact("Server Temp Key") or "")
+        assert not s_client(port, "-ciphersuites", "TLS_AES_128_GCM_SHA256").connected
+        assert not s_client(port, "-groups", "X25519").connected
+        assert s_client(port, "-groups", "P-384").connected
+    finally:
+        server.terminate()
+        server.communicate(timeout=30)
+
+
+@pytest.mark.parametrize(("group", "admitted"), [("X25519", True), ("P-256", True),
+    ("P-384", True), ("P-521", False), ("X448", False), ("ffdhe2048", False)])  # fmt: skip
+def test_default_groups_are_x25519_p256_p384(group, admitted, ecdsa_server):
+    assert s_client(ecdsa_server, "-groups", group).connected == admitted
+
+
+def test_the_hybrid_post_quantum_group_comes_first_where_openssl_has_it():
+    groups = default_groups().split(":")
+    assert groups[-3:] == ["X25519", "P-256", "P-384"]
+    assert (groups[0] == ossl.HYBRID_GROUP) == ossl.has_group(ossl.HYBRID_GROUP)
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "message"),
+    [
+        ("TLS_CIPHERS", "NO-SUCH-CIPHER", "invalid TLS_CIPHERS: OpenSSL accepts no cipher"),
+        ("TLS_CIPHERSUITES", "TLS_NO_SUCH_SUITE", "invalid TLS_CIPHERSUITES: OpenSSL refuses"),
+        ("TLS_GROUPS", "X25519:brainpool", "invalid TLS_GROUPS: OpenSSL refuses"),
+        ("TLS_MAX_VERSION", "1.4", "invalid TLS_MAX_VERSION: '1.4' is not 1.2 or 1.3"),
+    ],
+)
+def test_a_value_openssl_refuses_is_a_usage_error_before_any_handshake(
+    variable, value, message, server_env
+):
+    with TcpServer([], ["true"], {**server_env, variable: value}) as srv:
+        peer = s_client(srv.port)
+        code, lines = srv.wait_end()
+    assert not peer.connected
+    assert code == 100
+    assert fatal(lines, "s6-tlsd").startswith(message)
+
+
+# --- ALPN --------------------------------------------------------------------------------
+
+
+def test_alpn_gives_the_servers_first_choice_to_the_application(server_env):
+    env = {**server_env, "TLS_ALPN": "h2,http/1.1"}
+    with TcpServer(["-S"], SHOW, env) as srv:
+        peer = s_client(srv.port, "-alpn", "http/1.1,h2")
+        assert srv.wait_end() == (0, [])
+        plain = s_client(srv.port)  # a client without ALPN is served without
+        assert srv.wait_end() == (0, [])
+    assert peer.out == b"alpn=h2 resumed=0\n"
+    assert plain.out == b"alpn=unset resumed=0\n"
+
+
+def test_alpn_without_overlap_is_refused_with_no_application_protocol(server_env, tmp_path):
+    marker = tmp_path / "started"
+    env = {**server_env, "TLS_ALPN": "h2,http/1.1"}
+    with TcpServer([], touch_then(marker, "true"), env) as srv:
+        peer = s_client(srv.port, "-alpn", "spdy/3")
+        code, lines = srv.wait_end()
+    assert "alert no application protocol" in peer.err
+    assert code == 97
+    assert fatal(lines, "s6-tlsd") == "no application protocol in common (TLS_ALPN h2,http/1.1)"
+    assert not marker.exists()
+
+
+def test_s6_tlsc_offers_its_alpn_list(server_env, client_env):
+    server_alpn = {**server_env, "TLS_ALPN": "imap,h2"}
+    with TcpServer(["-S"], SHOW, server_alpn) as srv:
+        res = tcpclient(srv.port, ["-k", "localhost"], ["sh", "-c", "cat <&6"],
+                        {**client_env, "TLS_ALPN": "h2,http/1.1"})  # fmt: skip
+        assert srv.wait_end() == (0, [])
+    assert res.returncode == 0, res.stderr
+    assert res.stdout == b"alpn=h2 resumed=0\n"
+
+
+# --- session tickets ---------------------------------------------------------------------
+
+
+def test_s6_tlsd_issues_no_session_ticket(server_env):
+    with TcpServer(["-S"], ["true"], server_env) as srv:
+        for version in ("-tls1_3", "-tls1_2"):
+            peer = s_client(srv.port, version, "-msg")
+            assert srv.wait_end() == (0, [])
+            assert peer.connected
+            assert peer.out.count(b"NewSessionTicket") == 0, version
+
+
+def test_s6_tlsserver_children_resume_each_others_sessions_until_sighup(server_env, tmp_path):
+    session = str(tmp_path / "session.pem")
+    server, port = start_server(["-S", "-v"], SHOW, server_env)
+    log = LineReader(server.stderr)
+    try:
+        first = s_client(port, "-msg", "-sess_out", session)
+        assert first.out.count(b"NewSessionTicket") == 2
+        assert b"alpn=unset resumed=0\n" in first.out
+        for _ in range(3):  # each connection is served by another child
+            again = s_client(port, "-sess_in", session)
+            assert again.out == b"alpn=unset resumed=1\n", again.err
+        server.send_signal(signal.SIGHUP)  # a new ticket key
+        while "reloaded the keypairs" not in log.readline():
+            pass
+        refused = s_client(port, "-sess_in", session)
+        assert refused.out == b"alpn=unset resumed=0\n"
+    finally:
+        server.terminate()
+        server.communicate(timeout=30)
