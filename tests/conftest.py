@@ -6,6 +6,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import guest
 import pytest
 import trustme
 
@@ -19,6 +20,10 @@ def program(name: str) -> list[str]:
     installed; the installed entry points are the same ``main`` functions.
     """
     return [sys.executable, str(ROOT / "bin" / name)]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    guest.pytest_configure(config)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

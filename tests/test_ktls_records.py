@@ -1,0 +1,121 @@
+"""Kernel TLS without a kernel that has it: the records' meaning, and the fallbacks.
+
+``Records`` is sans-IO: records in, what they mean out.  The fallback tests
+run on the host, whose kernel has no ``tls`` module (the note in
+/work/shared/notes/ktls.md: this machine kind's kernel lacks CONFIG_TLS).
+"""
+
+import os
+import socket
+from pathlib import Path
+
+import pytest
+
+from s6tls import ktls_keys, ktls_socket
+from s6tls.ktls_socket import ALERT, FATAL, HANDSHAKE, WARNING, KernelTls, Records, Unavailable
+
+TLS12, TLS13 = ktls_keys.TLS_1_2_VERSION, ktls_keys.TLS_1_3_VERSION
+
+
+def kinds(controls):
+    return [c.kind for c in controls]
+
+
+def handshake_message(kind: int, body: bytes) -> bytes:
+    return bytes([kind]) + len(body).to_bytes(3, "big") + body
+
+
+@pytest.mark.parametrize("version", [TLS12, TLS13])
+def test_close_notify_is_the_end(version):
+    assert kinds(Records(version).feed(ALERT, bytes([WARNING, 0]))) == ["close_notify"]
+
+
+@pytest.mark.parametrize("version", [TLS12, TLS13])
+def test_a_fatal_alert_is_an_error_that_needs_no_answer(version):
+    [c] = Records(version).feed(ALERT, bytes([FATAL, 20]))
+    assert (c.kind, c.reason, c.alert) == ("error", "peer sent a fatal alert: bad_record_mac", None)
+
+
+def test_a_warning_is_ignored_under_tls12_and_fatal_under_tls13():
+    assert kinds(Records(TLS12).feed(ALERT, bytes([WARNING, 100]))) == ["ignore"]
+    [c] = Records(TLS13).feed(ALERT, bytes([WARNING, 100]))
+    assert (c.kind, c.reason) == ("error", "peer sent a fatal alert: no_renegotiation")
+    assert kinds(Records(TLS13).feed(ALERT, bytes([WARNING, 90]))) == ["ignore"]  # user_canceled
+
+
+def test_a_malformed_alert_is_a_decode_error():
+    [c] = Records(TLS13).feed(ALERT, b"\x02")
+    assert (c.kind, c.alert) == ("error", ktls_socket.DECODE_ERROR)
+
+
+def test_tickets_are_ignored_even_split_across_records():
+    records = Records(TLS13)
+    two = handshake_message(4, b"t" * 200) + handshake_message(4, b"u" * 100)
+    assert kinds(records.feed(HANDSHAKE, two[:150])) == []
+    assert kinds(records.feed(HANDSHAKE, two[150:])) == ["ignore", "ignore"]
+
+
+@pytest.mark.parametrize("requested", [False, True])
+def test_a_key_update_says_whether_ours_is_wanted(requested):
+    [c] = Records(TLS13).feed(HANDSHAKE, ktls_socket.key_update_message(requested))
+    assert (c.kind, c.update_requested) == ("key_update", requested)
+    [bad] = Records(TLS13).feed(HANDSHAKE, handshake_message(24, b"\x02"))
+    assert (bad.kind, bad.alert) == ("error", ktls_socket.DECODE_ERROR)
+
+
+@pytest.mark.parametrize("message", [0, 1])  # HelloRequest, ClientHello
+def test_renegotiation_is_refused_with_a_warning_under_tls12(message):
+    [c] = Records(TLS12).feed(HANDSHAKE, handshake_message(message, b""))
+    assert (c.kind, c.reply) == ("answer", (ALERT, bytes([WARNING, 100])))
+    [bad] = Records(TLS13).feed(HANDSHAKE, handshake_message(message, b""))
+    assert (bad.kind, bad.alert) == ("error", ktls_socket.UNEXPECTED_MESSAGE)
+
+
+def test_other_records_are_unexpected():
+    [c] = Records(TLS13).feed(ktls_socket.CHANGE_CIPHER_SPEC, b"\x01")
+    assert (c.kind, c.alert) == ("error", ktls_socket.UNEXPECTED_MESSAGE)
+    [big] = Records(TLS13).feed(HANDSHAKE, b"\x04\xff\xff\xff")
+    assert (big.kind, big.reason) == ("error", "peer sent an oversized handshake message")
+
+
+# -- what cannot take kernel TLS at all ---------------------------------------
+
+
+def test_only_one_tcp_socket_can_take_kernel_tls():
+    a, b = socket.socketpair()
+    r, w = os.pipe()
+    with a, b, socket.create_server(("127.0.0.1", 0)) as lis:
+        with socket.create_connection(lis.getsockname()) as tcp:
+            assert ktls_socket.tcp_socket(tcp.fileno(), tcp.fileno()) is None
+        assert ktls_socket.tcp_socket(a.fileno(), a.fileno()) == (
+            "the ciphertext descriptor is not a TCP socket"
+        )
+        assert ktls_socket.tcp_socket(r, w) == "the ciphertext descriptor is not a socket"
+        with socket.create_connection(lis.getsockname()) as tcp:
+            assert ktls_socket.tcp_socket(tcp.fileno(), a.fileno()) == (
+                "the ciphertext descriptors are not one socket"
+            )
+    os.close(r)
+    os.close(w)
+
+
+@pytest.mark.skipif(Path("/proc/net/tls_stat").exists(), reason="this host's kernel has kernel TLS")
+def test_a_kernel_without_the_tls_module_changes_nothing():
+    keys = ktls_keys.ConnectionKeys(
+        TLS13,
+        ktls_keys.AES_128_GCM,
+        ktls_keys.DirectionKeys(bytes(16), bytes(12), 0),
+        ktls_keys.DirectionKeys(bytes(16), bytes(12), 0),
+    )
+    with (
+        socket.create_server(("127.0.0.1", 0)) as lis,
+        socket.create_connection(lis.getsockname()) as tcp,
+    ):
+        peer, _ = lis.accept()
+        with peer:
+            before = set(os.listdir("/proc/self/fd"))
+            with pytest.raises(Unavailable, match=r"^this kernel has no tls module$"):
+                KernelTls.install(tcp.fileno(), keys)
+            assert set(os.listdir("/proc/self/fd")) == before  # its duplicate is closed
+            tcp.sendall(b"still plain TCP")
+            assert peer.recv(100) == b"still plain TCP"

@@ -1,0 +1,240 @@
+"""Kernel TLS at the socket level, inside the guest: keys in, records out.
+
+Two OpenSSL connections shake hands over a real loopback TCP connection;
+then one or both ends hand their keys to the kernel.  Against an end left
+in userspace, what the kernel sends and receives proves the keys, the
+sequence numbers and the wire format; between two kernel ends, the control
+records.
+"""
+
+import contextlib
+import errno
+import hashlib
+import os
+import select
+import socket
+from pathlib import Path
+
+import pytest
+from ktls_helpers import TLS12_CIPHERS, TLS13_SUITES, watched_contexts
+from OpenSSL import SSL
+
+from s6tls import ktls_keys, ktls_socket
+from s6tls.errors import TlsRuntimeError
+from s6tls.ktls_socket import ALERT, FATAL, HANDSHAKE, KernelTls
+
+pytestmark = pytest.mark.guest
+
+CASES = [(ktls_keys.TLS_1_3_VERSION, s) for s in TLS13_SUITES] + [
+    (ktls_keys.TLS_1_2_VERSION, c) for c in TLS12_CIPHERS
+]
+IDS = [c for _v, c in CASES]
+DEADLINE_MS = 30_000
+
+
+def test_the_guest_kernel_has_the_tls_module():
+    assert Path("/proc/net/tls_stat").exists()
+    assert os.uname().release.startswith("6.1.")
+
+
+class Pair:
+    """A TLS connection over loopback TCP, handshake done, both ends in this process."""
+
+    def __init__(self, pki, version, cipher):
+        server_ctx, client_ctx = watched_contexts(pki, version, cipher)
+        with socket.create_server(("127.0.0.1", 0)) as lis:
+            self.csock = socket.create_connection(lis.getsockname())
+            self.ssock, _ = lis.accept()
+        for s in (self.csock, self.ssock):
+            s.setblocking(False)
+        self.server = SSL.Connection(server_ctx, self.ssock)
+        self.client = SSL.Connection(client_ctx, self.csock)
+        self.server.set_accept_state()
+        self.client.set_connect_state()
+        done: set[int] = set()
+        while len(done) < 2:
+            for i, conn in enumerate((self.server, self.client)):
+                if i not in done:
+                    with contextlib.suppress(SSL.WantReadError):
+                        conn.do_handshake()
+                        done.add(i)
+            if len(done) < 2:
+                fds = [self.ssock, self.csock]
+                assert select.select(fds, [], [], DEADLINE_MS / 1000)[0], "handshake stalled"
+        self.opened: list[KernelTls] = []
+
+    def kernel(self, side: str) -> KernelTls:
+        conn, sock = (self.server, self.ssock) if side == "server" else (self.client, self.csock)
+        ktls = KernelTls.install(sock.fileno(), ktls_keys.connection_keys(conn))
+        self.opened.append(ktls)
+        return ktls
+
+    def close(self):
+        for k in self.opened:
+            k.close()
+        self.ssock.close()
+        self.csock.close()
+
+
+@pytest.fixture
+def pair_factory(pki):
+    made = []
+
+    def make(version, cipher):
+        made.append(Pair(pki, version, cipher))
+        return made[-1]
+
+    yield make
+    for p in made:
+        p.close()
+
+
+def _wait(fd: int, events: int) -> None:
+    poller = select.poll()
+    poller.register(fd, events)
+    assert poller.poll(DEADLINE_MS), f"fd {fd} not ready for {events} in time"
+
+
+def _pump_out(ktls: KernelTls, data: bytes) -> None:
+    """Splice all of ``data`` into ``ktls`` through a pipe."""
+    r, w = os.pipe()
+    os.set_blocking(w, False)
+    written = spliced = 0
+    try:
+        while spliced < len(data):
+            with contextlib.suppress(BlockingIOError):
+                written += os.write(w, data[written : written + 65536])
+            try:
+                spliced += ktls.splice_out(r, 65536)
+            except BlockingIOError:
+                _wait(ktls.fd, select.POLLOUT)
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def _read_all(ktls: KernelTls) -> list[tuple[str, bytes]]:
+    """Everything ``ktls`` receives up to the FIN, in order.
+
+    Data comes through a pipe with ``splice_in``: ``("data", bytes)``; other
+    records through ``read_record``: ``(what it means, b"")``.
+    """
+    r, w = os.pipe()
+    seen: list[tuple[str, bytes]] = []
+    buf = memoryview(bytearray(ktls_socket.MAX_RECORD))
+    try:
+        while True:
+            try:
+                n = ktls.splice_in(w, 65536)
+            except BlockingIOError:
+                _wait(ktls.fd, select.POLLIN)
+                continue
+            if n == 0:
+                return seen
+            if n is None:
+                kind, size = ktls.read_record(buf)
+                seen += [(c.kind, b"") for c in ktls.records.feed(kind, bytes(buf[:size]))]
+                continue
+            data = b""
+            while len(data) < n:
+                data += os.read(r, n - len(data))
+            if seen and seen[-1][0] == "data":
+                data = seen.pop()[1] + data
+            seen.append(("data", data))
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+@pytest.mark.parametrize(("version", "cipher"), CASES, ids=IDS)
+def test_kernel_sends_what_openssl_reads(pair_factory, version, cipher):
+    """Server in the kernel, client in OpenSSL: keys, sequence and wire format agree."""
+    pair = pair_factory(version, cipher)
+    ktls = pair.kernel("server")
+    data = os.urandom(200_000)
+    _pump_out(ktls, data)
+    got = b""
+    while len(got) < len(data):
+        try:
+            got += pair.client.recv(65536)
+        except SSL.WantReadError:
+            _wait(pair.csock.fileno(), select.POLLIN)
+    assert hashlib.sha256(got).digest() == hashlib.sha256(data).digest()
+
+
+@pytest.mark.parametrize(("version", "cipher"), CASES, ids=IDS)
+def test_kernel_reads_what_openssl_sends(pair_factory, version, cipher):
+    """Client in the kernel (the TLS 1.3 server's tickets come first), server in OpenSSL."""
+    pair = pair_factory(version, cipher)
+    ktls = pair.kernel("client")
+    data = os.urandom(200_000)
+    sent = 0
+    tickets = 0
+    got = bytearray()
+    r, w = os.pipe()
+    try:
+        while len(got) < len(data):
+            if sent < len(data):
+                with contextlib.suppress(SSL.WantWriteError):
+                    sent += pair.server.send(data[sent : sent + 16384])
+            try:
+                n = ktls.splice_in(w, 65536)
+            except BlockingIOError:
+                continue
+            if n is None:
+                buf = memoryview(bytearray(ktls_socket.MAX_RECORD))
+                kind, size = ktls.read_record(buf)
+                assert kind == HANDSHAKE
+                assert [c.kind for c in ktls.records.feed(kind, bytes(buf[:size]))] == ["ignore"]
+                tickets += 1
+                continue
+            got += os.read(r, n)
+    finally:
+        os.close(r)
+        os.close(w)
+    assert bytes(got) == data
+    assert tickets == (2 if version == ktls_keys.TLS_1_3_VERSION else 0)
+
+
+@pytest.mark.parametrize(("version", "cipher"), CASES, ids=IDS)
+def test_close_notify_then_fin_between_two_kernel_ends(pair_factory, version, cipher):
+    pair = pair_factory(version, cipher)
+    server, client = pair.kernel("server"), pair.kernel("client")
+    _pump_out(server, b"last words")
+    server.send_alert(ktls_socket.WARNING, ktls_socket.CLOSE_NOTIFY)
+    server.shutdown_write()
+    tickets = [("ignore", b"")] * (2 if version == ktls_keys.TLS_1_3_VERSION else 0)
+    assert _read_all(client) == [*tickets, ("data", b"last words"), ("close_notify", b"")]
+
+
+def test_a_fatal_alert_is_an_error_with_its_name(pair_factory):
+    pair = pair_factory(ktls_keys.TLS_1_3_VERSION, None)
+    server, client = pair.kernel("server"), pair.kernel("client")
+    server.send_alert(FATAL, 40)
+    buf = memoryview(bytearray(ktls_socket.MAX_RECORD))
+    kinds = []
+    while not kinds or kinds[-1].kind == "ignore":
+        _wait(client.fd, select.POLLIN)
+        kind, size = client.read_record(buf)
+        kinds += client.records.feed(kind, bytes(buf[:size]))
+    assert kind == ALERT
+    assert (kinds[-1].kind, kinds[-1].reason) == (
+        "error",
+        "peer sent a fatal alert: handshake_failure",
+    )
+
+
+def test_a_key_update_cannot_be_followed_on_this_kernel(pair_factory):
+    pair = pair_factory(ktls_keys.TLS_1_3_VERSION, None)
+    server, client = pair.kernel("server"), pair.kernel("client")
+    server.send_record(HANDSHAKE, ktls_socket.key_update_message(True))
+    buf = memoryview(bytearray(ktls_socket.MAX_RECORD))
+    controls = []
+    while not controls or controls[-1].kind == "ignore":
+        _wait(client.fd, select.POLLIN)
+        kind, size = client.read_record(buf)
+        controls += client.records.feed(kind, bytes(buf[:size]))
+    assert (controls[-1].kind, controls[-1].update_requested) == ("key_update", True)
+    with pytest.raises(TlsRuntimeError, match="cannot change keys here") as err:
+        client.follow_key_update(True)
+    assert os.strerror(errno.EBUSY) in str(err.value)
