@@ -26,7 +26,6 @@ import os
 import select
 import signal
 import socket
-import sys
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -181,7 +180,7 @@ class Server:
         self.spare: tuple[int, socket.socket] | None = None  # pid, our end of its channel
         self.poller = select.poll()
         self.paused_until: float | None = None
-        self.accept_error: int | None = None  # the errno last logged, until an accept works
+        self.trouble: tuple[str, int | None] | None = None  # logged once, until an accept works
 
     def serve(self, notify: bool) -> int:
         """Accept until SIGTERM, then wait for the running connections; return 0.
@@ -194,7 +193,6 @@ class Server:
         with SelfPipe(signals) as selfpipe:
             self.selfpipe = selfpipe
             self._ready(notify)
-            _detach_stdio()
             self.poller.register(selfpipe.fileno(), select.POLLIN)
             self._watch_listeners(True)
             gc.freeze()  # keep the pages shared with the children shared
@@ -210,6 +208,8 @@ class Server:
         return ExitCode.OK
 
     def _ready(self, notify: bool) -> None:
+        """Tell whoever waits that the server listens, then detach stdin and stdout."""
+        null = os.open(os.devnull, os.O_RDWR)  # before readiness: no failure after it
         local = self.listeners[0].getsockname()
         self.log.info(f"listening on {peer_address(unmap(local[0]), local[1])}")
         if notify:
@@ -220,6 +220,10 @@ class Server:
         problem = systemd.notify(os.environ, "READY=1")
         if problem:
             self.log.warn(problem)
+        # Close stdin and stdout as s6-tcpserver does, keeping the numbers on /dev/null.
+        for fd in (0, 1):
+            os.dup2(null, fd)
+        os.close(null)
 
     def _watch_listeners(self, watch: bool) -> None:
         for listener in self.listeners:
@@ -308,14 +312,18 @@ class Server:
         listener = next((s for s in self.listeners if s.fileno() == fd), None)
         if listener is None:
             return
+        if self.spare is None:
+            self._fork_spare()
+            if self.spare is None:
+                return  # paused: the connection waits in the backlog
         try:
             conn, addr = listener.accept()
         except (BlockingIOError, InterruptedError, ConnectionAbortedError):
             return
         except OSError as exc:
-            self._accept_failed(exc)
+            self._trouble("unable to accept", exc, exc.errno in _PAUSING_ERRORS)
             return
-        self.accept_error = None
+        self.trouble = None
         with conn:
             ip = unmap(addr[0])
             peer = peer_address(ip, addr[1])
@@ -346,14 +354,18 @@ class Server:
         self.log.info(f"allow {ip} port {addr[1]} pid {pid} count {count}")
         self._fork_spare()
 
-    def _accept_failed(self, exc: OSError) -> None:
-        """Log an accept error once, until an accept works; pause when out of resources."""
-        pause = exc.errno in _PAUSING_ERRORS
-        if exc.errno != self.accept_error:
-            self.accept_error = exc.errno
-            then = f", pausing for {PAUSE * 1000:.0f} ms" if pause else ""
-            self.log.warn(f"unable to accept: {exc.strerror}{then}")
-        if pause and self.paused_until is None:
+    def _trouble(self, what: str, exc: OSError, pause: bool) -> None:
+        """A warning for an error of the accept loop, once until an accept works.
+
+        With ``pause`` (out of descriptors, memory or processes), stop
+        watching the listeners for ``PAUSE`` seconds: new connections wait
+        in the backlog instead of being accepted and dropped.
+        """
+        if (what, exc.errno) != self.trouble:
+            self.trouble = (what, exc.errno)
+            then = f", pausing accepts for {PAUSE * 1000:.0f} ms" if pause else ""
+            self.log.warn(f"{what}: {exc.strerror}{then}")
+        if pause and self.paused_until is None and self.listeners:
             self._watch_listeners(False)
             self.paused_until = time.monotonic() + PAUSE
 
@@ -403,14 +415,14 @@ class Server:
         try:
             ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         except OSError as exc:
-            self.log.warn(f"unable to prepare a child: {exc.strerror}")
+            self._trouble("unable to prepare a child", exc, True)
             return
         try:
             pid = os.fork()
         except OSError as exc:
             ours.close()
             theirs.close()
-            self.log.warn(f"unable to fork: {exc.strerror}")
+            self._trouble("unable to fork", exc, True)
             return
         if pid == 0:
             ours.close()
@@ -561,15 +573,6 @@ def ip_address(text: str, name: str) -> str:
     if not is_ip(text):
         raise UsageError(f"{text} is not an IP address")
     return text
-
-
-def _detach_stdio() -> None:
-    """Close stdin and stdout as s6-tcpserver does, keeping the numbers on /dev/null."""
-    sys.stdout.flush()
-    null = os.open(os.devnull, os.O_RDWR)
-    for fd in (0, 1):
-        os.dup2(null, fd)
-    os.close(null)
 
 
 PROGRAM = Program(

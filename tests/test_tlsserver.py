@@ -2,17 +2,21 @@
 
 import hashlib
 import os
+import re
+import resource
 import signal
 import socket
 import ssl
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 from conftest import program, write_leaf
 from server_helpers import APPS, fd_count, start_server, tls_connect, zombies
+from ucspi_helpers import LineReader
 
 PRINT_ENV = [sys.executable, "-c", "import os,sys; sys.stdout.write(repr(dict(os.environ)))"]
 CLIENT_PRINT_ENV = [
@@ -178,6 +182,96 @@ def test_sigterm_drops_handshakes_at_once_and_lets_running_connections_finish(
     conn.close()
     server.communicate(timeout=20)
     assert server.returncode == 0
+
+
+def test_sixty_silent_sockets_hold_the_slots_no_longer_than_the_default_handshake_timeout(
+    server_env, pki, reap
+):
+    """-c 40 and -K 10000 by default: silent sockets are closed after 10 s, slots free up."""
+    for args, window, through in (([], 25, True), (["-K", "0"], 3, False)):
+        server, port = start_server(args, ["cat"], server_env)
+        reap.append(server)
+        silent = [socket.create_connection(("127.0.0.1", port), timeout=30) for _ in range(60)]
+        started = time.monotonic()
+        got_through = False
+        while not got_through and time.monotonic() - started < window:
+            try:
+                conn = tls_connect(port, pki["ca"])
+                conn.sendall(b"real client")
+                got_through = conn.recv(100) == b"real client"
+                conn.close()
+            except (ssl.SSLError, OSError):
+                threading.Event().wait(0.2)  # refused while the slots are held: try again
+        assert got_through is through, args  # -K 0, the twin: locked out for as long as held
+        if through:
+            assert time.monotonic() - started < 10 + 10
+        for sock in silent:
+            sock.close()
+        stop(server)
+
+
+def test_a_second_connection_from_one_address_is_refused_under_C_1(server_env, pki, reap):
+    server, port = start_server(["-C", "1"], ["cat"], server_env, host="::")
+    reap.append(server)
+    log = LineReader(server.stderr)
+    for host, shown in (("127.0.0.1", "127.0.0.1"), ("::1", "[::1]")):
+        held = tls_connect(port, pki["ca"], host)  # one connection from this address
+        held.sendall(b"held")
+        assert held.recv(100) == b"held"
+        extra = socket.create_connection((host, port), timeout=30)
+        assert extra.recv(1) == b""  # accepted and closed at once
+        ip = host
+        peer = f"{shown}:{extra.getsockname()[1]}"
+        assert log.readline() == (
+            f"s6-tlsserver: warning: peer {peer}: refused: too many connections from {ip} (-C 1)"
+        )
+        extra.close()
+        held.close()
+    stop(server)
+
+
+def test_a_failed_connection_is_a_warning_naming_the_peer_and_the_pid(server_env, reap):
+    server, port = start_server([], ["cat"], server_env)
+    reap.append(server)
+    http = socket.create_connection(("127.0.0.1", port), timeout=30)
+    http.sendall(b"GET / HTTP/1.0\r\n\r\n")
+    line = LineReader(server.stderr).readline()
+    peer = f"127.0.0.1:{http.getsockname()[1]}"
+    assert re.fullmatch(rf"s6-tlsserver: warning: peer {peer} pid \d+: http request", line), line
+    http.close()
+    assert stop(server) == 0  # a connection's failure is the connection's, not the server's
+
+
+def test_accept_errors_are_one_warning_and_the_server_goes_on(server_env, pki, reap):
+    server, port = start_server(["-v"], ["cat"], server_env)
+    reap.append(server)
+    log = LineReader(server.stderr)
+    with tls_connect(port, pki["ca"]) as conn:  # steady state: a spare waits, nothing pending
+        conn.sendall(b"before")
+        assert conn.recv(100) == b"before"
+    while not log.readline().startswith("s6-tlsserver: info: end pid"):
+        pass
+    fds = {int(fd) for fd in os.listdir(f"/proc/{server.pid}/fd")}
+    lowest_free = min(set(range(len(fds) + 1)) - fds)
+    soft, hard = resource.prlimit(server.pid, resource.RLIMIT_NOFILE)
+    resource.prlimit(server.pid, resource.RLIMIT_NOFILE, (lowest_free, hard))  # none left
+    waiting = socket.create_connection(("127.0.0.1", port), timeout=30)  # in the backlog
+    assert log.readline() == (
+        "s6-tlsserver: warning: unable to accept: Too many open files, pausing accepts for 100 ms"
+    )
+    with pytest.raises(AssertionError, match="no line within"):
+        log.readline(timeout=1)  # ten more tries in that second: not one more line
+    assert server.poll() is None
+    resource.prlimit(server.pid, resource.RLIMIT_NOFILE, (soft, hard))
+    ctx = ssl.create_default_context(cafile=pki["ca"])
+    with ctx.wrap_socket(waiting, server_hostname="localhost") as conn:
+        conn.sendall(b"waited in the backlog")
+        assert conn.recv(100) == b"waited in the backlog"
+    for _ in range(5):
+        with tls_connect(port, pki["ca"]) as conn:
+            conn.sendall(b"and after")
+            assert conn.recv(100) == b"and after"
+    assert stop(server) == 0
 
 
 def test_sighup_gives_new_connections_the_new_certificate_and_leaves_open_ones_alone(
