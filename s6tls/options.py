@@ -412,6 +412,11 @@ def option_lines(opts: Sequence[Opt], width: int = 34) -> list[str]:
         rows.append((names, opt.help + note))
     rows.append((HELP, "print this help and exit"))
     rows.append((VERSION, "print the version and exit"))
+    return columns(rows, width)
+
+
+def columns(rows: Iterable[tuple[str, str]], width: int = 34) -> list[str]:
+    """``(name, text)`` rows as help lines within 79 columns, the texts from ``width`` on."""
     lines = []
     indent = " " * width
     for names, text in rows:

@@ -22,6 +22,7 @@ The application's environment is the caller's: what Python adds to its own
 
 import dataclasses
 import os
+import re
 import shutil
 import sys
 from collections.abc import Callable, Mapping, Sequence
@@ -82,15 +83,26 @@ class Program:
 
     def help(self) -> str:
         """The text of --help: synopsis, options, environment, exit codes."""
-        lines = [f"usage: {self.usage()}", "", self.summary, "", "Options:"]
+        lines = [*_wrap_synopsis(f"usage: {self.usage()}"), "", self.summary, "", "Options:"]
         lines += options.option_lines(self.options)
         if self.environment:
             lines += ["", "Environment variables read:"]
-            lines += [f"  {name:<31} {text}" for name, text in self.environment]
+            lines += options.columns(self.environment)
         lines += ["", "Exit codes (once prog runs, its own status):"]
-        lines += [f"  {code:<8} {text}" for code, text in self.exit_codes]
+        lines += options.columns(self.exit_codes, 12)
         lines += ["", f"See man {self.name}."]
         return "\n".join(lines) + "\n"
+
+
+def _wrap_synopsis(text: str, width: int = 79) -> list[str]:
+    """The synopsis on lines of ``width`` at most, cut between ``[ ... ]`` groups."""
+    parts = re.findall(r"\[ [^]]* \]|\S+", text)
+    lines = [""]
+    for part in parts:
+        if lines[-1].strip() and len(lines[-1]) + 1 + len(part) > width:
+            lines.append("   ")
+        lines[-1] += (" " if lines[-1].strip() else "") + part
+    return lines
 
 
 @dataclass(frozen=True)
