@@ -132,26 +132,26 @@ CLOSE = (
     *switches(
         "close_notify",
         False,
-        (("-S", "--close-notify"), True, "when prog ends its output, send close_notify first"),
-        (("-s", "--no-close-notify"), False, "when prog ends its output, only half-close"),
+        (("-S", "--close-notify"), True, "on EOF from prog, send close_notify first"),
+        (("-s", "--no-close-notify"), False, "on EOF from prog, only half-close"),
     ),
     *switches(
         "strict_close_notify",
         False,
         (("-J", "--enforce-close-notify"), True, "peer EOF without close_notify: error, exit 98"),
-        (("-j", "--no-enforce-close-notify"), False, "peer EOF without close_notify: plain EOF"),
+        (("-j", "--no-enforce-close-notify"), False, "peer EOF without close_notify is an EOF"),
     ),
 )
 KEEP = switches(
     "keep_env",
     False,
-    (("-Z", "--keep"), True, "keep CERTFILE, KEYFILE, CAFILE... in prog's environment"),
+    (("-Z", "--keep"), True, "keep CERTFILE, KEYFILE, CAFILE... for prog"),
     (("-z", "--no-keep"), False, "remove them from prog's environment"),
 )
 HANDSHAKE_TIMEOUT = Opt(
     "handshake_timeout_ms",
     ("-K", "--handshake-timeout"),
-    "the handshake must end within MS milliseconds, else exit 98 (0: no limit)",
+    "handshake time limit, else exit 98 (0: none)",
     arg="MS",
     parse=unsigned,
     default=0,
@@ -159,7 +159,7 @@ HANDSHAKE_TIMEOUT = Opt(
 IDLE_TIMEOUT = Opt(
     "idle_timeout",
     ("--idle-timeout",),
-    "close the connection after SECONDS without application data",
+    "close after SECONDS without application data",
     arg="SECONDS",
     parse=seconds,
     default=None,
@@ -192,7 +192,7 @@ SERVER_TLS = (
     Opt(
         "sni_level",
         ("-k", "--sni-level"),
-        "0: ignore CERTFILE:name; 1: use them, else CERTFILE; 2: only them",
+        "CERTFILE:name keypairs: 0 no, 1 also, 2 only",
         arg="SNILEVEL",
         parse=unsigned,
         default=0,
@@ -397,25 +397,28 @@ def synopsis(opts: Sequence[Opt], operands: Sequence[Operand]) -> str:
     return " ".join([*parts, *(o.name for o in operands), "prog..."])
 
 
-def option_lines(opts: Sequence[Opt], width: int = 34) -> list[str]:
-    """The lines of --help about ``opts``: names, then what each does, within 79 columns."""
+def option_lines(opts: Sequence[Opt], width: int = 30) -> list[str]:
+    """The lines of --help about ``opts``: names, then what each does, within 79 columns.
+
+    The argument is shown once, after the last name (``-K, --handshake-timeout=MS``);
+    a number the option takes by default is shown after its text.
+    """
     rows = []
     for opt in opts:
+        names = ", ".join(opt.names)
         if opt.arg is None:
-            names = ", ".join(opt.names)
             note = " (default)" if opt.default is not NOTSET and opt.default == opt.value else ""
         else:
-            names = ", ".join(
-                f"{n}={opt.arg}" if n.startswith("--") else f"{n} {opt.arg}" for n in opt.names
-            )
-            note = "" if opt.default in (None, NOTSET) else f" (default {opt.default})"
+            names += f"={opt.arg}" if opt.names[-1].startswith("--") else f" {opt.arg}"
+            shown = isinstance(opt.default, int | float) and not isinstance(opt.default, bool)
+            note = f" (default {opt.default})" if shown else ""
         rows.append((names, opt.help + note))
     rows.append((HELP, "print this help and exit"))
     rows.append((VERSION, "print the version and exit"))
     return columns(rows, width)
 
 
-def columns(rows: Iterable[tuple[str, str]], width: int = 34) -> list[str]:
+def columns(rows: Iterable[tuple[str, str]], width: int = 30) -> list[str]:
     """``(name, text)`` rows as help lines within 79 columns, the texts from ``width`` on."""
     lines = []
     indent = " " * width

@@ -44,7 +44,7 @@ if TYPE_CHECKING:
 _TLS_FIELDS = frozenset(f.name for f in dataclasses.fields(Options))
 
 EXIT_CODES = (
-    ("96", "TLS configuration: a certificate, key or CA file that cannot be used"),
+    ("96", "a certificate, key or CA file that cannot be used"),
     ("97", "the handshake failed, or the peer was rejected"),
     ("98", "TLS error after the handshake; the handshake timed out (-K)"),
     ("100", "usage: a bad option, operand or environment variable"),

@@ -16,12 +16,12 @@ from .program import main as run
 from .ucspi import check_fds, peer_of, tcp_variables
 
 ENVIRONMENT = (
-    ("CERTFILE, KEYFILE", "the certificate chain and its private key (PEM or DER)"),
+    ("CERTFILE, KEYFILE", "certificate chain and private key (PEM or DER)"),
     ("CERTFILE:name, KEYFILE:name", "a keypair per SNI name, with -k 1 or 2"),
-    ("CAFILE, CADIR", "trust anchors for client certificates (-Y, -y)"),
-    ("TLS_UID, TLS_GID", "numeric ids to run as after reading the keys (root only)"),
+    ("CAFILE, CADIR", "trust anchors for client certificates"),
+    ("TLS_UID, TLS_GID", "ids to run as, once the keys are read"),
     ("TLS_*, PSKFILE, CRLFILE...", "TLS policy: versions, suites, ALPN, allow-lists (man page)"),
-    ("PROTO, TCPREMOTEIP...", "passed to prog; read from the socket when PROTO is unset"),
+    ("PROTO, TCPREMOTEIP...", "for prog; from the socket if PROTO is unset"),
 )
 
 

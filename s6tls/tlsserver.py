@@ -57,13 +57,13 @@ SERVER = (
     Opt(
         "notify",
         ("-1", "--notify"),
-        "once listening, write the port and a newline on stdout (readiness)",
+        "once listening, write the port and a newline",
         default=False,
     ),
     Opt(
         "maxconn",
         ("-c", "--global-max-connections"),
-        "serve at most MAXCONN connections at once",
+        "at most MAXCONN connections at once",
         arg="MAXCONN",
         parse=options.positive,
         default=40,
@@ -71,7 +71,7 @@ SERVER = (
     Opt(
         "localmaxconn",
         ("-C", "--local-max-connections"),
-        "at most LOCALMAXCONN of them from one IP address",
+        "at most LOCALMAXCONN per client address",
         arg="LOCALMAXCONN",
         parse=options.positive,
         default=40,
@@ -95,7 +95,7 @@ SERVER = (
     Opt(
         "gid",
         ("-g", "--gid"),
-        "serve each connection as GID, with no supplementary group",
+        "serve each connection as GID, no other group",
         arg="GID",
         parse=options.unsigned,
         default=None,
@@ -103,7 +103,7 @@ SERVER = (
     Opt(
         "env_ids",
         ("-U", "--envuidgid"),
-        "take the ids from UID, GID and GIDLIST (s6-envuidgid)",
+        "the ids of UID, GID, GIDLIST (s6-envuidgid)",
         default=False,
     ),
     Opt(
@@ -118,12 +118,12 @@ SERVER = (
 ENVIRONMENT = (
     *TLSD_ENVIRONMENT[:-1],
     ("UID, GID, GIDLIST", "with -U"),
-    ("LISTEN_FDS, LISTEN_PID", "listening sockets from systemd: then nothing is bound"),
-    ("NOTIFY_SOCKET", "where to tell systemd that the server is ready"),
+    ("LISTEN_FDS, LISTEN_PID", "systemd's listening sockets: nothing is bound"),
+    ("NOTIFY_SOCKET", "systemd's readiness socket (Type=notify)"),
 )
 EXIT_CODES = (
-    ("0", "stopped by SIGTERM, SIGINT or SIGQUIT, after the last connection ended"),
-    ("96", "TLS configuration: a certificate, key or CA file that cannot be used"),
+    ("0", "stopped by SIGTERM, SIGINT or SIGQUIT, once the connections ended"),
+    ("96", "a certificate, key or CA file that cannot be used"),
     ("100", "usage: a bad option, operand or environment variable"),
     ("111", "a system call failed, such as the bind"),
     ("126, 127", "prog cannot be executed, or is not found"),

@@ -196,7 +196,7 @@ def test_a_bad_key_gives_no_readiness_and_its_reason_in_the_log(recipe, s6, pki)
         return
     assert event == "d"  # went down without ever being ready
     line = s6.until("fatal")
-    assert line.startswith("s6-tlsserver: fatal: unable to load keypair "), line
+    assert line.startswith(f"s6-tlsserver: fatal: KEYFILE {pki['ca']} "), line
     subprocess.run(["s6-svwait", "-d", "-t", "20000", str(svc)], timeout=30, check=True)
     assert s6.stat(svc, "up,exitcode") == ["false", "96"]
 
