@@ -406,7 +406,7 @@ def _warnings(role: Role, environ: Mapping[str, str], options: Options) -> tuple
         out.append("the CERTFILE:name keypairs are ignored without -k 1 or -k 2")
     if role == "client" and not options.verify_cert:
         out.append("not verifying the server's certificate (--no-verify-cert)")
-    elif role == "client" and options.servername is None:
+    elif role == "client" and options.servername is None and not environ.get("PSKFILE"):
         out.append("the server's name is not checked, only its chain: use -k NAME to check it")
     if role == "client" and environ.get("TLS_SESSION_DIR"):
         if options.servername is None:

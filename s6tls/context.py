@@ -37,7 +37,7 @@ from .link import ssl_error_text
 from .names import is_host_name
 from .ocsp import check_stapled
 from .peer import PeerPolicy
-from .sessions import SessionKeeper, SessionStore
+from .sessions import SessionStore
 
 # Safe defaults for every context: no compression, no renegotiation, and a
 # bare EOF is not an OpenSSL error (the engine decides).
@@ -61,7 +61,7 @@ class VerifyNotes:
 
     reasons: list[str] = field(default_factory=list)
     psk_identity: str | None = None
-    sessions: SessionKeeper | None = None  # a client with TLS_SESSION_DIR
+    sessions: SessionStore | None = None  # a client with TLS_SESSION_DIR
 
 
 def default_groups() -> str:
@@ -144,8 +144,6 @@ def make_context(cfg: TlsConfig, creds: Credentials, *, tickets: bool = False) -
         ctx = _base_context(cfg, creds)
         if cfg.options.client_cert and creds.keypair:
             _use_keypair(ctx, creds.keypair)
-        if cfg.session_dir:
-            ctx.set_info_callback(_keep_sessions)
         return ctx
     named = {}
     for name, pair in creds.sni:
@@ -168,11 +166,10 @@ def _base_context(cfg: TlsConfig, creds: Credentials) -> SSL.Context:
     ctx = SSL.Context(SSL.TLS_METHOD)
     ctx.set_min_proto_version(_VERSIONS[cfg.min_version])
     ctx.set_max_proto_version(_VERSIONS[cfg.max_version])
-    options = _OPTIONS
+    ctx.set_options(_OPTIONS)
     if cfg.role == "server":
-        options |= SSL.OP_CIPHER_SERVER_PREFERENCE
-    ctx.set_options(options)
-    ctx.set_session_id(_SESSION_ID)
+        ctx.set_options(SSL.OP_CIPHER_SERVER_PREFERENCE)
+        ctx.set_session_id(_SESSION_ID)  # a client's would make OpenSSL refuse its PSK
     ctx.set_session_cache_mode(SSL.SESS_CACHE_OFF)  # tickets only: processes share no cache
     _set_policy(ctx, cfg)
     _set_verification(ctx, cfg, creds)
@@ -379,13 +376,6 @@ def _verify_callback(
     return verify
 
 
-def _keep_sessions(conn: SSL.Connection, where: int, _ret: int) -> None:
-    """The client's info callback under TLS_SESSION_DIR."""
-    notes = _notes(conn)
-    if notes.sessions is not None:
-        notes.sessions.on_info(conn, where)
-
-
 def _staple(_conn: SSL.Connection, response: bytes) -> bytes:
     """The server's OCSP callback: the response read from OCSPFILE."""
     return response
@@ -424,8 +414,14 @@ def prepare_connection(cfg: TlsConfig, conn: SSL.Connection) -> VerifyNotes:
     if cfg.ocsp == "require":
         conn.request_ocsp()
     if cfg.session_dir and cfg.servername and not cfg.pskfile:
-        store = SessionStore.for_config(cfg)
-        store.attach(conn)
-        notes.sessions = SessionKeeper(store)
+        notes.sessions = SessionStore.for_config(cfg)
+        notes.sessions.attach(conn)
     conn.set_connect_state()
     return notes
+
+
+def keep_session(conn: SSL.Connection) -> None:
+    """After a connection that ended well: a client under TLS_SESSION_DIR keeps its session."""
+    notes = conn.get_app_data()
+    if isinstance(notes, VerifyNotes) and notes.sessions is not None:
+        notes.sessions.keep(conn)

@@ -7,9 +7,9 @@ acceptable (server name, trust anchors, CRLs, allow-lists, OCSP): a session
 is offered only to a client that checks the server exactly as the one that
 made it did, since a resumed handshake checks nothing again.
 
-The client context's info callback (``on_info``) keeps the newest session:
-under TLS 1.2 the one the handshake made, under TLS 1.3 each one a
-NewSessionTicket brings after the handshake.
+The session is kept when the connection ends: under TLS 1.3 the server's
+tickets arrive after the handshake, with the data (an info callback cannot
+watch for them: the engine owns the connection's).
 """
 
 import contextlib
@@ -86,36 +86,14 @@ class SessionStore:
         if der is not None:
             ossl.use_session_der(conn, der)
 
+    def keep(self, conn: SSL.Connection) -> None:
+        """Keep ``conn``'s session (the newest ticket it received) for the next process."""
+        der = ossl.session_to_der(conn)
+        if der:
+            self.save(der)
+
 
 def check_directory(path: str) -> None:
     """Raise ``ConfigError`` unless ``path`` is a directory we can write sessions into."""
     if not os.path.isdir(path) or not os.access(path, os.W_OK | os.X_OK):
         raise ConfigError(f"TLS_SESSION_DIR {path} is not a directory s6tls can write to")
-
-
-class SessionKeeper:
-    """Per connection: the session last kept, and where to keep the next."""
-
-    def __init__(self, store: SessionStore) -> None:
-        self.store = store
-        self.handshake_done = False
-        self.kept: bytes | None = None  # DER of the session last written (or not worth it)
-
-    def on_info(self, conn: SSL.Connection, where: int) -> None:
-        """Called from the info callback: keep each new resumable session.
-
-        After the handshake, OpenSSL reports only post-handshake messages
-        (a TLS 1.3 client's tickets, a key update): compare the session's
-        DER with the last one kept and write it when it changed.
-        """
-        if where & SSL.SSL_CB_HANDSHAKE_DONE:
-            self.handshake_done = True
-            if conn.get_protocol_version_name() == "TLSv1.3":
-                self.kept = ossl.session_to_der(conn)  # no ticket yet: not resumable
-                return
-        if not self.handshake_done or not where & (SSL.SSL_CB_EXIT | SSL.SSL_CB_HANDSHAKE_DONE):
-            return
-        der = ossl.session_to_der(conn)
-        if der and der != self.kept:
-            self.store.save(der)
-            self.kept = der

@@ -13,7 +13,7 @@ from OpenSSL import SSL
 from .app import application_env, exit_code, spawn
 from .cli import Log
 from .config import TlsConfig
-from .context import prepare_connection
+from .context import keep_session, prepare_connection
 from .engine import run
 from .errors import HandshakeError, SystemFailure
 from .handshake import connection_facts, handshake
@@ -87,6 +87,7 @@ def serve_connection(
         )
         if status is None:
             _, status = os.waitpid(pid, 0)
+    keep_session(conn)
     code = exit_code(status)
     sni = facts.get("SSL_TLS_SNI_SERVERNAME", "-")
     log.info(

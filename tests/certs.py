@@ -73,14 +73,18 @@ class TestCA:
 
     __test__ = False  # not a test class, whatever its name
 
-    def __init__(self, directory: Path, name: str = "s6tls test CA") -> None:
+    def __init__(
+        self, directory: Path, name: str = "s6tls test CA", parent: "TestCA | None" = None
+    ) -> None:
         self.dir = directory
+        self.parent = parent
         directory.mkdir(parents=True, exist_ok=True)
         self.key = _new_key("ec")
         subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+        signer = parent or self
         self.cert = (
             self._builder(subject, self.key.public_key(), NOW - DAY, NOW + 30 * DAY)
-            .issuer_name(subject)
+            .issuer_name(signer.cert.subject if parent else subject)
             .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
             .add_extension(
                 x509.KeyUsage(False, False, False, False, False, True, True, False, False),
@@ -89,9 +93,15 @@ class TestCA:
             .add_extension(
                 x509.SubjectKeyIdentifier.from_public_key(self.key.public_key()), critical=False
             )
-            .sign(self.key, hashes.SHA256())
+            .sign(signer.key, hashes.SHA256())
         )
         self.cert_path = self._write("ca.pem", self.cert.public_bytes(serialization.Encoding.PEM))
+        # What a leaf's CERTFILE carries after the leaf: the intermediates, not the root.
+        self.chain_pem = b""
+        ca = self
+        while ca.parent is not None:
+            self.chain_pem += ca.cert.public_bytes(serialization.Encoding.PEM)
+            ca = ca.parent
         self.key_path = self._write_key("ca.key", self.key)
         (directory / "index.txt").write_text("")
         (directory / "serial").write_text("1000\n")
@@ -156,7 +166,8 @@ class TestCA:
                 x509.SubjectAlternativeName([_san(s) for s in sans]), critical=False
             )
         cert = builder.sign(self.key, hashes.SHA256())
-        cert_path = self._write(f"{stem}.pem", cert.public_bytes(serialization.Encoding.PEM))
+        pem = cert.public_bytes(serialization.Encoding.PEM) + self.chain_pem
+        cert_path = self._write(f"{stem}.pem", pem)
         return Leaf(cert, key, cert_path, self._write_key(f"{stem}.key", key))
 
     # --- the real openssl ca / ocsp over this CA's database ------------------------------
@@ -164,13 +175,13 @@ class TestCA:
     def _openssl(self, *args: str) -> None:
         subprocess.run(["openssl", *args], check=True, capture_output=True, timeout=30)
 
-    def register(self, leaf: Leaf) -> None:
-        """Enter ``leaf`` in the database as valid (``openssl ca -valid``)."""
-        self._openssl("ca", "-config", self.conf, "-valid", leaf.cert_path)
+    def register(self, cert_path: str) -> None:
+        """Enter a certificate it issued in the database as valid (``openssl ca -valid``)."""
+        self._openssl("ca", "-config", self.conf, "-valid", cert_path)
 
-    def revoke(self, leaf: Leaf) -> None:
-        """Revoke ``leaf`` (``openssl ca -revoke``)."""
-        self._openssl("ca", "-config", self.conf, "-revoke", leaf.cert_path)
+    def revoke(self, cert_path: str) -> None:
+        """Revoke a certificate it issued (``openssl ca -revoke``)."""
+        self._openssl("ca", "-config", self.conf, "-revoke", cert_path)
 
     def gencrl(self, name: str = "crl.pem") -> str:
         """A CRL of the revoked leaves, valid for a day (``openssl ca -gencrl``)."""
@@ -178,16 +189,22 @@ class TestCA:
         self._openssl("ca", "-config", self.conf, "-gencrl", "-out", out)
         return out
 
-    def ocsp_response(self, leaf: Leaf, name: str) -> str:
-        """The DER OCSP response for ``leaf``, signed by the CA, for a day (``openssl ocsp``)."""
+    def ocsp_response(self, leaf: Leaf, name: str, signer: Leaf | None = None) -> str:
+        """The DER OCSP response for ``leaf``, for a day (``openssl ocsp``).
+
+        Signed by the CA, or by ``signer``, a responder it issued with ``ocsp_signing``.
+        """
         request, response = str(self.dir / f"{name}.req"), str(self.dir / name)
+        rsigner, rkey = (
+            (signer.cert_path, signer.key_path) if signer else (self.cert_path, self.key_path)
+        )
         self._openssl(
             "ocsp", "-issuer", self.cert_path, "-cert", leaf.cert_path, "-no_nonce",
             "-reqout", request,
         )  # fmt: skip
         self._openssl(
-            "ocsp", "-index", str(self.dir / "index.txt"), "-rsigner", self.cert_path,
-            "-rkey", self.key_path, "-CA", self.cert_path, "-reqin", request,
+            "ocsp", "-index", str(self.dir / "index.txt"), "-rsigner", rsigner,
+            "-rkey", rkey, "-CA", self.cert_path, "-reqin", request,
             "-respout", response, "-ndays", "1",
         )  # fmt: skip
         return response

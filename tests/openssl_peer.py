@@ -41,7 +41,11 @@ class Peer:
         return key.split(",")[0] if key else None
 
 
-def s_client(port: int, *args: str, input: bytes = b"", timeout: float = 30) -> Peer:
-    argv = ["openssl", "s_client", "-brief", "-ign_eof", "-connect", f"127.0.0.1:{port}", *args]
+def s_client(
+    port: int, *args: str, input: bytes = b"", timeout: float = 30, brief: bool = True
+) -> Peer:
+    """See the module docstring; ``brief=False`` for s_client's full report on stdout."""
+    options = ["-brief"] if brief else []
+    argv = ["openssl", "s_client", *options, "-ign_eof", "-connect", f"127.0.0.1:{port}", *args]
     res = subprocess.run(argv, input=input, capture_output=True, timeout=timeout)
     return Peer(res.returncode, res.stdout, res.stderr.decode(errors="replace"))

@@ -5,11 +5,14 @@ each client a real ``openssl s_client`` (OpenSSL 3.0) or s6-tlsc.
 """
 
 import os
+import re
 import signal
+import subprocess
+from pathlib import Path
 
 import pytest
 import trustme
-from conftest import write_leaf
+from conftest import program, write_leaf
 from openssl_peer import s_client
 from server_helpers import start_server
 from ucspi_helpers import LineReader, TcpServer, fatal, tcpclient, touch_then
@@ -215,3 +218,60 @@ def test_s6_tlsserver_children_resume_each_others_sessions_until_sighup(server_e
     finally:
         server.terminate()
         server.communicate(timeout=30)
+
+
+def test_openssl_s_time_reuse_resumes_across_children(server_env, pki):
+    # s_time reads the answer (-www), so the TLS 1.3 tickets that come before it
+    # are in; -S ends each connection with close_notify, without which OpenSSL 3
+    # counts the end as an error and forgets the session.
+    server, port = start_server(["-S"], ["sh", "-c", "echo HTTP/1.0 200 OK; echo"], server_env)
+    try:
+        res = subprocess.run(
+            ["openssl", "s_time", "-connect", f"127.0.0.1:{port}", "-reuse", "-time", "2",
+             "-www", "/", "-CAfile", pki["ca"]],
+            capture_output=True, timeout=60,
+        )  # fmt: skip
+    finally:
+        server.terminate()
+        server.communicate(timeout=30)
+    out = res.stdout.decode()
+    # s_time prints one letter per connection: 'r' for a resumed one, '*' for a new one.
+    letters = re.search(r"starting\s*\n([*r]+)", out)
+    assert letters, out
+    assert letters.group(1).count("r") >= 2 and "*" not in letters.group(1)[1:], out
+
+
+def client_with_session_dir(port: int, directory: Path, pki, **extra: str):
+    return subprocess.run(
+        [*program("s6-tlsclient"), "-k", "localhost", "127.0.0.1", str(port),
+         "sh", "-c", "cat <&6"],
+        env={**os.environ, "CAFILE": pki["ca"], "TLS_SESSION_DIR": str(directory), **extra},
+        capture_output=True, timeout=30,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("version", ["1.2", "1.3"])
+def test_successive_clients_resume_through_tls_session_dir(version, server_env, pki, tmp_path):
+    server, port = start_server(["-S"], SHOW, {**server_env, "TLS_MAX_VERSION": version})
+    try:
+        first = client_with_session_dir(port, tmp_path, pki)
+        second = client_with_session_dir(port, tmp_path, pki)
+        # Another policy (here, trust anchors) does not reuse the session.
+        other = client_with_session_dir(port, tmp_path, pki, CADIR=str(tmp_path))
+    finally:
+        server.terminate()
+        server.communicate(timeout=30)
+    assert first.stdout == b"alpn=unset resumed=0\n", first.stderr
+    assert second.stdout == b"alpn=unset resumed=1\n", second.stderr
+    assert other.stdout == b"alpn=unset resumed=0\n", other.stderr
+    kept = list(tmp_path.iterdir())
+    assert [p.name for p in kept] == [f"localhost:{port}"]
+    assert kept[0].stat().st_mode & 0o777 == 0o600
+
+
+def test_tls_session_dir_that_cannot_be_written_is_a_configuration_error(pki, tmp_path):
+    res = client_with_session_dir(1, tmp_path / "missing", pki)
+    assert res.returncode == 96
+    assert fatal(res.stderr.decode(), "s6-tlsclient") == (
+        f"TLS_SESSION_DIR {tmp_path / 'missing'} is not a directory s6tls can write to"
+    )

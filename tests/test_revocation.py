@@ -1,0 +1,223 @@
+"""CRLs and OCSP with the real openssl ca and openssl ocsp, against real peers.
+
+A root CA issues an intermediate, which issues the leaves; ``openssl ca``
+revokes and makes the CRLs, ``openssl ocsp`` answers for the server's
+certificate; the stale and expired ones (dates in the past) come from
+cryptography.
+"""
+
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+from certs import TestCA
+from conftest import program
+from openssl_peer import s_client
+from server_helpers import start_server
+from ucspi_helpers import LineReader, direct_pair, fatal, touch_then
+
+SHOW = ["sh", "-c", 'echo "admitted $SSL_PEER_CERT_SAN_DNS"']
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory):
+    base = tmp_path_factory.mktemp("revocation")
+    root = TestCA(base / "root", "s6tls test root")
+    inter = TestCA(base / "inter", "s6tls test intermediate", parent=root)
+    leaves = {
+        "good": inter.issue("good", "DNS:good.example"),
+        "revoked": inter.issue("revoked", "DNS:revoked.example"),
+        "server": inter.issue("server", "DNS:localhost"),
+        "server_revoked": inter.issue("server-revoked", "DNS:localhost"),
+        "responder": inter.issue("responder", ocsp_signing=True),
+    }
+    for name in ("good", "server"):
+        inter.register(leaves[name].cert_path)
+    for name in ("revoked", "server_revoked"):
+        inter.revoke(leaves[name].cert_path)
+    files = {
+        "inter_crl": inter.gencrl(),
+        "expired_crl": inter.expired_crl(),
+        "good_ocsp": inter.ocsp_response(leaves["server"], "good.ocsp"),
+        "delegated_ocsp": inter.ocsp_response(
+            leaves["server"], "delegated.ocsp", leaves["responder"]
+        ),
+        "revoked_ocsp": inter.ocsp_response(leaves["server_revoked"], "revoked.ocsp"),
+        "stale_ocsp": inter.stale_ocsp_response(leaves["server"], "stale.ocsp"),
+    }
+    files["root_crl"] = root.gencrl()
+    files["both_crls"] = concatenate(base / "both.pem", files["inter_crl"], files["root_crl"])
+    files["inter_crl_der"] = str(base / "crl.der")
+    subprocess.run(["openssl", "crl", "-in", files["inter_crl"], "-outform", "DER", "-out",
+                    files["inter_crl_der"]], check=True, timeout=30)  # fmt: skip
+    root.revoke(inter.cert_path)
+    files["both_revoking_inter"] = concatenate(
+        base / "both-revoking-inter.pem", files["inter_crl"], root.gencrl("root-crl-2.pem")
+    )
+    return root, inter, leaves, files
+
+
+def concatenate(out: Path, *paths: str) -> str:
+    out.write_bytes(b"".join(Path(p).read_bytes() for p in paths))
+    return str(out)
+
+
+# --- CRLs -------------------------------------------------------------------------------------
+
+
+def server_env(pki, **extra: str) -> dict[str, str]:
+    root, _inter, leaves, files = pki
+    env = {
+        **os.environ,
+        "CERTFILE": leaves["server"].cert_path,
+        "KEYFILE": leaves["server"].key_path,
+        "CAFILE": root.cert_path,
+    }
+    return {**env, **{k: files.get(v, v) for k, v in extra.items()}}
+
+
+@pytest.mark.parametrize(
+    ("crl", "check", "admitted", "refusal"),
+    [
+        ("inter_crl", None, {"good"}, "certificate revoked"),
+        ("inter_crl_der", None, {"good"}, "certificate revoked"),
+        ("inter_crl", "leaf", {"good"}, "certificate revoked"),
+        ("expired_crl", None, set(), "CRL has expired"),
+        ("inter_crl", "chain", set(), "unable to get certificate CRL"),  # no root CRL
+        ("both_crls", "chain", {"good"}, "certificate revoked"),
+        ("both_revoking_inter", "chain", set(), "certificate revoked"),
+        ("both_revoking_inter", "leaf", {"good"}, "certificate revoked"),
+    ],
+)
+def test_a_revoked_client_certificate_is_refused_in_the_handshake(
+    crl, check, admitted, refusal, pki
+):
+    _root, _inter, leaves, _files = pki
+    extra = {"CRLFILE": crl} | ({"TLS_CRL_CHECK": check} if check else {})
+    server, port = start_server(["-y"], SHOW, server_env(pki, **extra))
+    try:
+        for kind in ("good", "revoked"):
+            leaf = leaves[kind]
+            peer = s_client(
+                port, "-cert", leaf.cert_path, "-cert_chain", leaf.cert_path, "-key", leaf.key_path
+            )
+            assert (b"admitted" in peer.out) == (kind in admitted), (kind, peer.err)
+    finally:
+        server.terminate()
+        _, err = server.communicate(timeout=30)
+    refusals = [line for line in err.decode().splitlines() if "certificate verify failed" in line]
+    assert len(refusals) == 2 - len(admitted)
+    assert any(refusal in line for line in refusals), refusals
+
+
+def test_a_crl_that_is_not_a_crl_is_a_configuration_error(pki, tmp_path):
+    _root, _inter, leaves, _files = pki
+    res = subprocess.run(
+        [*program("s6-tlsd"), "-y", "true"],
+        env=server_env(pki, CRLFILE=leaves["good"].cert_path),
+        capture_output=True,
+        timeout=30,
+    )
+    assert res.returncode == 96
+    assert fatal(res.stderr.decode(), "s6-tlsd") == (
+        f"CRLFILE {leaves['good'].cert_path} holds no PEM or DER CRL: give a CRL file"
+    )
+
+
+# --- OCSP -------------------------------------------------------------------------------------
+
+
+def test_the_server_staples_its_ocsp_response(pki):
+    root, _inter, _leaves, _files = pki
+    server, port = start_server(["-S"], ["true"], server_env(pki, OCSPFILE="good_ocsp"))
+    try:
+        stapled = s_client(port, "-status", "-CAfile", root.cert_path, brief=False)
+        unasked = s_client(port, "-CAfile", root.cert_path, brief=False)
+    finally:
+        server.terminate()
+        server.communicate(timeout=30)
+    text = stapled.out.decode()
+    assert "OCSP Response Status: successful" in text
+    assert "Cert Status: good" in text
+    assert "OCSP" not in unasked.out.decode()  # a client that did not ask gets none
+
+
+def client_env(pki, **extra: str) -> dict[str, str]:
+    root, _inter, _leaves, _files = pki
+    return {**os.environ, "CAFILE": root.cert_path, "TLS_OCSP": "require", **extra}
+
+
+@pytest.mark.parametrize(
+    ("server", "ocspfile", "reason"),
+    [
+        ("server", "good_ocsp", None),
+        ("server", "delegated_ocsp", None),
+        ("server", "stale_ocsp", "the OCSP response is stale"),
+        ("server", None, "the server stapled no OCSP response"),
+        ("server_revoked", "revoked_ocsp", "the certificate is revoked"),
+    ],
+)
+def test_tls_ocsp_require_accepts_only_a_good_current_response(
+    server, ocspfile, reason, pki, tmp_path
+):
+    _root, _inter, leaves, files = pki
+    env = server_env(pki)
+    env["CERTFILE"], env["KEYFILE"] = leaves[server].cert_path, leaves[server].key_path
+    if ocspfile:
+        env["OCSPFILE"] = files[ocspfile]
+    marker = tmp_path / "started"
+    (code, _, err), (client_code, out, client_err) = direct_pair(
+        (["-S"], touch_then(marker, "echo", "hello"), env),
+        (["-k", "localhost"], ["sh", "-c", "cat <&6"], client_env(pki)),
+    )
+    if reason is None:
+        assert (client_code, out) == (0, b"hello\n"), client_err
+        return
+    assert client_code == 97
+    assert fatal(client_err, "s6-tlsc").startswith(reason)
+    assert code == 97 and not marker.exists()
+    if ocspfile == "stale_ocsp":
+        assert "OCSPFILE" in err.splitlines()[0]  # the server warned at start
+
+
+def test_an_ocsp_response_for_another_certificate_is_a_configuration_error(pki):
+    _root, _inter, _leaves, files = pki
+    env = server_env(pki, OCSPFILE="revoked_ocsp")
+    res = subprocess.run(
+        [*program("s6-tlsd"), "true"], env=env, capture_output=True,
+        timeout=30,
+    )  # fmt: skip
+    assert res.returncode == 96
+    assert fatal(res.stderr.decode(), "s6-tlsd") == (
+        f"OCSPFILE {files['revoked_ocsp']} is an OCSP response about another certificate:"
+        " give the OCSP response for CERTFILE"
+    )
+
+
+def test_the_ocsp_response_is_read_again_on_sighup(pki, tmp_path):
+    _root, _inter, _leaves, files = pki
+    ocspfile = tmp_path / "ocsp.der"
+    ocspfile.write_bytes(Path(files["good_ocsp"]).read_bytes())
+    server, port = start_server(["-v"], ["true"], server_env(pki, OCSPFILE=str(ocspfile)))
+    log = LineReader(server.stderr)
+    try:
+        first = subprocess.run(
+            [*program("s6-tlsclient"), "-k", "localhost", "127.0.0.1",
+             str(port), "true"], env=client_env(pki), capture_output=True, timeout=30,
+        )  # fmt: skip
+        assert first.returncode == 0, first.stderr
+        ocspfile.write_bytes(Path(files["stale_ocsp"]).read_bytes())
+        server.send_signal(signal.SIGHUP)
+        while "reloaded the keypairs" not in log.readline():
+            pass
+        second = subprocess.run(
+            [*program("s6-tlsclient"), "-k", "localhost", "127.0.0.1",
+             str(port), "true"], env=client_env(pki), capture_output=True, timeout=30,
+        )  # fmt: skip
+        assert second.returncode == 97
+        assert b"the OCSP response is stale" in second.stderr
+    finally:
+        server.terminate()
+        server.communicate(timeout=30)
