@@ -83,9 +83,16 @@ class Log:
             self._emit("info", text)
 
     def traceback(self) -> None:
-        """At verbosity 3 or more, the traceback of the exception being handled."""
-        if self.verbosity >= 3:
-            traceback.print_exc()
+        """At verbosity 3 or more, the traceback of the exception being handled, escaped."""
+        exc = sys.exc_info()[1]
+        if self.verbosity < 3 or exc is None:
+            return
+        stack = "".join(traceback.format_tb(exc.__traceback__)).splitlines()
+        # The message stays one line: a newline in it (from a peer) is escaped too.
+        last = f"{type(exc).__name__}: {exc}"
+        for line in ("Traceback (most recent call last):", *stack, last):
+            sys.stderr.write(escape(line) + "\n")
+        sys.stderr.flush()
 
 
 def run_main(log: Log, body: Callable[[], int]) -> NoReturn:

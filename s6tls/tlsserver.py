@@ -141,9 +141,11 @@ def serve(setup: Setup) -> int:
     before_tls = gate.Gate.from_values(v)
     if v["ident"]:
         setup.log.warn("-r: s6tls does no IDENT look-up, TCPREMOTEINFO stays unset")
+    server = Server(setup, listeners, before_tls)
     if not listeners:
-        listeners = [listen(v["ip"], v["port"], v["family"], v["backlog"])]
-    return Server(setup, listeners, before_tls).serve(v["notify"])
+        server.listeners = [listen(v["ip"], v["port"], v["family"], v["backlog"])]
+        server.bound = True
+    return server.serve(v["notify"])
 
 
 @dataclass
@@ -173,6 +175,7 @@ class Server:
         self.gate = before_tls
         self.log = setup.log
         self.listeners = listeners
+        self.bound = False  # True: we bound the listeners; False: systemd's, shared with it
         self.maxconn: int = setup.values["maxconn"]
         self.localmaxconn = min(setup.values["localmaxconn"], self.maxconn)
         self.children: dict[int, Child] = {}
@@ -254,9 +257,11 @@ class Server:
         self.paused_until = None
         for listener in self.listeners:
             # shutdown() stops the listening for every process that holds the
-            # socket (a spare just forked may not have closed its copy yet).
-            with contextlib.suppress(OSError):
-                listener.shutdown(socket.SHUT_RDWR)
+            # socket (a spare just forked may not have closed its copy yet);
+            # never on systemd's, which must go on listening for the next start.
+            if self.bound:
+                with contextlib.suppress(OSError):
+                    listener.shutdown(socket.SHUT_RDWR)
             listener.close()
         self.listeners = []
         self._retire_spare()

@@ -381,6 +381,17 @@ def test_every_log_line_is_one_line_whatever_it_holds(capsys):
     )
 
 
+def test_even_a_traceback_at_v_3_is_escaped(capsys):
+    log = Log("s6-tlsd", verbosity=3)
+    try:
+        raise ValueError("peer said \x1b[2J\nforged")
+    except ValueError:
+        log.traceback()
+    err = capsys.readouterr().err
+    assert err.startswith("Traceback (most recent call last):\n")
+    assert err.rstrip("\n").endswith("ValueError: peer said \\x1B[2J\\x0Aforged")
+
+
 def test_a_server_name_with_control_characters_cannot_forge_a_log_line(server_env, pki):
     """A raw client sends a server name holding a newline and an escape sequence."""
     from OpenSSL import SSL

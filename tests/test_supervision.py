@@ -286,3 +286,44 @@ def test_s6_tlsd_under_inetd_style_activation_gives_prog_the_tcp_variables(pki, 
     assert info.startswith(f"s6-tlsd: info: peer 127.0.0.1:{local_port} pid "), info
     proc.terminate()
     proc.communicate(timeout=30)
+
+
+def test_systemds_socket_still_listens_for_systemd_once_s6_tlsserver_stopped(server_env, pki, reap):
+    """systemd keeps its copy of the socket to start the service again on the next client."""
+    owner = socket.create_server(("127.0.0.1", 0))  # systemd's copy
+    port = owner.getsockname()[1]
+
+    def socket_on_fd_3() -> None:
+        os.dup2(owner.fileno(), 3)  # dup2 clears close-on-exec on the copy
+
+    proc = subprocess.Popen(
+        [
+            "sh",
+            "-c",
+            'LISTEN_PID=$$ LISTEN_FDS=1 exec "$@"',
+            "sh",
+            *program("s6-tlsserver"),
+            "-1",
+            "192.0.2.1",
+            "443",
+            "cat",
+        ],
+        env=server_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        preexec_fn=socket_on_fd_3,
+        close_fds=False,  # our own descriptors are close-on-exec anyway
+    )
+    reap.append(proc)
+    assert proc.stdout.readline() == f"{port}\n".encode()
+    with tls_connect(port, pki["ca"]) as conn:
+        conn.sendall(b"served")
+        assert conn.recv(100) == b"served"
+    proc.terminate()
+    _out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    owner.settimeout(30)
+    with socket.create_connection(("127.0.0.1", port), timeout=30):
+        accepted, _addr = owner.accept()  # the next client waits for systemd's next start
+        accepted.close()
+    owner.close()
