@@ -15,10 +15,12 @@ Sequence numbers: TLS 1.2 starts at 1 both ways (each Finished used 0);
 TLS 1.3 at 0, except what the server sent after its Finished: OpenSSL's
 session tickets, counted by the info callback.
 
-``watch_context`` installs the two callbacks on a context; it must run before
-the context makes its first connection (pyOpenSSL forbids later changes), and
-on every context a connection may switch to (SNI).  ``connection_keys`` then
-gives the keys of a connection whose handshake is done.
+``watch_context`` installs the keylog callback on a context, before the
+context makes its first connection (pyOpenSSL forbids later changes), on
+every context a connection may switch to (SNI); a ``HandshakeWatch`` fed by
+the connection's info callback sees its role and its tickets.
+``connection_keys`` then gives the keys of a connection whose handshake is
+done.
 """
 
 import struct
@@ -198,83 +200,79 @@ def crypto_info(version: int, suite: Suite, keys: DirectionKeys) -> bytes:
 
 # -- what OpenSSL tells us during the handshake --------------------------
 
-
-@dataclass
-class _Secrets:
-    lines: dict[bytes, bytes] = field(default_factory=dict)  # keylog label -> secret
-    server: bool = False  # this end accepted the connection
-    tickets: int = 0  # session tickets this end sent
-
-
-_WATCHED: "weakref.WeakKeyDictionary[SSL.Connection, _Secrets]" = weakref.WeakKeyDictionary()
-
-
-def _secrets(conn: SSL.Connection) -> _Secrets:
-    found = _WATCHED.get(conn)
-    if found is None:
-        found = _WATCHED[conn] = _Secrets()
-    return found
+_SECRETS: "weakref.WeakKeyDictionary[SSL.Connection, dict[bytes, bytes]]"
+_SECRETS = weakref.WeakKeyDictionary()
+_TRAFFIC_SECRETS = (b"CLIENT_TRAFFIC_SECRET_0", b"SERVER_TRAFFIC_SECRET_0")
 
 
 def _on_keylog(conn: SSL.Connection, line: bytes) -> None:
     label, _random, secret = line.split(b" ")
-    if label in (b"CLIENT_TRAFFIC_SECRET_0", b"SERVER_TRAFFIC_SECRET_0"):
-        _secrets(conn).lines[label] = bytes.fromhex(secret.decode("ascii"))
-
-
-def _on_info(conn: SSL.Connection, where: int, _ret: int) -> None:
-    seen = _secrets(conn)
-    if where & (SSL.SSL_ST_ACCEPT | SSL.SSL_ST_CONNECT):
-        seen.server = bool(where & SSL.SSL_ST_ACCEPT)
-    if where & SSL.SSL_CB_LOOP and conn.get_state_string() == _TICKET_STATE:
-        seen.tickets += 1
+    if label in _TRAFFIC_SECRETS:
+        _SECRETS.setdefault(conn, {})[label] = bytes.fromhex(secret.decode("ascii"))
 
 
 def watch_context(ctx: SSL.Context) -> None:
-    """Make ``ctx``'s connections remember what ``connection_keys`` needs.
+    """Make ``ctx``'s connections keep their TLS 1.3 traffic secrets for ``connection_keys``.
 
-    Sets the context's keylog and info callbacks (a connection's own info
-    callback, set later, takes precedence and is fine: it is set after the
-    handshake).  Call it before ``ctx`` makes any connection.
+    Sets the context's keylog callback: call it before ``ctx`` makes any
+    connection, on every context a connection may switch to (SNI).
     """
     ctx.set_keylog_callback(_on_keylog)
-    ctx.set_info_callback(_on_info)
 
 
-def connection_keys(conn: SSL.Connection) -> ConnectionKeys:
-    """The kernel's view of ``conn``, whose handshake is done; forgets its secrets.
+class HandshakeWatch:
+    """What one connection's info callback sees that OpenSSL does not keep.
+
+    Its role, and the TLS 1.3 session tickets it wrote after its Finished
+    (each moves the sequence number of what it sends).  Call ``on_info``
+    from the connection's info callback, set before the handshake.
+    """
+
+    __slots__ = ("server", "tickets")
+
+    def __init__(self) -> None:
+        self.server: bool | None = None  # unknown until the handshake starts
+        self.tickets = 0
+
+    def on_info(self, conn: SSL.Connection, where: int, _ret: int) -> None:
+        if where & (SSL.SSL_ST_ACCEPT | SSL.SSL_ST_CONNECT):
+            self.server = bool(where & SSL.SSL_ST_ACCEPT)
+        if where & SSL.SSL_CB_LOOP and conn.get_state_string() == _TICKET_STATE:
+            self.tickets += 1
+
+
+def connection_keys(conn: SSL.Connection, watch: HandshakeWatch) -> ConnectionKeys:
+    """The kernel's view of ``conn``, whose handshake ``watch`` saw; forgets its secrets.
 
     Raises ``KeysUnavailable`` when the version or the cipher is not one the
-    kernel takes, or when ``conn``'s context was not watched.
+    kernel takes, or when what it needs was not seen: the handshake not
+    watched, the traffic secrets not logged (``watch_context``).
     """
+    secrets = _SECRETS.pop(conn, {})
     version_name = conn.get_protocol_version_name()
     version = _VERSIONS.get(version_name)
     cipher = conn.get_cipher_name() or "none"
     suite = suite_of(cipher)
     if version is None or suite is None:
         raise KeysUnavailable(f"{version_name} {cipher} is not a suite kernel TLS takes")
-    seen = _WATCHED.pop(conn, None)
-    if seen is None:
-        raise KeysUnavailable("the TLS context was not prepared for kernel TLS")
-    server = seen.server
+    if watch.server is None:
+        raise KeysUnavailable("the handshake was not watched")
     if version == TLS_1_2_VERSION:
-        client, srv = key_block(
-            conn.master_key(), conn.client_random(), conn.server_random(), suite
-        )
-        tx, rx = (srv, client) if server else (client, srv)
+        randoms = conn.client_random(), conn.server_random()
+        client, server = key_block(conn.master_key(), *randoms, suite)
+        tx, rx = (server, client) if watch.server else (client, server)
         return ConnectionKeys(version, suite, tx, rx)
-    if len(seen.lines) != 2:
-        raise KeysUnavailable("OpenSSL did not report the traffic secrets")
-    ours, theirs = b"SERVER_TRAFFIC_SECRET_0", b"CLIENT_TRAFFIC_SECRET_0"
-    if not server:
-        ours, theirs = theirs, ours
-    tx_secret, rx_secret = seen.lines[ours], seen.lines[theirs]
-    tickets = seen.tickets if server else 0
+    if len(secrets) != 2:
+        raise KeysUnavailable("the TLS context does not log its traffic secrets")
+    client_secret, server_secret = (secrets[label] for label in _TRAFFIC_SECRETS)
+    ours, theirs = (
+        (server_secret, client_secret) if watch.server else (client_secret, server_secret)
+    )
     return ConnectionKeys(
         version,
         suite,
-        traffic_keys(tx_secret, suite, tickets),
-        traffic_keys(rx_secret, suite, 0),
-        rx_secret=rx_secret,
-        tx_secret=tx_secret,
+        traffic_keys(ours, suite, watch.tickets if watch.server else 0),
+        traffic_keys(theirs, suite, 0),
+        rx_secret=theirs,
+        tx_secret=ours,
     )

@@ -19,9 +19,12 @@ one: ``Records`` says what each record means, and the engine acts.
 
 import contextlib
 import errno
+import fcntl
 import os
 import socket
 import stat
+import struct
+import termios
 from dataclasses import dataclass, replace
 
 from .errors import TlsRuntimeError
@@ -225,6 +228,7 @@ class KernelTls:
         self.fd = self.sock.fileno()
         self.keys: ConnectionKeys
         self.records: Records
+        self._low_water = False
 
     @classmethod
     def install(cls, fd: int, keys: ConnectionKeys) -> "KernelTls":
@@ -314,6 +318,26 @@ class KernelTls:
             if exc.errno == errno.EINVAL:
                 return None
             raise _record_error(exc) from None
+
+    def await_record(self) -> None:
+        """Before polling for the next record, after ``BlockingIOError``.
+
+        A partial record in the socket makes poll report POLLIN at once,
+        while splice and recvmsg answer EAGAIN until it is whole: a loop
+        would spin as long as a slow peer takes to send the rest.  So the
+        socket's SO_RCVLOWAT is set just above what it holds, and poll
+        sleeps until more arrives (an EOF wakes it too).
+        """
+        queued = struct.unpack("i", fcntl.ioctl(self.fd, termios.FIONREAD, b"\0" * 4))[0]
+        if queued:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, queued + 1)
+            self._low_water = True
+
+    def record_read(self) -> None:
+        """After a record was read: poll reports any byte again (undoes ``await_record``)."""
+        if self._low_water:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
+            self._low_water = False
 
     def read_record(self, buf: memoryview) -> tuple[int, int]:
         """Read the next record's content into ``buf``: (content type, length).

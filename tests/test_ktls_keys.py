@@ -15,7 +15,7 @@ import pytest
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
-from ktls_helpers import TLS12_CIPHERS, TLS13_SUITES, watched_contexts
+from ktls_helpers import TLS12_CIPHERS, TLS13_SUITES, keys_of, watched, watched_contexts
 from OpenSSL import SSL
 
 from s6tls import ktls_keys
@@ -162,7 +162,7 @@ def test_crypto_info_has_the_kernel_layout(suite, size, version):
 
 def _handshake(server_ctx, client_ctx):
     a, b = socket.socketpair()
-    server, client = SSL.Connection(server_ctx, a), SSL.Connection(client_ctx, b)
+    server, client = watched(SSL.Connection(server_ctx, a)), watched(SSL.Connection(client_ctx, b))
     for sock in (a, b):
         sock.setblocking(False)
     server.set_accept_state()
@@ -217,7 +217,7 @@ CASES = [(ktls_keys.TLS_1_3_VERSION, s) for s in TLS13_SUITES] + [
 @pytest.mark.parametrize(("version", "cipher"), CASES)
 def test_derived_keys_decrypt_what_openssl_sent(pki, version, cipher):
     (server, ssock), (client, csock) = _handshake(*watched_contexts(pki, version, cipher))
-    skeys, ckeys = ktls_keys.connection_keys(server), ktls_keys.connection_keys(client)
+    skeys, ckeys = keys_of(server), keys_of(client)
     assert skeys.version == ckeys.version == version
     suite = skeys.suite
     assert suite == ktls_keys.suite_of(cipher)
@@ -241,16 +241,19 @@ def test_derived_keys_decrypt_what_openssl_sent(pki, version, cipher):
         _open(suite, version, skeys.rx, skeys.rx.seq + 1, *record)
 
 
-def test_keys_of_an_unwatched_connection_are_unavailable(pki):
+def test_keys_need_the_logged_secrets_and_the_watched_handshake(pki):
     contexts = watched_contexts(pki, ktls_keys.TLS_1_3_VERSION, None, watch=False)
     (server, _), (client, _) = _handshake(*contexts)
     for conn in (server, client):
-        with pytest.raises(KeysUnavailable, match="not prepared for kernel TLS"):
-            ktls_keys.connection_keys(conn)
+        with pytest.raises(KeysUnavailable, match="does not log its traffic secrets"):
+            keys_of(conn)
+    (server, _), _client = _handshake(*watched_contexts(pki, ktls_keys.TLS_1_2_VERSION, None))
+    with pytest.raises(KeysUnavailable, match="the handshake was not watched"):
+        ktls_keys.connection_keys(server, ktls_keys.HandshakeWatch())
 
 
 def test_keys_of_a_suite_the_kernel_lacks_are_unavailable(pki):
     contexts = watched_contexts(pki, ktls_keys.TLS_1_3_VERSION, "TLS_AES_128_CCM_SHA256")
     (server, _), _client = _handshake(*contexts)
     with pytest.raises(KeysUnavailable, match=r"TLSv1\.3 TLS_AES_128_CCM_SHA256 is not a suite"):
-        ktls_keys.connection_keys(server)
+        keys_of(server)

@@ -12,11 +12,10 @@ import errno
 import hashlib
 import os
 import select
-import socket
 from pathlib import Path
 
 import pytest
-from ktls_helpers import TLS12_CIPHERS, TLS13_SUITES, watched_contexts
+from ktls_helpers import CASES, IDS, pairs, wait_for
 from OpenSSL import SSL
 
 from s6tls import ktls_keys, ktls_socket
@@ -25,74 +24,16 @@ from s6tls.ktls_socket import ALERT, FATAL, HANDSHAKE, KernelTls
 
 pytestmark = pytest.mark.guest
 
-CASES = [(ktls_keys.TLS_1_3_VERSION, s) for s in TLS13_SUITES] + [
-    (ktls_keys.TLS_1_2_VERSION, c) for c in TLS12_CIPHERS
-]
-IDS = [c for _v, c in CASES]
-DEADLINE_MS = 30_000
+
+@pytest.fixture
+def pair_factory(pki):
+    with pairs(pki) as make:
+        yield make
 
 
 def test_the_guest_kernel_has_the_tls_module():
     assert Path("/proc/net/tls_stat").exists()
     assert os.uname().release.startswith("6.1.")
-
-
-class Pair:
-    """A TLS connection over loopback TCP, handshake done, both ends in this process."""
-
-    def __init__(self, pki, version, cipher):
-        server_ctx, client_ctx = watched_contexts(pki, version, cipher)
-        with socket.create_server(("127.0.0.1", 0)) as lis:
-            self.csock = socket.create_connection(lis.getsockname())
-            self.ssock, _ = lis.accept()
-        for s in (self.csock, self.ssock):
-            s.setblocking(False)
-        self.server = SSL.Connection(server_ctx, self.ssock)
-        self.client = SSL.Connection(client_ctx, self.csock)
-        self.server.set_accept_state()
-        self.client.set_connect_state()
-        done: set[int] = set()
-        while len(done) < 2:
-            for i, conn in enumerate((self.server, self.client)):
-                if i not in done:
-                    with contextlib.suppress(SSL.WantReadError):
-                        conn.do_handshake()
-                        done.add(i)
-            if len(done) < 2:
-                fds = [self.ssock, self.csock]
-                assert select.select(fds, [], [], DEADLINE_MS / 1000)[0], "handshake stalled"
-        self.opened: list[KernelTls] = []
-
-    def kernel(self, side: str) -> KernelTls:
-        conn, sock = (self.server, self.ssock) if side == "server" else (self.client, self.csock)
-        ktls = KernelTls.install(sock.fileno(), ktls_keys.connection_keys(conn))
-        self.opened.append(ktls)
-        return ktls
-
-    def close(self):
-        for k in self.opened:
-            k.close()
-        self.ssock.close()
-        self.csock.close()
-
-
-@pytest.fixture
-def pair_factory(pki):
-    made = []
-
-    def make(version, cipher):
-        made.append(Pair(pki, version, cipher))
-        return made[-1]
-
-    yield make
-    for p in made:
-        p.close()
-
-
-def _wait(fd: int, events: int) -> None:
-    poller = select.poll()
-    poller.register(fd, events)
-    assert poller.poll(DEADLINE_MS), f"fd {fd} not ready for {events} in time"
 
 
 def _pump_out(ktls: KernelTls, data: bytes) -> None:
@@ -107,7 +48,7 @@ def _pump_out(ktls: KernelTls, data: bytes) -> None:
             try:
                 spliced += ktls.splice_out(r, 65536)
             except BlockingIOError:
-                _wait(ktls.fd, select.POLLOUT)
+                wait_for(ktls.fd, select.POLLOUT)
     finally:
         os.close(r)
         os.close(w)
@@ -127,7 +68,7 @@ def _read_all(ktls: KernelTls) -> list[tuple[str, bytes]]:
             try:
                 n = ktls.splice_in(w, 65536)
             except BlockingIOError:
-                _wait(ktls.fd, select.POLLIN)
+                wait_for(ktls.fd, select.POLLIN)
                 continue
             if n == 0:
                 return seen
@@ -158,7 +99,7 @@ def test_kernel_sends_what_openssl_reads(pair_factory, version, cipher):
         try:
             got += pair.client.recv(65536)
         except SSL.WantReadError:
-            _wait(pair.csock.fileno(), select.POLLIN)
+            wait_for(pair.csock.fileno(), select.POLLIN)
     assert hashlib.sha256(got).digest() == hashlib.sha256(data).digest()
 
 
@@ -214,7 +155,7 @@ def test_a_fatal_alert_is_an_error_with_its_name(pair_factory):
     buf = memoryview(bytearray(ktls_socket.MAX_RECORD))
     kinds = []
     while not kinds or kinds[-1].kind == "ignore":
-        _wait(client.fd, select.POLLIN)
+        wait_for(client.fd, select.POLLIN)
         kind, size = client.read_record(buf)
         kinds += client.records.feed(kind, bytes(buf[:size]))
     assert kind == ALERT
@@ -231,7 +172,7 @@ def test_a_key_update_cannot_be_followed_on_this_kernel(pair_factory):
     buf = memoryview(bytearray(ktls_socket.MAX_RECORD))
     controls = []
     while not controls or controls[-1].kind == "ignore":
-        _wait(client.fd, select.POLLIN)
+        wait_for(client.fd, select.POLLIN)
         kind, size = client.read_record(buf)
         controls += client.records.feed(kind, bytes(buf[:size]))
     assert (controls[-1].kind, controls[-1].update_requested) == ("key_update", True)
