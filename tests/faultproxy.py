@@ -29,8 +29,10 @@ Each of these acts on every connection currently relayed (the tests use one
 connection at a time).  ``forwarded[direction]`` counts the bytes passed on,
 ``writes[direction]`` the writes that took, ``log`` lists every piece read
 and passed on as (direction, size), in order,
-``cut_done`` is set once a cut happened, and ``closed`` once every relayed
-connection ended.  Nothing here sleeps to synchronise: waits are on events.
+``wire[direction]`` holds every byte passed on when the proxy was made with
+``record=True`` (a capture of the wire), ``cut_done`` is set once a cut
+happened, and ``closed`` once every relayed connection ended.  Nothing here
+sleeps to synchronise: waits are on events.
 """
 
 import asyncio
@@ -124,6 +126,8 @@ class _Relay:
                     await loop.sock_sendall(dst, data)
                     self.proxy.writes[direction] += 1
                 sent += len(data)
+                if self.proxy.wire is not None:
+                    self.proxy.wire[direction] += data
                 self.proxy.forwarded[direction] += len(data)
                 self.proxy.log.append((direction, len(data)))
         except OSError:
@@ -189,8 +193,10 @@ class FaultProxy:
         s2c: Fault | None = None,
         target_host: str = "127.0.0.1",
         rcvbuf: int | None = None,
+        record: bool = False,
     ) -> None:
         self.target = (target_host, target_port)
+        self.wire = {d: bytearray() for d in DIRECTIONS} if record else None
         self.faults = {"c2s": c2s or Fault(), "s2c": s2c or Fault()}
         self.forwarded = {"c2s": 0, "s2c": 0}
         self.writes = {"c2s": 0, "s2c": 0}

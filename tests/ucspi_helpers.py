@@ -75,15 +75,23 @@ class LineReader:
 class TcpServer:
     """``tcpserver -1 -v -H -R -l 0 127.0.0.1 0 s6-tlsd ARGS -- PROG``, listening.
 
+    ``tool`` replaces s6-tlsd (s6-ucspitlsd, for instance).
+
     ``-1`` makes tcpserver print its port once it listens: that line is the
     readiness notification.  ``-v`` makes it log ``end PID status S`` for each
     connection, from which ``wait_end`` reads s6-tlsd's exit code.
     """
 
-    def __init__(self, args: Sequence[str], prog: Sequence[str], env: Mapping[str, str]) -> None:
+    def __init__(
+        self,
+        args: Sequence[str],
+        prog: Sequence[str],
+        env: Mapping[str, str],
+        tool: Sequence[str] = TLSD,
+    ) -> None:
         argv = ["tcpserver", "-1", "-v", "-H", "-R", "-l", "0", "127.0.0.1", "0"]
         self.proc = subprocess.Popen(
-            [*argv, *TLSD, *args, "--", *prog],
+            [*argv, *tool, *args, "--", *prog],
             env=dict(env),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,

@@ -1,0 +1,189 @@
+"""STARTTLS for s6-ucspitlsd and s6-ucspitlsc: the UCSPI-TLS protocol's two processes.
+
+``start`` makes two pipes and a control socketpair, then forks:
+
+- the **parent** execs prog, with the network still on its fds (0 and 1 for
+  the server, 6 and 7 or -6/-7 for the client) for the cleartext phase, and
+  ``SSLCTLFD``, ``SSLREADFD``, ``SSLWRITEFD`` in its environment;
+- the **child** is the TLS engine.  It waits for prog's command on the
+  control socket (``ucspitls``): EOF declines TLS (exit 0); ``Y`` or ``y``
+  starts the handshake on the network fds, which prog no longer reads or
+  writes; after ``Y`` the TLS facts go back as the notification block.
+  Then the engine moves data between the network and prog's two pipes, as
+  s6-tlsd's does, with no application pid to wait for: prog is its parent.
+
+So prog keeps its pid (the one the super-server knows), and a failed
+handshake reaches prog as EOF on the control socket and on SSLREADFD.
+"""
+
+import os
+import socket
+from collections.abc import Mapping, Sequence
+from typing import NoReturn
+
+from OpenSSL import SSL
+
+from .app import application_env
+from .cli import Log
+from .config import TlsConfig
+from .context import VerifyNotes
+from .engine import run
+from .errors import ExitCode, HandshakeError, S6tlsError, SystemFailure
+from .handshake import connection_facts, handshake
+from .link import new_connection
+from .pump import Stats
+from .selfpipe import SelfPipe
+from .tunnel import drop_privileges
+from .ucspitls import Command, encode_notification, parse_command
+
+
+def start(
+    cfg: TlsConfig,
+    ctx: SSL.Context,
+    prog: Sequence[str],
+    log: Log,
+    net: tuple[int, int],
+    environ: Mapping[str, str],
+) -> NoReturn:
+    """Fork the engine, then exec ``prog``; never returns.
+
+    ``net`` is the network's read and write fds, which both processes keep.
+    Raises ``SystemFailure`` if the pipes, the fork or the exec fail (after
+    a failed exec the engine sees its control socket close and exits 0).
+    """
+    from_app_r, from_app_w = os.pipe()  # prog writes SSLWRITEFD, the engine reads
+    to_app_r, to_app_w = os.pipe()  # the engine writes, prog reads SSLREADFD
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    parent = os.getpid()
+    pid = os.fork()
+    if pid == 0:
+        os.close(from_app_w)
+        os.close(to_app_r)
+        theirs.close()
+        _engine_main(cfg, ctx, log, net, (from_app_r, to_app_w), ours, parent)
+    os.close(from_app_r)
+    os.close(to_app_w)
+    ours.close()
+    ctl = theirs.detach()
+    for fd in (ctl, to_app_r, from_app_w):
+        os.set_inheritable(fd, True)
+    ssl_fds = {"SSLCTLFD": str(ctl), "SSLREADFD": str(to_app_r), "SSLWRITEFD": str(from_app_w)}
+    env = application_env(environ, {}, keep_secrets=cfg.options.keep_env, extra=ssl_fds)
+    try:
+        os.execvpe(prog[0], list(prog), env)
+    except OSError as exc:
+        raise SystemFailure(f"unable to exec {prog[0]}: {exc.strerror}") from None
+
+
+def _engine_main(
+    cfg: TlsConfig,
+    ctx: SSL.Context,
+    log: Log,
+    net: tuple[int, int],
+    app: tuple[int, int],
+    ctl: socket.socket,
+    parent: int,
+) -> NoReturn:
+    """The child: wait for the command, handshake, notify, pump; always ``os._exit``."""
+    code: int = ExitCode.SYSTEM
+    try:
+        _release_stdio(net)
+        code = engine(cfg, ctx, log, net, app, ctl, parent)
+    except S6tlsError as exc:
+        log.fatal(str(exc))
+        code = exc.exit_code
+    except OSError as exc:
+        log.fatal(exc.strerror or str(exc))
+    except BaseException as exc:  # a bug of ours: one line, and the child still exits
+        log.fatal(f"internal error: {type(exc).__name__}: {exc}")
+    finally:
+        os._exit(code)
+
+
+def engine(
+    cfg: TlsConfig,
+    ctx: SSL.Context,
+    log: Log,
+    net: tuple[int, int],
+    app: tuple[int, int],
+    ctl: socket.socket,
+    parent: int,
+) -> int:
+    """Wait for the command on ``ctl``, then run TLS between ``net`` and ``app``.
+
+    ``app`` is (prog's output, prog's input): the pipes' engine ends.  Owns
+    every descriptor it is given.  Returns 0 when prog declined TLS or the
+    tunnel ended cleanly.  Raises ``UsageError`` (100) for an unknown
+    command, the handshake's errors (97, 98) and ``TlsRuntimeError`` (98).
+    """
+    command = parse_command(ctl.recv(1))
+    if command is Command.DECLINE:
+        log.info(f"pid {parent} declined opportunistic TLS")
+        return 0
+    if command is Command.QUIET:
+        ctl.close()
+    else:
+        ctl.shutdown(socket.SHUT_RD)
+    log.info(f"pid {parent} accepted opportunistic TLS")
+    drop_privileges(cfg)
+    conn = _handshake(cfg, ctx, *net)
+    facts = connection_facts(conn)
+    if command is Command.NOTIFY:
+        try:
+            ctl.sendall(encode_notification(facts))
+        except OSError as exc:
+            raise SystemFailure(f"unable to write the notification block: {exc.strerror}") from None
+        ctl.close()
+    stats = Stats()
+    with SelfPipe() as selfpipe:
+        run(
+            conn,
+            (app[0], app[1], net[0], net[1], selfpipe.fileno()),
+            None,
+            close_notify=cfg.options.close_notify,
+            strict_close_notify=cfg.options.strict_close_notify,
+            idle_timeout=cfg.options.idle_timeout,
+            stats=stats,
+        )
+    sni = facts.get("SSL_TLS_SNI_SERVERNAME", "-")
+    log.info(
+        f"sni {sni} {facts['SSL_PROTOCOL']} {facts['SSL_CIPHER']}"
+        f" in {stats.to_app} out {stats.to_peer} closed by {stats.ending}"
+    )
+    return 0
+
+
+def _handshake(cfg: TlsConfig, ctx: SSL.Context, rfd: int, wfd: int) -> SSL.Connection:
+    opts = cfg.options
+    conn = new_connection(ctx, rfd, wfd)
+    notes = VerifyNotes()
+    conn.set_app_data(notes)
+    if cfg.role == "client":
+        name = opts.servername
+        if name and not cfg.servername_is_ip:
+            conn.set_tlsext_host_name(name.encode("idna"))
+        if name and cfg.verify_peer != "none":
+            notes.hostname = name
+        conn.set_connect_state()
+    else:
+        conn.set_accept_state()
+    try:
+        handshake(conn, rfd, wfd, opts.handshake_timeout_ms)
+    except HandshakeError as exc:
+        if notes.reasons:
+            raise HandshakeError(f"{notes.reasons[0]} ({exc})") from None
+        raise
+    return conn
+
+
+def _release_stdio(net: tuple[int, int]) -> None:
+    """Put /dev/null on the engine's fds 0 and 1 unless they are the network.
+
+    The client's engine must not hold prog's stdin and stdout open: whoever
+    reads prog's output would wait for the engine's end too.
+    """
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1):
+        if fd not in net:
+            os.dup2(null, fd)
+    os.close(null)
