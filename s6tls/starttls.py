@@ -18,7 +18,6 @@ handshake reaches prog as EOF on the control socket and on SSLREADFD.
 
 import os
 import socket
-from collections.abc import Mapping, Sequence
 from typing import NoReturn
 
 from OpenSSL import SSL
@@ -31,26 +30,21 @@ from .engine import run
 from .errors import ExitCode, HandshakeError, S6tlsError, SystemFailure
 from .handshake import connection_facts, handshake
 from .link import new_connection
+from .program import Setup
 from .pump import Stats
 from .selfpipe import SelfPipe
-from .tunnel import drop_privileges
 from .ucspitls import Command, encode_notification, parse_command
 
 
-def start(
-    cfg: TlsConfig,
-    ctx: SSL.Context,
-    prog: Sequence[str],
-    log: Log,
-    net: tuple[int, int],
-    environ: Mapping[str, str],
-) -> NoReturn:
-    """Fork the engine, then exec ``prog``; never returns.
+def start(setup: Setup, net: tuple[int, int], peer: str) -> NoReturn:
+    """Fork the engine, then exec prog; never returns.
 
-    ``net`` is the network's read and write fds, which both processes keep.
-    Raises ``SystemFailure`` if the pipes, the fork or the exec fail (after
-    a failed exec the engine sees its control socket close and exits 0).
+    ``net`` is the network's read and write fds, which both processes keep;
+    ``peer`` names the other end in the engine's log lines.  Raises
+    ``SystemFailure`` if the pipes, the fork or the exec fail (after a
+    failed exec the engine sees its control socket close and exits 0).
     """
+    cfg = setup.cfg
     from_app_r, from_app_w = os.pipe()  # prog writes SSLWRITEFD, the engine reads
     to_app_r, to_app_w = os.pipe()  # the engine writes, prog reads SSLREADFD
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -60,7 +54,7 @@ def start(
         os.close(from_app_w)
         os.close(to_app_r)
         theirs.close()
-        _engine_main(cfg, ctx, log, net, (from_app_r, to_app_w), ours, parent)
+        _engine_main(setup, net, (from_app_r, to_app_w), ours, setup.log.about(peer, parent))
     os.close(from_app_r)
     os.close(to_app_w)
     ours.close()
@@ -68,7 +62,8 @@ def start(
     for fd in (ctl, to_app_r, from_app_w):
         os.set_inheritable(fd, True)
     ssl_fds = {"SSLCTLFD": str(ctl), "SSLREADFD": str(to_app_r), "SSLWRITEFD": str(from_app_w)}
-    env = application_env(environ, {}, keep_secrets=cfg.options.keep_env, extra=ssl_fds)
+    env = application_env(os.environ, {}, keep_secrets=cfg.options.keep_env, extra=ssl_fds)
+    prog = setup.app
     try:
         os.execvpe(prog[0], list(prog), env)
     except OSError as exc:
@@ -76,57 +71,51 @@ def start(
 
 
 def _engine_main(
-    cfg: TlsConfig,
-    ctx: SSL.Context,
-    log: Log,
-    net: tuple[int, int],
-    app: tuple[int, int],
-    ctl: socket.socket,
-    parent: int,
+    setup: Setup, net: tuple[int, int], app: tuple[int, int], ctl: socket.socket, log: Log
 ) -> NoReturn:
-    """The child: wait for the command, handshake, notify, pump; always ``os._exit``."""
+    """The child: wait for the command, handshake, notify, pump; always ``os._exit``.
+
+    Its fatal line is the program's own (``s6-ucspitlsd: fatal: ...``), as
+    for s6-tlsd: the engine is the process that ends.
+    """
     code: int = ExitCode.SYSTEM
     try:
         _release_stdio(net)
-        code = engine(cfg, ctx, log, net, app, ctl, parent)
+        code = engine(setup, net, app, ctl, log)
     except S6tlsError as exc:
-        log.fatal(str(exc))
+        setup.log.fatal(str(exc))
         code = exc.exit_code
     except OSError as exc:
-        log.fatal(exc.strerror or str(exc))
+        setup.log.fatal(exc.strerror or str(exc))
     except BaseException as exc:  # a bug of ours: one line, and the child still exits
-        log.fatal(f"internal error: {type(exc).__name__}: {exc}")
+        setup.log.fatal(f"internal error: {type(exc).__name__}: {exc}")
     finally:
         os._exit(code)
 
 
 def engine(
-    cfg: TlsConfig,
-    ctx: SSL.Context,
-    log: Log,
-    net: tuple[int, int],
-    app: tuple[int, int],
-    ctl: socket.socket,
-    parent: int,
+    setup: Setup, net: tuple[int, int], app: tuple[int, int], ctl: socket.socket, log: Log
 ) -> int:
     """Wait for the command on ``ctl``, then run TLS between ``net`` and ``app``.
 
-    ``app`` is (prog's output, prog's input): the pipes' engine ends.  Owns
-    every descriptor it is given.  Returns 0 when prog declined TLS or the
-    tunnel ended cleanly.  Raises ``UsageError`` (100) for an unknown
-    command, the handshake's errors (97, 98) and ``TlsRuntimeError`` (98).
+    ``app`` is (prog's output, prog's input): the pipes' engine ends; ``log``
+    the connection's.  Owns every descriptor it is given.  Returns 0 when
+    prog declined TLS or the tunnel ended cleanly.  Raises ``UsageError``
+    (100) for an unknown command, the handshake's errors (97, 98) and
+    ``TlsRuntimeError`` (98).
     """
+    cfg = setup.cfg
     command = parse_command(ctl.recv(1))
     if command is Command.DECLINE:
-        log.info(f"pid {parent} declined opportunistic TLS")
+        log.info("declined opportunistic TLS")
         return 0
     if command is Command.QUIET:
         ctl.close()
     else:
         ctl.shutdown(socket.SHUT_RD)
-    log.info(f"pid {parent} accepted opportunistic TLS")
-    drop_privileges(cfg)
-    conn = _handshake(cfg, ctx, *net)
+    log.info("accepted opportunistic TLS")
+    setup.drop_privileges()
+    conn = _handshake(cfg, setup.ctx, *net)
     facts = connection_facts(conn)
     if command is Command.NOTIFY:
         try:

@@ -6,38 +6,42 @@ handshake on the same connection and prog goes on through
 SSLREADFD/SSLWRITEFD.  See man/s6-ucspitlsc.1.
 """
 
+import dataclasses
 import os
 from collections.abc import Sequence
+from typing import NoReturn
 
-import click
+from . import options
+from .program import Program, Setup
+from .program import main as run
+from .starttls import start
+from .tlsc import APP_FDS, ENVIRONMENT, adjust
+from .ucspi import check_fds, peer_of, tcp_variables
 
-from .cli import CONTEXT_SETTINGS, Log, common_options, run_main
-from .tlsc import client_options
-
-PROG = "s6-ucspitlsc"
-log = Log(PROG)
-
-
-@click.command(context_settings=CONTEXT_SETTINGS)
-@common_options
-@client_options
-@click.option("-6", "net_read", type=int, default=6, metavar="FD", help="Network read fd.")
-@click.option("-7", "net_write", type=int, default=7, metavar="FD", help="Network write fd.")
-@click.argument("prog", nargs=-1, required=True)
-def command(prog: tuple[str, ...], net_read: int, net_write: int, **opts: object) -> int:
-    """s6-ucspitlsc [options] [--] prog...: STARTTLS for prog, on fds 6 and 7."""
-    from .config import Options, TlsConfig
-
-    options = Options(app_fds=(net_read, net_write), **opts)  # type: ignore[arg-type]
-    log.verbosity = options.verbosity
-    cfg = TlsConfig.from_env("client", os.environ, options)
-    from .context import build_context
-    from .starttls import start
-    from .tunnel import check_fds
-
-    check_fds(options.app_fds, "unable to check network fds")
-    start(cfg, build_context(cfg), prog, log, options.app_fds, os.environ)
+# -6 and -7 name the network's fds here (prog's too, before TLS), as in s6-networking.
+NET_FDS = (
+    dataclasses.replace(APP_FDS[0], help="read the network (before TLS, prog does) on FD"),
+    dataclasses.replace(APP_FDS[1], help="write to the network (before TLS, prog does) on FD"),
+)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    run_main(PROG, command, argv, log)
+def serve(setup: Setup) -> int:
+    """Fork the engine, exec prog with the connection still on its fds."""
+    net = setup.cfg.options.app_fds
+    check_fds(net, "unable to check network fds")
+    start(setup, net, peer_of(os.environ) or peer_of(tcp_variables(net[0])))
+
+
+PROGRAM = Program(
+    name="s6-ucspitlsc",
+    role="client",
+    summary="Run prog on the connection on fds 6 and 7; start TLS when prog asks.",
+    options=(*options.TLS, *options.CLIENT_TLS, options.VERBOSITY, *NET_FDS),
+    serve=serve,
+    environment=ENVIRONMENT,
+    adjust=adjust,
+)
+
+
+def main(argv: Sequence[str] | None = None) -> NoReturn:
+    run(PROGRAM, argv)

@@ -8,36 +8,31 @@ See man/s6-ucspitlsd.1.
 
 import os
 from collections.abc import Sequence
+from typing import NoReturn
 
-import click
+from . import options
+from .program import Program, Setup
+from .program import main as run
+from .starttls import start
+from .tlsd import ENVIRONMENT
+from .ucspi import check_fds, peer_of, tcp_variables
 
-from .cli import CONTEXT_SETTINGS, Log, common_options, run_main
 
-PROG = "s6-ucspitlsd"
-log = Log(PROG)
-
-
-@click.command(context_settings=CONTEXT_SETTINGS)
-@common_options
-@click.option("-Y", "peer_verify", flag_value="optional", help="Ask for a client certificate.")
-@click.option("-y", "peer_verify", flag_value="required", help="Require a client certificate.")
-@click.option("-k", "sni_level", type=int, default=0, metavar="SNILEVEL", help="SNI level.")
-@click.argument("prog", nargs=-1, required=True)
-def command(prog: tuple[str, ...], **opts: object) -> int:
-    """s6-ucspitlsd [options] [--] prog...: STARTTLS for prog, on stdin/stdout."""
-    from .config import Options, TlsConfig
-
-    opts["peer_verify"] = opts["peer_verify"] or "none"
-    options = Options(**opts)  # type: ignore[arg-type]
-    log.verbosity = options.verbosity
-    cfg = TlsConfig.from_env("server", os.environ, options)
-    from .context import build_context
-    from .starttls import start
-    from .tunnel import check_fds
-
+def serve(setup: Setup) -> int:
+    """Fork the engine, exec prog with the connection still on fds 0 and 1."""
     check_fds((0, 1), "unable to check network fds")
-    start(cfg, build_context(cfg), prog, log, (0, 1), os.environ)
+    start(setup, (0, 1), peer_of(os.environ) or peer_of(tcp_variables(0)))
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    run_main(PROG, command, argv, log)
+PROGRAM = Program(
+    name="s6-ucspitlsd",
+    role="server",
+    summary="Run prog on the connection on stdin and stdout; start TLS when prog asks.",
+    options=(*options.TLS, *options.SERVER_TLS, options.VERBOSITY),
+    serve=serve,
+    environment=ENVIRONMENT,
+)
+
+
+def main(argv: Sequence[str] | None = None) -> NoReturn:
+    run(PROGRAM, argv)

@@ -23,6 +23,8 @@ PROGRAMS = {
     "s6-tlsc": "s6tls.tlsc",
     "s6-tlsserver": "s6tls.tlsserver",
     "s6-tlsclient": "s6tls.tlsclient",
+    "s6-ucspitlsd": "s6tls.ucspitlsd",
+    "s6-ucspitlsc": "s6tls.ucspitlsc",
 }
 OPERANDS = {"s6-tlsserver": ["127.0.0.1", "0"], "s6-tlsclient": ["localhost", "443"]}
 
@@ -55,15 +57,40 @@ LOUDNESS = [
     ("--normally-verbose", "-Q", "-v"),
     ("--verbose", "-v", ""),
 ]
+# s6-tcpserver-access's and s6-tcpclient's names (s6-tlsserver.c, s6-tlsclient.c).
+UCSPI_TCP = [
+    ("--no-nagle", "-D", ""),
+    ("--nagle", "-d", "-D"),
+    ("--no-dns", "-H", ""),
+    ("--hosts", "-h", ""),
+    ("--ident", "-r", ""),
+    ("--no-ident", "-R", "-r"),
+    ("--local-name=me.example", "-l me.example", ""),
+]
+ACCESS = [
+    ("--proxy", "-L", ""),
+    ("--strict-resolution", "-w", ""),
+    ("--no-strict-resolution", "-W", "-w"),
+    ("--paranoid", "-p", ""),
+    ("--no-paranoid", "-P", "-p"),
+    ("--banner=hello", "-B hello", ""),
+    ("--timeout=700", "-t 700", ""),
+    ("--rules-directory=/etc/rules", "-i /etc/rules", ""),
+    ("--rules-file=/etc/rules.cdb", "-x /etc/rules.cdb", ""),
+    ("--gidlist=10,20", "-G 10,20", ""),
+]
+TLSC = [
+    *CLOSE,
+    *CLIENT,
+    ("--verbosity=0", "-v 0", ""),
+    ("--read-fd=8", "-6 8", ""),
+    ("--write-fd=9", "-7 9", ""),
+]
 LONG_OPTIONS = {
     "s6-tlsd": [*CLOSE, *SERVER, ("--verbosity=2", "-v 2", "")],
-    "s6-tlsc": [
-        *CLOSE,
-        *CLIENT,
-        ("--verbosity=0", "-v 0", ""),
-        ("--read-fd=8", "-6 8", ""),
-        ("--write-fd=9", "-7 9", ""),
-    ],
+    "s6-tlsc": TLSC,
+    "s6-ucspitlsd": [*CLOSE, *SERVER, ("--verbosity=2", "-v 2", "")],
+    "s6-ucspitlsc": TLSC,
     "s6-tlsserver": [
         *LOUDNESS,
         *CLOSE,
@@ -75,6 +102,8 @@ LONG_OPTIONS = {
         ("--uid=65534", "-u 65534", ""),
         ("--gid=65534", "-g 65534", ""),
         ("--envuidgid", "-U", ""),
+        *UCSPI_TCP,
+        *ACCESS,
     ],
     "s6-tlsclient": [
         *LOUDNESS,
@@ -84,6 +113,11 @@ LONG_OPTIONS = {
         ("--ipv6", "-6", "-4"),
         ("--timeout=900", "-t 900", ""),
         ("--local-ip=::1", "-i ::1", ""),
+        *UCSPI_TCP,
+        ("--qualify", "-n", ""),
+        ("--no-qualify", "-N", "-n"),
+        ("--connection-timeouts=3+4", "-T 3+4", ""),
+        ("--local-port=4000", "-p 4000", ""),
     ],
 }
 
@@ -110,6 +144,13 @@ def test_the_verify_cert_pair_has_only_long_names():
     for name in ("s6-tlsc", "s6-tlsclient"):
         assert parse(name, "--no-verify-cert")["verify_cert"] is False
         assert parse(name, "--no-verify-cert --verify-cert")["verify_cert"] is True
+
+
+def test_dns_and_no_hosts_have_only_long_names():
+    for name in ("s6-tlsserver", "s6-tlsclient"):
+        assert parse(name, "-H")["dns"] is False
+        assert parse(name, "-H --dns")["dns"] is True
+        assert parse(name, "-h --no-hosts")["hosts"] is False
 
 
 def test_the_last_of_conflicting_options_wins_as_with_skalibs():
