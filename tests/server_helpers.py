@@ -1,10 +1,11 @@
 """Starting s6-tlsserver for a test and talking to it."""
 
+import contextlib
 import os
 import socket
 import ssl
 import subprocess
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 from conftest import program
@@ -75,3 +76,17 @@ def zombies(pid: int) -> list[int]:
 
 def fd_count(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+@contextlib.contextmanager
+def full_listener() -> Iterator[int]:
+    """A loopback port whose listen queue is full: a new SYN is never answered.
+
+    Connecting to it times out, on loopback, without sending a packet
+    anywhere else.
+    """
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(0)
+        with socket.create_connection(sock.getsockname(), timeout=10):
+            yield sock.getsockname()[1]

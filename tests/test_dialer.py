@@ -4,6 +4,7 @@ import socket
 import time
 
 import pytest
+from server_helpers import full_listener
 from test_access import FakeResolver
 
 from s6tls.dialer import Dial, connect, local_names, parse_timeouts
@@ -17,14 +18,9 @@ def listener():
 
 
 @pytest.fixture
-def full_listener():
-    """A listener whose queue is full: a new connection's SYN is never answered."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        sock.listen(0)
-        first = socket.create_connection(sock.getsockname(), timeout=10)
-        yield sock
-        first.close()
+def full_port():
+    with full_listener() as port:
+        yield port
 
 
 @pytest.mark.parametrize(("text", "value"), [("2+58", (2, 58)), ("5", (5, 0)), ("0+1", (0, 1))])
@@ -60,16 +56,16 @@ def test_a_refused_connection_names_the_reason():
         connect(Dial("127.0.0.1", port))
 
 
-def test_one_address_gets_both_timeouts_at_once(full_listener):
-    port = full_listener.getsockname()[1]
+def test_one_address_gets_both_timeouts_at_once(full_port):
+    port = full_port
     start = time.monotonic()
     with pytest.raises(SystemFailure, match="connection timed out"):
         connect(Dial("127.0.0.1", port, timeouts=(0.2, 0.3)))
     assert 0.45 < time.monotonic() - start < 3
 
 
-def test_the_global_deadline_cuts_the_connection_timeouts(full_listener):
-    port = full_listener.getsockname()[1]
+def test_the_global_deadline_cuts_the_connection_timeouts(full_port):
+    port = full_port
     start = time.monotonic()
     with pytest.raises(SystemFailure, match="connection timed out"):
         connect(Dial("127.0.0.1", port, timeouts=(30, 0), deadline=time.monotonic() + 0.3))

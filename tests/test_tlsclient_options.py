@@ -8,7 +8,7 @@ import time
 
 import pytest
 from conftest import program
-from server_helpers import start_server
+from server_helpers import full_listener, start_server
 from ucspi_helpers import fatal
 
 SERVER_PRINT_ENV = [sys.executable, "-c", "import os,sys; sys.stdout.write(repr(dict(os.environ)))"]
@@ -79,24 +79,19 @@ def test_ident_is_accepted_with_a_warning(server_port, pki):
 
 
 @pytest.fixture
-def full_listener():
-    """A listener whose queue is full: a new connection's SYN is never answered."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        sock.listen(0)
-        first = socket.create_connection(sock.getsockname(), timeout=10)
-        yield sock.getsockname()[1]
-        first.close()
+def full_port():
+    with full_listener() as port:
+        yield port
 
 
 @pytest.mark.parametrize("args", [["-T", "1+0"], ["-T", "30+30", "-t", "1"]])
-def test_connection_timeouts(full_listener, pki, args):
+def test_connection_timeouts(full_port, pki, args):
     start = time.monotonic()
-    res = client(["-H", *args], full_listener, pki)
+    res = client(["-H", *args], full_port, pki)
     assert 0.8 < time.monotonic() - start < 20
     assert res.returncode == 111
     reason = fatal(res.stderr.decode(), "s6-tlsclient")
-    assert reason == f"unable to connect to 127.0.0.1 port {full_listener}: connection timed out"
+    assert reason == f"unable to connect to 127.0.0.1 port {full_port}: connection timed out"
 
 
 @pytest.mark.parametrize(

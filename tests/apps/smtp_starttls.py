@@ -123,18 +123,22 @@ def expect(rfd: int) -> str:
             return line
 
 
-def client(command: str) -> int:
-    rfd, wfd = 6, 7
-    expect(rfd)
-    talk(rfd, wfd, "EHLO client.test")
-    if not talk(rfd, wfd, "STARTTLS").startswith("220"):
-        return 1
+def tls_fds(command: str) -> tuple[int, int] | None:
+    """Start TLS with ``command``, print what came back; SSLREADFD/SSLWRITEFD, or None."""
     facts = start_tls(command)
     print(f"TLS: {facts}", flush=True)
     if facts is None:
         reap()
+        return None
+    return int(os.environ["SSLREADFD"]), int(os.environ["SSLWRITEFD"])
+
+
+def client(command: str) -> int:
+    expect(6)
+    talk(6, 7, "EHLO client.test")
+    if not talk(6, 7, "STARTTLS").startswith("220") or (fds := tls_fds(command)) is None:
         return 1
-    rfd, wfd = int(os.environ["SSLREADFD"]), int(os.environ["SSLWRITEFD"])
+    rfd, wfd = fds
     talk(rfd, wfd, "EHLO client.test")
     talk(rfd, wfd, "ECHO secret sent only inside TLS")
     talk(rfd, wfd, "QUIT")
@@ -144,12 +148,9 @@ def client(command: str) -> int:
 
 
 def direct(command: str) -> int:
-    facts = start_tls(command)
-    print(f"TLS: {facts}", flush=True)
-    if facts is None:
-        reap()
+    if (fds := tls_fds(command)) is None:
         return 1
-    rfd, wfd = int(os.environ["SSLREADFD"]), int(os.environ["SSLWRITEFD"])
+    rfd, wfd = fds
     write(wfd, "hello through s6-ucspitlsc\n")
     print(f"S: {read_line(rfd).decode().rstrip()}", flush=True)
     os.close(wfd)
