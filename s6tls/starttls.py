@@ -20,19 +20,15 @@ import os
 import socket
 from typing import NoReturn
 
-from OpenSSL import SSL
-
 from .app import application_env
 from .cli import Log
-from .config import TlsConfig
-from .context import VerifyNotes
 from .engine import run
-from .errors import ExitCode, HandshakeError, S6tlsError, SystemFailure
-from .handshake import connection_facts, handshake
-from .link import new_connection
+from .errors import ExitCode, S6tlsError, SystemFailure
+from .handshake import connection_facts
 from .program import Setup
 from .pump import Stats
 from .selfpipe import SelfPipe
+from .tunnel import establish
 from .ucspitls import Command, encode_notification, parse_command
 
 
@@ -115,7 +111,7 @@ def engine(
         ctl.shutdown(socket.SHUT_RD)
     log.info("accepted opportunistic TLS")
     setup.drop_privileges()
-    conn = _handshake(cfg, setup.ctx, *net)
+    conn = establish(cfg, setup.ctx, *net)
     facts = connection_facts(conn)
     if command is Command.NOTIFY:
         try:
@@ -140,29 +136,6 @@ def engine(
         f" in {stats.to_app} out {stats.to_peer} closed by {stats.ending}"
     )
     return 0
-
-
-def _handshake(cfg: TlsConfig, ctx: SSL.Context, rfd: int, wfd: int) -> SSL.Connection:
-    opts = cfg.options
-    conn = new_connection(ctx, rfd, wfd)
-    notes = VerifyNotes()
-    conn.set_app_data(notes)
-    if cfg.role == "client":
-        name = opts.servername
-        if name and not cfg.servername_is_ip:
-            conn.set_tlsext_host_name(name.encode("idna"))
-        if name and cfg.verify_peer != "none":
-            notes.hostname = name
-        conn.set_connect_state()
-    else:
-        conn.set_accept_state()
-    try:
-        handshake(conn, rfd, wfd, opts.handshake_timeout_ms)
-    except HandshakeError as exc:
-        if notes.reasons:
-            raise HandshakeError(f"{notes.reasons[0]} ({exc})") from None
-        raise
-    return conn
 
 
 def _release_stdio(net: tuple[int, int]) -> None:

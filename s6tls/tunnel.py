@@ -22,6 +22,23 @@ from .pump import Stats
 from .selfpipe import SelfPipe
 
 
+def establish(cfg: TlsConfig, ctx: SSL.Context, rfd: int, wfd: int) -> SSL.Connection:
+    """The handshake on ``rfd``/``wfd``, with every check of the peer; the connection.
+
+    Raises ``HandshakeError`` (97, naming why the peer was rejected when
+    we rejected it) and ``HandshakeTimeout`` (98, -K).
+    """
+    conn = new_connection(ctx, rfd, wfd)
+    notes = prepare_connection(cfg, conn)
+    try:
+        handshake(conn, rfd, wfd, cfg.options.handshake_timeout_ms)
+    except HandshakeError as exc:
+        if notes.reasons and notes.reasons[0] != str(exc):
+            raise HandshakeError(f"{notes.reasons[0]} ({exc})") from None
+        raise
+    return conn
+
+
 def serve_connection(
     cfg: TlsConfig,
     ctx: SSL.Context,
@@ -52,14 +69,7 @@ def serve_connection(
     opts = cfg.options
     for fd in {rfd, wfd}:
         os.set_inheritable(fd, False)  # the application never sees the network
-    conn = new_connection(ctx, rfd, wfd)
-    notes = prepare_connection(cfg, conn)
-    try:
-        handshake(conn, rfd, wfd, opts.handshake_timeout_ms)
-    except HandshakeError as exc:
-        if notes.reasons and notes.reasons[0] != str(exc):
-            raise HandshakeError(f"{notes.reasons[0]} ({exc})") from None
-        raise
+    conn = establish(cfg, ctx, rfd, wfd)
     if on_handshake is not None:
         on_handshake()
     facts = connection_facts(conn)
