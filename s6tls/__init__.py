@@ -24,7 +24,7 @@ __all__ = [
     "UsageError",
     "build_context",
     "connection_facts",
-    "new_connection",
+    "new_link",
     "run",
 ]
 
@@ -41,7 +41,7 @@ _HOMES = {
     "SelfPipe": "selfpipe",
     "build_context": "context",
     "connection_facts": "handshake",
-    "new_connection": "link",
+    "new_link": "link",
     "run": "engine",
 }
 

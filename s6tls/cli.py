@@ -12,6 +12,7 @@ and one line on stderr.  Tracebacks appear only at verbosity 3 or more.
 """
 
 import re
+import signal
 import sys
 import traceback
 from collections.abc import Callable
@@ -101,6 +102,9 @@ def run_main(log: Log, body: Callable[[], int]) -> NoReturn:
     ``body`` returns the exit code.  A ``BadUsage`` prints the program's
     synopsis (``PROG: usage: ...``), any other error one ``fatal`` line.
     """
+    # Ctrl-C kills us as it kills a C program, with no message; once an
+    # application runs, the engine catches SIGINT and passes it on.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
     try:
         code = body()
     except ShowText as shown:
@@ -119,8 +123,6 @@ def run_main(log: Log, body: Callable[[], int]) -> NoReturn:
         log.fatal(f"{what}{exc.strerror or exc}")
         log.traceback()
         code = ExitCode.SYSTEM
-    except KeyboardInterrupt:
-        code = 130
     except Exception as exc:  # a bug of ours: still one line, never a traceback
         log.fatal(f"internal error: {type(exc).__name__}: {exc}")
         log.traceback()

@@ -397,7 +397,7 @@ def _check_staple(conn: SSL.Connection, response: bytes, _data: object) -> bool:
 
 
 def prepare_connection(cfg: TlsConfig, conn: SSL.Connection) -> VerifyNotes:
-    """Set up ``conn`` (from ``link.new_connection``) for its handshake; return its notes.
+    """Set up ``conn`` (the ``conn`` of a ``link.new_link``) for its handshake; return its notes.
 
     A client sends its server name as SNI (unless it is an IP literal),
     asks for an OCSP staple under TLS_OCSP=require, and offers the session

@@ -1,28 +1,34 @@
 """The full-duplex pump between an application and a TLS peer: libstls's stls_run.
 
-``run`` is the thin I/O loop around ``pump.Pump``: it performs the operations
-the pump asks for, reads until a descriptor would block, then sleeps in one
-``poll`` on exactly the descriptors some operation waits for, plus the
-selfpipe.  It knows nothing of command lines, the environment or exit codes.
+``run`` is the thin I/O loop around ``lifetime.Lifetime``: it performs the
+operations the machine wants, feeds back what each one found, and sleeps in
+one ``poll`` per wake-up, on exactly the descriptors some operation waits
+for plus the selfpipe, until the machine's next deadline.  It decides
+nothing itself, and knows nothing of command lines, the environment or exit
+codes.
 """
 
+import contextlib
+import math
 import os
 import select
+import signal
 import time
 from collections.abc import Callable
 
 from OpenSSL import SSL
 
-from .link import Link, PeerGone, WouldBlock, make_link, runtime_error
-from .pump import LINGER, Pump, Stats
+from .lifetime import DATA_OPS, Lifetime, Op, Out, Stats
+from .link import Link, PeerGone, WouldBlock, error_reason
 
-_ALERT_CLOSE_NOTIFY = 0
 _HANGUP = select.POLLHUP | select.POLLERR | select.POLLNVAL
+_PASSES = 16  # passes over the operations between two looks at the selfpipe
+_FLUSH = "flush"  # the link's own operation: write out what TLS produced
 
 
 def run(
-    conn: SSL.Connection,
-    fds: tuple[int, int, int, int, int],
+    link: Link,
+    fds: tuple[int, int, int],
     pid: int | None = None,
     *,
     close_notify: bool = False,
@@ -33,285 +39,295 @@ def run(
     """Pump data both ways between an application and a TLS peer until the end.
 
     Args:
-        conn: a connection made by ``link.new_connection`` on ``fds[2]`` and
-            ``fds[3]``, whose handshake is done.
-        fds: cleartext read (from the application), cleartext write (to the
-            application), ciphertext read, ciphertext write, selfpipe read end
-            (a ``selfpipe.SelfPipe`` delivering at least SIGCHLD).  The two
-            ciphertext fds may be one socket or two other files.
-        pid: the application's pid, reaped here on SIGCHLD; ``None`` if there is
-            no child to watch.
+        link: from ``link.new_link``, whose handshake is done.
+        fds: cleartext read (the application's output), cleartext write (its
+            input), and the read end of a selfpipe (``selfpipe.SelfPipe``)
+            delivering at least SIGCHLD, and whichever other signals are to
+            be passed on to the application.
+        pid: the application's pid, reaped here; ``None`` if there is no
+            child to watch.
         close_notify: -S: on application EOF send close_notify before the TCP
             half-close (-s, the default, only half-closes).
         strict_close_notify: -J: a peer EOF without close_notify is an error
             (-j, the default, takes it as a plain EOF).
         idle_timeout: seconds without application data in either direction
-            after which both directions are closed; ``None`` for no limit.
+            after which the tunnel is closed; ``None`` for no limit.
         stats: if given, filled with the byte counts and how the tunnel ended.
 
     Returns:
-        the application's wait status if it died before the end (everything
-        it wrote was delivered before the connection was closed); otherwise
-        ``None``: both directions closed cleanly (or idled out) while the
-        application was alive, or its death was not yet reported, and the
-        caller waits for it.
+        the application's wait status, once it exited (``run`` waits for it,
+        passing on every signal other than SIGCHLD that the selfpipe
+        delivers); ``None`` when there is no application.  Without an
+        application, a signal ends the tunnel at once and its number is
+        returned, the wait status of a process killed by it.
 
     Raises:
         TlsRuntimeError: a TLS alert or bad record, a broken connection, or a
-            truncation under -J.
+            truncation under -J; raised only once the application is gone
+            (it is given ``lifetime.GRACE`` seconds, then SIGTERM, then
+            SIGKILL).
         OSError: a system call on a cleartext fd failed.
 
-    ``run`` owns the four data descriptors and closes every one of them before
-    it returns or raises; it leaves the selfpipe open.  It never exits the
-    process and never waits for a child other than ``pid``.
+    ``run`` owns the link and the two cleartext descriptors and closes every
+    one of them before it returns or raises; it leaves the selfpipe open.
+    It never exits the process and never waits for a child other than ``pid``.
+    The rules it follows are ``lifetime``'s.
     """
-    cread, cwrite, nread, nwrite, selfpipe = fds
-    link = make_link(conn, nread, nwrite)
-    open_fds = {cread, cwrite}
-    stats = stats if stats is not None else Stats()
-    pump = Pump(
+    cread, cwrite, selfpipe = fds
+    link.conn.set_options(SSL.OP_IGNORE_UNEXPECTED_EOF)  # -J is the machine's
+    machine = Lifetime(
         close_notify=close_notify,
         strict_close_notify=strict_close_notify,
-        tls12=conn.get_protocol_version_name() != "TLSv1.3",
+        tls12=link.conn.get_protocol_version_name() != "TLSv1.3",
+        app=pid is not None,
+        idle_timeout=idle_timeout,
+        now=time.monotonic(),
+        stats=stats,
     )
+    loop = _Loop(machine, link, cread, cwrite, selfpipe, pid)
     try:
         os.set_blocking(cread, False)
         os.set_blocking(cwrite, False)
-        loop = _Loop(conn, link, cread, cwrite, selfpipe, pid, idle_timeout, open_fds, stats)
-        return loop.run(pump)
-    finally:
-        stats.describe_ending(pump)
-        for fd in open_fds:
-            os.close(fd)
-        link.close()
+        loop.run()
+    except BaseException:
+        loop.abort()
+        raise
+    return machine.result()
 
 
 class _Loop:
-    """One run of the poll loop; each ``_op_*`` method performs one operation."""
+    """One run of the poll loop; each ``_op_*`` method performs one operation.
+
+    An operation reports what it found to the machine, or raises
+    ``WouldBlock`` if it must wait for a descriptor; the loop then polls.
+    """
 
     def __init__(
-        self,
-        conn: SSL.Connection,
-        link: Link,
-        cread: int,
-        cwrite: int,
-        selfpipe: int,
-        pid: int | None,
-        idle_timeout: float | None,
-        open_fds: set[int],
-        stats: Stats,
+        self, machine: Lifetime, link: Link, cread: int, cwrite: int, selfpipe: int, pid: int | None
     ) -> None:
-        self.stats = stats
-        self.conn = conn
+        self.m = machine
         self.link = link
         self.cread = cread
         self.cwrite = cwrite
         self.selfpipe = selfpipe
         self.pid = pid
-        self.idle_timeout = idle_timeout
-        self.open_fds = open_fds
-        self.close_notify_seen = False
-        # operation name -> (fd, poll events) it is waiting for
-        self.blocked: dict[str, tuple[int, int]] = {}
+        self.perform: dict[Op, Callable[[], None]] = {
+            Op.READ_APP: self._op_read_app,
+            Op.SEND: self._op_send,
+            Op.NOTIFY: self._op_notify,
+            Op.SHUT_WRITE: self._op_shut_write,
+            Op.ABANDON_WRITE: self._op_abandon_write,
+            Op.CLOSE_APP_OUTPUT: self._op_close_app_output,
+            Op.RECV: self._op_recv,
+            Op.WRITE_APP: self._op_write_app,
+            Op.CLOSE_APP_INPUT: self._op_close_app_input,
+            Op.CLOSE_NET: self._op_close_net,
+            Op.SIGNAL_APP: self._op_signal_app,
+        }
+        self.data_plan = [(op, self.perform[op]) for op in DATA_OPS]
+        self.blocked: dict[object, tuple[int, int]] = {}  # operation -> (fd, poll events)
+        self.poller = select.poll()
+        self.registered: dict[int, int] = {}
 
-    def _on_info(self, _conn: SSL.Connection, where: int, ret: int) -> None:
-        # SSL_CB_READ_ALERT is two bits (alert | read): testing either one
-        # alone would also count the close_notify we send ourselves under -S.
-        if (
-            where & SSL.SSL_CB_READ_ALERT == SSL.SSL_CB_READ_ALERT
-            and ret & 0xFF == _ALERT_CLOSE_NOTIFY
-        ):
-            self.close_notify_seen = True
-
-    def run(self, pump: Pump) -> int | None:
-        # A bare EOF must not be an OpenSSL error (it would send an alert and
-        # kill the other direction); -J is enforced by the pump instead.
-        self.conn.set_options(SSL.OP_IGNORE_UNEXPECTED_EOF)
-        self.conn.set_info_callback(self._on_info)
-        ops: list[tuple[str, Callable[[], bool], Callable[[Pump], None]]] = [
-            ("app_read", pump.want_app_read, self._op_app_read),
-            ("peer_send", pump.want_peer_send, self._op_peer_send),
-            ("out_close", pump.want_out_close, self._op_out_close),
-            ("peer_recv", pump.want_peer_recv, self._op_peer_recv),
-            ("app_write", pump.want_app_write, self._op_app_write),
-            ("in_close", pump.want_in_close, self._op_in_close),
-        ]
-        poller = select.poll()
-        registered: dict[int, int] = {}
-        self.last_activity = time.monotonic()
-        self._reap(pump)
-        while True:
+    def run(self) -> None:
+        """Perform operations until the machine is finished."""
+        m = self.m
+        self._read_selfpipe()
+        while not m.finished:
             progress = True
-            while progress:
-                progress = False
-                for name, wanted, op in ops:
-                    if name not in self.blocked and wanted():
-                        progress |= self._perform(name, op, pump)
-                if self.link.has_output() and "flush" not in self.blocked:
-                    progress |= self._perform("flush", lambda _pump: self.link.flush(), pump)
-            if pump.done():
-                self._reap(pump)  # it may have died just now: report it if so
-                return pump.app_status
-            # Forget waits of operations that are no longer wanted.
-            for name, wanted, _op in ops:
-                if name in self.blocked and not wanted():
-                    del self.blocked[name]
-            wanted_events = {self.selfpipe: select.POLLIN}
-            for fd, events in self.blocked.values():
-                wanted_events[fd] = wanted_events.get(fd, 0) | events
-            for fd in registered.keys() - wanted_events.keys():
-                poller.unregister(fd)
-            for fd, events in wanted_events.items():
-                if registered.get(fd) != events:
-                    poller.register(fd, events)
-            registered = wanted_events
-            ready = dict(poller.poll(self._poll_timeout_ms(pump)))
-            if not ready:
-                if pump.lingering():
-                    pump.on_linger_end()
-                elif self.idle_timeout is not None and self._idle_left() <= 0:
-                    pump.on_idle()
-                    self.blocked.clear()
-                continue
-            if self.selfpipe in ready:
-                self._reap(pump)
-            for name, (fd, events) in list(self.blocked.items()):
-                if ready.get(fd, 0) & (events | _HANGUP):
-                    del self.blocked[name]
+            passes = 0
+            while progress and passes < _PASSES:
+                progress = self._pass()
+                m.tick(time.monotonic())
+                passes += 1
+            if not m.finished:
+                self._sleep(0 if progress else self._timeout_ms())
 
-    def _perform(self, name: str, op: Callable[[Pump], None], pump: Pump) -> bool:
-        """Run one operation; False if it must wait (it is then in ``blocked``)."""
-        try:
-            op(pump)
-        except WouldBlock as wb:
-            self.blocked[name] = (wb.fd, wb.events)
-            return False
-        except PeerGone:
-            pump.on_peer_gone()
-            self._close_fd(self.cread)
-        return True
+    def _pass(self) -> bool:
+        """Try each wanted operation once; True if any of them did something."""
+        m, blocked = self.m, self.blocked
+        progress = False
+        for op, perform in self.data_plan:
+            if op not in blocked and m.wants(op):
+                try:
+                    perform()
+                    progress = True
+                except WouldBlock as wb:
+                    blocked[op] = (wb.fd, wb.events)
+        for op in m.control_ops():
+            if op not in blocked and m.wants(op):
+                try:
+                    self.perform[op]()
+                    progress = True
+                except WouldBlock as wb:
+                    blocked[op] = (wb.fd, wb.events)
+        if _FLUSH not in blocked and self.link.has_output():
+            try:
+                self.link.flush()
+            except WouldBlock as wb:
+                blocked[_FLUSH] = (wb.fd, wb.events)
+            except PeerGone:
+                self._peer_gone()
+        return progress
 
-    # -- timing ----------------------------------------------------------
+    def _sleep(self, timeout_ms: int | None) -> None:
+        """One poll on the descriptors the blocked operations wait for, and the selfpipe."""
+        blocked = self.blocked
+        wanted: set[object] = set(self.m.wanted())
+        if self.link.has_output():
+            wanted.add(_FLUSH)
+        for op in [op for op in blocked if op not in wanted]:
+            del blocked[op]
+        events = {self.selfpipe: select.POLLIN}
+        for fd, ev in blocked.values():
+            events[fd] = events.get(fd, 0) | ev
+        for fd in self.registered.keys() - events.keys():
+            self.poller.unregister(fd)
+        for fd, ev in events.items():
+            if self.registered.get(fd) != ev:
+                self.poller.register(fd, ev)
+        self.registered = events
+        ready = dict(self.poller.poll(timeout_ms))
+        if self.selfpipe in ready:
+            blocked.clear()  # an exit or a signal changes what the operations find
+            self._read_selfpipe()
+        for op, (fd, ev) in list(blocked.items()):
+            if ready.get(fd, 0) & (ev | _HANGUP):
+                del blocked[op]
+        self.m.tick(time.monotonic())
 
-    def _idle_left(self) -> float:
-        assert self.idle_timeout is not None
-        return self.last_activity + self.idle_timeout - time.monotonic()
-
-    def _poll_timeout_ms(self, pump: Pump) -> int | None:
-        if pump.lingering():
-            return int(LINGER * 1000)
-        if self.idle_timeout is None:
+    def _timeout_ms(self) -> int | None:
+        deadline = self.m.deadline()
+        if deadline is None:
             return None
-        return max(0, int(self._idle_left() * 1000) + 1)
+        return max(0, math.ceil((deadline - time.monotonic()) * 1000))
 
-    # -- the application -------------------------------------------------
+    def _read_selfpipe(self) -> None:
+        """Report the application's exit and the signals the selfpipe delivered."""
+        data = b""
+        with contextlib.suppress(BlockingIOError):
+            while chunk := os.read(self.selfpipe, 256):
+                data += chunk
+        for sig in dict.fromkeys(data):
+            if sig != signal.SIGCHLD and not self.m.finished:
+                self.m.signal(sig)
+        if self.pid is not None and self.m.status is None:
+            got, status = os.waitpid(self.pid, os.WNOHANG)
+            if got == self.pid:
+                self.m.app_exited(status)
 
-    def _reap(self, pump: Pump) -> None:
-        """Read the selfpipe; if the application died, tell the pump."""
-        _drain(self.selfpipe)
-        if self.pid is None or pump.app_status is not None:
-            return
-        got, status = os.waitpid(self.pid, os.WNOHANG)
-        if got == self.pid:
-            pump.on_app_exit(status)
-            self.blocked.pop("app_write", None)
-            self.blocked.pop("app_read", None)  # drain what it left, then EOF
-            self._close_fd(self.cwrite)
+    def abort(self) -> None:
+        """After an exception of our own: close everything, kill and reap the application."""
+        m = self.m
+        for fd, is_open in ((self.cread, m.app_output_open), (self.cwrite, m.app_input_open)):
+            if is_open:
+                os.close(fd)
+        self.m.app_output_open = self.m.app_input_open = False
+        if self.m.net_open:
+            self.link.close()
+            self.m.net_open = False
+        if self.pid is not None and self.m.status is None:
+            with contextlib.suppress(OSError):
+                os.kill(self.pid, signal.SIGKILL)
+                os.waitpid(self.pid, 0)
 
-    def _await_exit(self, pump: Pump, timeout: float) -> None:
-        """Give the application up to ``timeout`` seconds to die, and reap it."""
-        deadline = time.monotonic() + timeout
-        poller = select.poll()
-        poller.register(self.selfpipe, select.POLLIN)
-        self._reap(pump)
-        while pump.app_status is None and self.pid is not None:
-            left = deadline - time.monotonic()
-            if left <= 0 or not poller.poll(int(left * 1000) + 1):
-                return
-            self._reap(pump)
+    # -- the application ---------------------------------------------------
 
-    def _close_fd(self, fd: int) -> None:
-        if fd in self.open_fds:
-            self.open_fds.discard(fd)
-            os.close(fd)
-
-    def _op_app_read(self, pump: Pump) -> None:
+    def _op_read_app(self) -> None:
+        m = self.m
         try:
-            n = os.readv(self.cread, [pump.outbound.space()])
+            n = os.readv(self.cread, [m.outbound.space()])
         except BlockingIOError:
-            if pump.app_status is None:
+            if m.app_read_blocked():
                 raise WouldBlock(self.cread, select.POLLIN) from None
-            n = 0  # the application is dead: what is not in the pipe now never comes
-        if n:
-            pump.outbound.produced(n)
-            self.last_activity = time.monotonic()
         else:
-            pump.on_app_eof()
+            if n:
+                m.app_read(n)
+            else:
+                m.app_eof()
 
-    def _op_app_write(self, pump: Pump) -> None:
+    def _op_write_app(self) -> None:
+        m = self.m
         try:
-            n = os.write(self.cwrite, pump.inbound.data())
+            n = os.write(self.cwrite, m.inbound.data())
         except BlockingIOError:
             raise WouldBlock(self.cwrite, select.POLLOUT) from None
         except BrokenPipeError:
-            pump.on_app_gone()
-            self._close_fd(self.cwrite)
-            return
-        pump.inbound.consumed(n)
-        self.stats.to_app += n
-        self.last_activity = time.monotonic()
-
-    def _op_in_close(self, pump: Pump) -> None:
-        self._close_fd(self.cwrite)
-        pump.on_in_closed()
-
-    # -- the peer --------------------------------------------------------
-
-    def _op_peer_send(self, pump: Pump) -> None:
-        # Backpressure on a memory BIO: encrypt more only once the last is out.
-        self.link.flush()
-        try:
-            n = self.link.call(self.conn.send, pump.outbound.data())
-        except SSL.Error as exc:
-            raise runtime_error(exc) from None
-        pump.outbound.consumed(n)
-        self.stats.to_peer += n
-
-    def _op_peer_recv(self, pump: Pump) -> None:
-        try:
-            n = self.link.call(self.conn.recv_into, pump.inbound.space())
-        except SSL.ZeroReturnError:
-            n = 0
-        except SSL.Error as exc:
-            # Once the application ended its output and all of it went out, a
-            # peer may answer our bare EOF with an alert: if the application
-            # exits by itself, this is only the end of the linger.  Its input
-            # stays open meanwhile: one that still reads must not be handed a
-            # clean EOF after a reset or a bad record (the error stands, 98).
-            if pump.app_eof and pump.out_closed:
-                self._await_exit(pump, LINGER)
-            if pump.lingering():
-                pump.on_linger_end()
-                return
-            raise runtime_error(exc) from None
-        if n:
-            pump.on_peer_data(n)
+            m.app_gone()
         else:
-            pump.on_peer_eof(self.close_notify_seen)
+            m.app_written(n)
 
-    def _op_out_close(self, pump: Pump) -> None:
+    def _op_close_app_output(self) -> None:
+        os.close(self.cread)
+        self.m.app_output_closed()
+
+    def _op_close_app_input(self) -> None:
+        os.close(self.cwrite)
+        self.m.app_input_closed()
+
+    def _op_signal_app(self) -> None:
+        for sig in self.m.take_signals():
+            assert self.pid is not None
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, sig)
+
+    # -- the peer ----------------------------------------------------------
+
+    def _peer_gone(self) -> None:
+        if self.m.out is not Out.CLOSED:
+            self.m.peer_gone()
+
+    def _op_send(self) -> None:
+        m = self.m
         try:
-            self.link.close_write(pump.close_notify)
+            n = self.link.send(m.outbound.data())
+        except WouldBlock as wb:
+            if wb.pending:
+                m.send_blocked()
+            raise
+        except PeerGone:
+            m.peer_gone()
         except SSL.Error as exc:
-            raise runtime_error(exc) from None
-        pump.on_out_closed()
-        self._close_fd(self.cread)
+            m.send_failed(error_reason(exc))
+        else:
+            m.sent(n)
 
+    def _op_notify(self) -> None:
+        try:
+            self.link.notify()
+        except PeerGone:
+            self.m.peer_gone()
+        except SSL.Error as exc:
+            self.m.send_failed(error_reason(exc))
+        else:
+            self.m.notified()
 
-def _drain(fd: int) -> None:
-    """Empty a non-blocking pipe."""
-    try:
-        while os.read(fd, 256):
-            pass
-    except BlockingIOError:
-        pass
+    def _op_shut_write(self) -> None:
+        try:
+            self.link.shut_write()
+        except PeerGone:
+            self.m.peer_gone()
+        else:
+            self.m.shut()
+
+    def _op_abandon_write(self) -> None:
+        self.link.abandon_write()
+        self.m.shut()
+
+    def _op_recv(self) -> None:
+        m = self.m
+        try:
+            n = self.link.recv(m.inbound.space())
+        except PeerGone:  # the TLS layer had to answer, and the peer reads no more
+            self._peer_gone()
+        except SSL.Error as exc:
+            m.peer_failed(error_reason(exc))
+        else:
+            if n:
+                m.peer_data(n)
+            else:
+                m.peer_closed(self.link.close_notify_received)
+
+    def _op_close_net(self) -> None:
+        self.link.close()
+        self.m.net_closed()

@@ -1,11 +1,12 @@
 """The TLS handshake with a deadline, and the facts it establishes.
 
-``handshake`` drives a connection made by ``link.new_connection`` to the end
-of its handshake, over a socket or two descriptors alike.  ``connection_facts``
+``handshake`` drives the connection of a link made by ``link.new_link`` to
+the end of its handshake, over a socket or two descriptors alike.  ``connection_facts``
 turns the finished connection into the variables s6-networking gives to the
 application (``SSL_PROTOCOL``, ``SSL_CIPHER``, ...).
 """
 
+import math
 import select
 import time
 
@@ -13,21 +14,22 @@ from OpenSSL import SSL
 
 from .context import VerifyNotes
 from .errors import HandshakeError, HandshakeTimeout
-from .link import PeerGone, WouldBlock, make_link, ssl_error_text
+from .link import Link, PeerGone, WouldBlock, ssl_error_text
 from .ossl import session_reused
 from .peer import certificate_facts
 
 
-def handshake(conn: SSL.Connection, rfd: int, wfd: int, timeout_ms: int = 0) -> None:
-    """Perform the handshake of ``conn`` (in connect or accept state) on ``rfd``/``wfd``.
+def handshake(link: Link, timeout_ms: int = 0) -> None:
+    """Perform the handshake of ``link.conn`` (in connect or accept state).
 
     Every check of the peer configured in the context (chain, name) runs
     inside the handshake, so a rejected peer gets an alert, never a Finished.
 
     Args:
-        conn: from ``link.new_connection(ctx, rfd, wfd)``, with
-            ``set_accept_state()`` or ``set_connect_state()`` already called.
-        timeout_ms: the -K limit; 0 means none.
+        link: from ``link.new_link``, with ``set_accept_state()`` or
+            ``set_connect_state()`` already called on its ``conn``.
+        timeout_ms: the -K limit; 0 means none.  It is checked before every
+            step, so a peer that trickles bytes cannot stretch it.
 
     Raises:
         HandshakeTimeout: the limit passed (exit 98).
@@ -37,13 +39,14 @@ def handshake(conn: SSL.Connection, rfd: int, wfd: int, timeout_ms: int = 0) -> 
     Returns once the handshake is complete and everything it produced has
     been written.  Closes nothing.
     """
-    link = make_link(conn, rfd, wfd)
     deadline = time.monotonic() + timeout_ms / 1000 if timeout_ms else None
     poller = select.poll()
     while True:
+        if deadline is not None and time.monotonic() >= deadline:
+            raise HandshakeTimeout("handshake timed out")
         wait: WouldBlock | None = None
         try:
-            link.call(conn.do_handshake)
+            link.handshake_step()
         except WouldBlock as wb:
             wait = wb
         except (SSL.ZeroReturnError, PeerGone):
@@ -63,12 +66,10 @@ def handshake(conn: SSL.Connection, rfd: int, wfd: int, timeout_ms: int = 0) -> 
             return
         timeout = None
         if deadline is not None:
-            timeout = max(0, int((deadline - time.monotonic()) * 1000))
+            timeout = max(0, math.ceil((deadline - time.monotonic()) * 1000))
         poller.register(wait.fd, wait.events)
-        ready = poller.poll(timeout)
+        poller.poll(timeout)
         poller.unregister(wait.fd)
-        if not ready and deadline is not None and time.monotonic() >= deadline:
-            raise HandshakeTimeout("handshake timed out")
 
 
 def connection_facts(conn: SSL.Connection) -> dict[str, str]:

@@ -3,17 +3,15 @@
 A super-server hands a connection over as two descriptors (0 and 1 from
 tcpserver, 6 and 7 from tcpclient) that are usually one socket.  Then the TLS
 object works on the socket itself, which is the fast path.  When the two
-descriptors really are different files (two pipes, for instance), the TLS
-object works on memory BIOs and the link moves ciphertext between them and
-the descriptors.
+descriptors are different files (two pipes, a pty, anything that is not one
+socket), the TLS object works on memory BIOs and the link moves ciphertext
+between them and the descriptors.
 
-Both links offer the same small interface to the handshake and the engine:
-``call`` runs one TLS operation and raises ``WouldBlock(fd, events)`` when it
-must wait for a descriptor; ``flush`` writes out ciphertext the TLS object
-produced (memory BIOs only); ``close_write`` ends our sending side;
-``close`` releases both descriptors.  A send to a peer that closed its input
-raises ``PeerGone``.  Nothing here decides *when* to do
-what: that is ``pump``'s job.
+``new_link`` builds the one link of a connection; the handshake and the
+engine both use it.  Every operation is non-blocking: one that must wait
+raises ``WouldBlock(fd, events)``; a send to a peer that reads nothing more
+raises ``PeerGone``; a TLS failure raises pyOpenSSL's ``SSL.Error``.  Nothing
+here decides *when* to do what: that is ``lifetime``'s job.
 """
 
 import contextlib
@@ -28,9 +26,13 @@ from typing import TypeVar
 from OpenSSL import SSL
 
 from .errors import TlsRuntimeError
-from .pump import BUFSIZE
+from .lifetime import BUFSIZE, RECORD
+from .ossl import pending_output, recv_into
 
 T = TypeVar("T")
+
+_ALERT_CLOSE_NOTIFY = 0
+_DRAIN_LIMIT = 64  # reads of what is pending when the socket is closed
 
 
 class PeerGone(Exception):
@@ -38,43 +40,51 @@ class PeerGone(Exception):
 
 
 class WouldBlock(Exception):
-    """An operation must wait until ``fd`` is ready for ``events`` (poll flags)."""
+    """An operation must wait until ``fd`` is ready for ``events`` (poll flags).
 
-    def __init__(self, fd: int, events: int) -> None:
+    ``pending`` is True when a TLS write was started: it must be retried with
+    the same data before anything else is sent.
+    """
+
+    def __init__(self, fd: int, events: int, pending: bool = False) -> None:
         super().__init__(fd, events)
         self.fd = fd
         self.events = events
+        self.pending = pending
 
 
 def same_socket(fd1: int, fd2: int) -> bool:
     """True when both descriptors refer to one and the same socket."""
-    st1, st2 = os.fstat(fd1), os.fstat(fd2)
-    return stat.S_ISSOCK(st1.st_mode) and (st1.st_dev, st1.st_ino) == (st2.st_dev, st2.st_ino)
+    st1 = os.fstat(fd1)
+    if not stat.S_ISSOCK(st1.st_mode):
+        return False
+    st2 = st1 if fd1 == fd2 else os.fstat(fd2)
+    return (st1.st_dev, st1.st_ino) == (st2.st_dev, st2.st_ino)
 
 
-def new_connection(ctx: SSL.Context, rfd: int, wfd: int) -> SSL.Connection:
-    """Make a TLS connection whose ciphertext goes through ``rfd``/``wfd``.
+def new_link(ctx: SSL.Context, rfd: int, wfd: int) -> "Link":
+    """The link, and its TLS connection, for ciphertext on ``rfd``/``wfd``.
 
-    When both are one socket, the connection is built on a socket object that
-    takes over ``rfd`` (closing it closes ``rfd``); otherwise it uses memory
-    BIOs.  Either way both descriptors are made non-blocking.  The caller
-    still owns ``wfd`` (and ``rfd`` in the memory BIO case): ``make_link``
-    and ``Link.close`` take care of them.
+    The link takes ownership of both descriptors (``Link.close`` closes each
+    once, even when they are one socket or one file) and makes them
+    non-blocking.  Call ``link.conn.set_accept_state()`` or
+    ``set_connect_state()`` before the handshake.
     """
     if same_socket(rfd, wfd):
-        sock = socket.socket(fileno=rfd)
-        sock.setblocking(False)
-        return SSL.Connection(ctx, sock)
-    os.set_blocking(rfd, False)
-    os.set_blocking(wfd, False)
-    return SSL.Connection(ctx, None)
+        return SocketLink(ctx, rfd, wfd)
+    return BioLink(ctx, rfd, wfd)
 
 
 def runtime_error(exc: SSL.Error) -> TlsRuntimeError:
     """A TLS-level failure on an established connection, as a ``TlsRuntimeError``."""
+    return TlsRuntimeError(error_reason(exc))
+
+
+def error_reason(exc: SSL.Error) -> str:
+    """One line for a failure on an established connection."""
     if isinstance(exc, SSL.SysCallError) or _system_error(exc):
-        return TlsRuntimeError(f"connection broken: {ssl_error_text(exc)}")
-    return TlsRuntimeError(f"TLS error: {ssl_error_text(exc)}")
+        return f"connection broken: {ssl_error_text(exc)}"
+    return f"TLS error: {ssl_error_text(exc)}"
 
 
 def _system_error(exc: SSL.Error) -> bool:
@@ -109,45 +119,90 @@ def ssl_error_text(exc: SSL.Error) -> str:
 
 
 class Link:
-    """What the handshake and the engine need from the ciphertext side."""
+    """What the handshake and the engine need from the ciphertext side.
+
+    ``close_notify_received`` becomes True when the peer's close_notify
+    alert was read (``recv`` returns 0 for it and for a bare EOF alike).
+    """
 
     conn: SSL.Connection
     rfd: int
     wfd: int
+    close_notify_received = False
 
-    def call(self, op: Callable[..., T], *args: object) -> T:
-        """Run one TLS operation; raise ``WouldBlock`` if it must wait."""
+    def _watch_alerts(self) -> None:
+        """Set ``close_notify_received`` when the peer's close_notify is read."""
+
+        # SSL_CB_READ_ALERT is two bits (alert | read): testing either one
+        # alone would also count the close_notify we send ourselves under -S.
+        def on_info(_conn: SSL.Connection, where: int, ret: int) -> None:
+            if where & SSL.SSL_CB_READ_ALERT == SSL.SSL_CB_READ_ALERT and ret & 0xFF == 0:
+                self.close_notify_received = True
+
+        self.conn.set_info_callback(on_info)
+
+    def handshake_step(self) -> None:
+        """Advance the handshake; return once it is complete.
+
+        What it produced may still have to be written out: call ``flush``
+        after it, whether it returned or raised ``WouldBlock``.
+        """
+        self._tls(self.conn.do_handshake)
+
+    def recv(self, view: memoryview) -> int:
+        """Decrypt at most one record into ``view``; 0 at the peer's end."""
+        raise NotImplementedError
+
+    def send(self, view: memoryview) -> int:
+        """Encrypt and send a prefix of ``view``; return its length."""
+        raise NotImplementedError
+
+    def notify(self) -> None:
+        """Send our close_notify (and write it out)."""
         raise NotImplementedError
 
     def has_output(self) -> bool:
-        """True when ciphertext is waiting to be written by ``flush``."""
+        """True when ciphertext is waiting for ``flush`` (memory BIOs only)."""
         return False
 
     def flush(self) -> None:
-        """Write out waiting ciphertext; raise ``WouldBlock`` if the fd is full."""
+        """Write out ciphertext the TLS object produced (memory BIOs only)."""
 
-    def close_write(self, close_notify: bool) -> None:
-        """Send close_notify if asked, then half-close our write side.
+    def shut_write(self) -> None:
+        """Flush what TLS produced, then shut our write side (TCP half-close)."""
+        raise NotImplementedError
 
-        Raises ``WouldBlock`` if it must wait; call it again then.
-        """
+    def abandon_write(self) -> None:
+        """Shut our write side now, dropping whatever is not written yet."""
         raise NotImplementedError
 
     def close(self) -> None:
-        """Close both descriptors (each once, even if they are one socket)."""
+        """Close both descriptors, once each.
+
+        The write side is shut first, and what the peer sent that nobody
+        read is read and dropped (without waiting), so that a pending alert
+        or record of ours is followed by a FIN rather than destroyed by the
+        RST a socket closed with unread data sends.
+        """
+        raise NotImplementedError
+
+    def _tls(self, op: Callable[..., T], *args: object) -> T:
         raise NotImplementedError
 
 
 class SocketLink(Link):
     """The TLS object reads and writes the socket itself."""
 
-    def __init__(self, conn: SSL.Connection, rfd: int, wfd: int) -> None:
-        self.conn = conn
-        self.rfd = self.wfd = conn.fileno()
-        self._extra_fd = wfd if wfd != self.rfd else -1
-        self._notify_sent = False
+    def __init__(self, ctx: SSL.Context, rfd: int, wfd: int) -> None:
+        self.sock = socket.socket(fileno=rfd)
+        self.sock.setblocking(False)
+        self.conn = SSL.Connection(ctx, self.sock)
+        self._watch_alerts()
+        self.rfd = self.wfd = rfd
+        self._extra_fd = wfd if wfd != rfd else -1
+        self._write_shut = False
 
-    def call(self, op: Callable[..., T], *args: object) -> T:
+    def _tls(self, op: Callable[..., T], *args: object) -> T:
         try:
             return op(*args)
         except SSL.WantReadError:
@@ -159,34 +214,76 @@ class SocketLink(Link):
                 raise PeerGone from None
             raise
 
-    def close_write(self, close_notify: bool) -> None:
-        if close_notify and not self._notify_sent:
-            self.call(self.conn.shutdown)
-            self._notify_sent = True
-        # ENOTCONN: the peer already reset the connection; nothing left to half-close.
-        with contextlib.suppress(OSError):
-            self.conn.sock_shutdown(socket.SHUT_WR)
+    def recv(self, view: memoryview) -> int:
+        try:
+            return recv_into(self.conn, view, RECORD)
+        except SSL.ZeroReturnError:
+            return 0
+        except SSL.WantReadError:
+            raise WouldBlock(self.rfd, select.POLLIN) from None
+        except SSL.WantWriteError:
+            raise WouldBlock(self.wfd, select.POLLOUT) from None
+        except SSL.SysCallError as exc:
+            if exc.args and exc.args[0] == errno.EPIPE:
+                raise PeerGone from None
+            raise
+
+    def send(self, view: memoryview) -> int:
+        try:
+            return self.conn.send(view)
+        # A write that must wait leaves a record half-written in OpenSSL.
+        except SSL.WantWriteError:
+            raise WouldBlock(self.wfd, select.POLLOUT, True) from None
+        except SSL.WantReadError:
+            raise WouldBlock(self.rfd, select.POLLIN, True) from None
+        except SSL.SysCallError as exc:
+            if exc.args and exc.args[0] == errno.EPIPE:
+                raise PeerGone from None
+            raise
+
+    def notify(self) -> None:
+        self._tls(self.conn.shutdown)
+
+    def shut_write(self) -> None:
+        self.abandon_write()
+
+    def abandon_write(self) -> None:
+        if not self._write_shut:
+            self._write_shut = True
+            # ENOTCONN: the peer already reset the connection; nothing to half-close.
+            with contextlib.suppress(OSError):
+                self.sock.shutdown(socket.SHUT_WR)
 
     def close(self) -> None:
-        self.conn.close()
+        if self.rfd < 0:
+            return
+        self.abandon_write()
+        with contextlib.suppress(OSError):
+            for _ in range(_DRAIN_LIMIT):
+                if not self.sock.recv(BUFSIZE):
+                    break
+        self.sock.close()
         if self._extra_fd >= 0:
             os.close(self._extra_fd)
-            self._extra_fd = -1
+        self.rfd = self.wfd = self._extra_fd = -1
 
 
 class BioLink(Link):
     """The TLS object works on memory BIOs; this link feeds and drains them."""
 
-    def __init__(self, conn: SSL.Connection, rfd: int, wfd: int) -> None:
-        self.conn = conn
+    def __init__(self, ctx: SSL.Context, rfd: int, wfd: int) -> None:
+        self.conn = SSL.Connection(ctx, None)
+        self._watch_alerts()
         self.rfd = rfd
         self.wfd = wfd
+        for fd in {rfd, wfd}:
+            os.set_blocking(fd, False)
         self._inbuf = memoryview(bytearray(BUFSIZE))
         self._out = memoryview(b"")
         self._eof = False
         self._notify_sent = False
 
-    def call(self, op: Callable[..., T], *args: object) -> T:
+    def _tls(self, op: Callable[..., T], *args: object) -> T:
         while True:
             try:
                 return op(*args)
@@ -207,16 +304,31 @@ class BioLink(Link):
             self._eof = True
             self.conn.bio_shutdown()
 
+    def recv(self, view: memoryview) -> int:
+        try:
+            return self._tls(recv_into, self.conn, view, RECORD)
+        except SSL.ZeroReturnError:
+            return 0
+
+    def send(self, view: memoryview) -> int:
+        # Backpressure: encrypt more only once the last record is out.  One
+        # record at a time, so that one bio_read takes all of it.
+        self.flush()
+        return self._tls(self.conn.send, view[:RECORD])
+
+    def notify(self) -> None:
+        if not self._notify_sent:  # a second SSL_shutdown would read the peer
+            self.conn.shutdown()
+            self._notify_sent = True
+        self.flush()
+
     def has_output(self) -> bool:
-        if not self._out:
-            try:
-                self._out = memoryview(self.conn.bio_read(BUFSIZE))
-            except SSL.WantReadError:
-                return False
-        return True
+        return bool(self._out) or pending_output(self.conn) > 0
 
     def flush(self) -> None:
-        while self.has_output():
+        while self._out or pending_output(self.conn):
+            if not self._out:
+                self._out = memoryview(self.conn.bio_read(BUFSIZE))
             if self.wfd < 0:  # our write side is closed: what TLS adds goes nowhere
                 self._out = memoryview(b"")
                 continue
@@ -225,29 +337,26 @@ class BioLink(Link):
             except BlockingIOError:
                 raise WouldBlock(self.wfd, select.POLLOUT) from None
             except BrokenPipeError:
-                os.close(self.wfd)
-                self.wfd = -1
+                self._out = memoryview(b"")
+                self.abandon_write()
                 raise PeerGone from None
             self._out = self._out[n:]
 
-    def close_write(self, close_notify: bool) -> None:
-        if close_notify and not self._notify_sent:
-            self.conn.shutdown()
-            self._notify_sent = True
+    def shut_write(self) -> None:
         self.flush()
+        self.abandon_write()
+
+    def abandon_write(self) -> None:
+        self._out = memoryview(b"")
         if self.wfd >= 0:
-            os.close(self.wfd)
+            if self.wfd != self.rfd:
+                os.close(self.wfd)
             self.wfd = -1
 
     def close(self) -> None:
-        for fd in (self.rfd, self.wfd):
-            if fd >= 0:
-                os.close(fd)
-        self.rfd = self.wfd = -1
-
-
-def make_link(conn: SSL.Connection, rfd: int, wfd: int) -> Link:
-    """The link for a connection made by ``new_connection(ctx, rfd, wfd)``."""
-    if same_socket(rfd, wfd) or (rfd == wfd):
-        return SocketLink(conn, rfd, wfd)
-    return BioLink(conn, rfd, wfd)
+        with contextlib.suppress(WouldBlock, PeerGone, OSError):
+            self.flush()
+        self.abandon_write()
+        if self.rfd >= 0:
+            os.close(self.rfd)
+            self.rfd = -1

@@ -4,8 +4,10 @@ pyOpenSSL runs on the OpenSSL that cryptography bundles, and exposes that
 library's cffi binding as ``OpenSSL._util.lib``/``ffi``.  This module is the
 only place that calls it, for what pyOpenSSL has no method for: key-exchange
 groups, PSK callbacks, a server-name callback that can refuse a name with an
-alert, session (de)serialisation and reuse, the one-line form of a name and
-the text of a verification error.  Nothing here loads a second copy of libssl.
+alert, session (de)serialisation and reuse, the one-line form of a name, the
+text of a verification error, and, for the engine's hot path, decryption
+straight into a buffer and the size of a memory BIO.  Nothing here loads a
+second copy of libssl.
 
 Every callback handed to OpenSSL is kept alive on the pyOpenSSL object it
 belongs to, and never lets a Python exception reach cffi: it answers OpenSSL
@@ -190,3 +192,26 @@ def subject_oneline(cert: X509) -> str:
 def verify_error_text(errnum: int) -> str:
     """OpenSSL's text for an ``X509_V_ERR_*`` code, e.g. "certificate revoked"."""
     return ffi.string(lib.X509_verify_cert_error_string(errnum)).decode("ascii", "replace")
+
+
+def pending_output(conn: SSL.Connection) -> int:
+    """Bytes of ciphertext waiting in the memory BIO of ``conn`` (made with no socket).
+
+    pyOpenSSL can only tell by reading them (``bio_read``), which allocates
+    a buffer and raises ``WantReadError`` when there is nothing.
+    """
+    return lib.BIO_get_mem_data(conn._from_ssl, ffi.NULL)
+
+
+def recv_into(conn: SSL.Connection, view: memoryview, nbytes: int) -> int:
+    """``conn.recv_into(view, nbytes)`` without its temporary buffer and copy.
+
+    pyOpenSSL decrypts into a buffer it allocates, then copies into ``view``;
+    here ``SSL_read`` decrypts into ``view`` itself.  Same result, same
+    exceptions (``WantReadError``, ``ZeroReturnError``, ``SysCallError``...).
+    """
+    nbytes = min(nbytes, len(view))
+    result = lib.SSL_read(conn._ssl, ffi.from_buffer(view, require_writable=True), nbytes)
+    if result <= 0:
+        conn._raise_ssl_error(conn._ssl, result)
+    return result

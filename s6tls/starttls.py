@@ -25,8 +25,8 @@ from .cli import Log
 from .engine import run
 from .errors import ExitCode, S6tlsError, SystemFailure
 from .handshake import connection_facts
+from .lifetime import Stats
 from .program import Setup
-from .pump import Stats
 from .selfpipe import SelfPipe
 from .tunnel import establish
 from .ucspitls import Command, encode_notification, parse_command
@@ -111,8 +111,8 @@ def engine(
         ctl.shutdown(socket.SHUT_RD)
     log.info("accepted opportunistic TLS")
     setup.drop_privileges()
-    conn = establish(cfg, setup.ctx, *net)
-    facts = connection_facts(conn)
+    link = establish(cfg, setup.ctx, *net)
+    facts = connection_facts(link.conn)
     if command is Command.NOTIFY:
         try:
             ctl.sendall(encode_notification(facts))
@@ -122,8 +122,8 @@ def engine(
     stats = Stats()
     with SelfPipe() as selfpipe:
         run(
-            conn,
-            (app[0], app[1], net[0], net[1], selfpipe.fileno()),
+            link,
+            (app[0], app[1], selfpipe.fileno()),
             None,
             close_notify=cfg.options.close_notify,
             strict_close_notify=cfg.options.strict_close_notify,

@@ -40,10 +40,10 @@ from .app import exit_code
 from .cli import Log, peer_address, plural
 from .config import is_ip
 from .errors import ExitCode, S6tlsError, SystemFailure, UsageError
+from .lifetime import Lifetime
 from .options import Operand, Opt
 from .program import Program, Setup
 from .program import main as run
-from .pump import Pump
 from .rules import apply_env
 from .selfpipe import SelfPipe
 from .tlsd import ENVIRONMENT as TLSD_ENVIRONMENT
@@ -547,7 +547,7 @@ def warm_up(ctx: SSL.Context) -> None:
     under load (measured: 1.5x stunnel's rate with 4 clients became 1.25x).
     """
     SSL.Connection(ctx, None).set_accept_state()
-    Pump()
+    Lifetime()
 
 
 def listen(ip: str, port: int, family: int | None, backlog: int) -> socket.socket:

@@ -6,6 +6,7 @@ forked child, s6-tlsclient once on the socket it connected.
 """
 
 import os
+import signal
 from collections.abc import Callable, Mapping, Sequence
 
 from OpenSSL import SSL
@@ -15,28 +16,34 @@ from .cli import Log
 from .config import TlsConfig
 from .context import keep_session, prepare_connection
 from .engine import run
-from .errors import HandshakeError, SystemFailure
+from .errors import HandshakeError, S6tlsError, SystemFailure
 from .handshake import connection_facts, handshake
-from .link import new_connection
-from .pump import Stats
+from .lifetime import Stats
+from .link import Link, new_link
 from .selfpipe import SelfPipe
 
+# Signals passed on to the application while it runs; SIGCHLD reports its exit.
+PASSED_SIGNALS = (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
 
-def establish(cfg: TlsConfig, ctx: SSL.Context, rfd: int, wfd: int) -> SSL.Connection:
-    """The handshake on ``rfd``/``wfd``, with every check of the peer; the connection.
 
-    Raises ``HandshakeError`` (97, naming why the peer was rejected when
-    we rejected it) and ``HandshakeTimeout`` (98, -K).
+def establish(cfg: TlsConfig, ctx: SSL.Context, rfd: int, wfd: int) -> Link:
+    """The handshake on ``rfd``/``wfd``, with every check of the peer; the link.
+
+    The link owns both descriptors from the start; if the handshake fails
+    they are closed (after our alert, a FIN).  Raises ``HandshakeError``
+    (97, naming why the peer was rejected when we rejected it) and
+    ``HandshakeTimeout`` (98, -K).
     """
-    conn = new_connection(ctx, rfd, wfd)
-    notes = prepare_connection(cfg, conn)
+    link = new_link(ctx, rfd, wfd)
+    notes = prepare_connection(cfg, link.conn)
     try:
-        handshake(conn, rfd, wfd, cfg.options.handshake_timeout_ms)
-    except HandshakeError as exc:
-        if notes.reasons and notes.reasons[0] != str(exc):
+        handshake(link, cfg.options.handshake_timeout_ms)
+    except S6tlsError as exc:
+        link.close()
+        if isinstance(exc, HandshakeError) and notes.reasons and notes.reasons[0] != str(exc):
             raise HandshakeError(f"{notes.reasons[0]} ({exc})") from None
         raise
-    return conn
+    return link
 
 
 def serve_connection(
@@ -60,22 +67,24 @@ def serve_connection(
     end, and the exit code is prog's (128 + signal if it was killed).
     ``on_handshake``, if given, is called once the handshake and the checks
     of the peer succeeded, before prog is spawned.  ``log`` is the
-    connection's (``Log.about``): its lines name the peer.
+    connection's (``Log.about``): its lines name the peer.  SIGTERM, SIGINT,
+    SIGHUP and SIGQUIT received once prog runs are passed on to it, and the
+    exit code is still prog's.
 
-    Takes ownership of ``rfd`` and ``wfd`` once the handshake succeeded.
+    Takes ownership of ``rfd`` and ``wfd`` (closed before it returns).
     Raises ``HandshakeError`` (97), ``HandshakeTimeout``/``TlsRuntimeError``
-    (98), ``SystemFailure`` (111).
+    (98), ``SystemFailure`` (111); a ``TlsRuntimeError`` only once prog is gone.
     """
     opts = cfg.options
     for fd in {rfd, wfd}:
         os.set_inheritable(fd, False)  # the application never sees the network
-    conn = establish(cfg, ctx, rfd, wfd)
+    link = establish(cfg, ctx, rfd, wfd)
     if on_handshake is not None:
         on_handshake()
-    facts = connection_facts(conn)
+    facts = connection_facts(link.conn)
     env = application_env(environ, facts, keep_secrets=opts.keep_env, extra=extra_env)
     stats = Stats()
-    with SelfPipe() as selfpipe:
+    with SelfPipe(PASSED_SIGNALS) as selfpipe:
         to_app_r, to_app_w = os.pipe()
         from_app_r, from_app_w = os.pipe()
         try:
@@ -83,21 +92,21 @@ def serve_connection(
         except OSError as exc:
             for fd in (to_app_r, to_app_w, from_app_r, from_app_w):
                 os.close(fd)
+            link.close()
             raise SystemFailure(f"unable to spawn {prog[0]}: {exc.strerror}") from None
         os.close(to_app_r)
         os.close(from_app_w)
         status = run(
-            conn,
-            (from_app_r, to_app_w, rfd, wfd, selfpipe.fileno()),
+            link,
+            (from_app_r, to_app_w, selfpipe.fileno()),
             pid,
             close_notify=opts.close_notify,
             strict_close_notify=opts.strict_close_notify,
             idle_timeout=opts.idle_timeout,
             stats=stats,
         )
-        if status is None:
-            _, status = os.waitpid(pid, 0)
-    keep_session(conn)
+    assert status is not None
+    keep_session(link.conn)
     code = exit_code(status)
     sni = facts.get("SSL_TLS_SNI_SERVERNAME", "-")
     log.info(

@@ -23,7 +23,7 @@ from s6tls.app import spawn
 from s6tls.engine import run
 from s6tls.errors import TlsRuntimeError
 from s6tls.handshake import handshake
-from s6tls.link import new_connection
+from s6tls.link import new_link
 from s6tls.selfpipe import SelfPipe
 
 
@@ -143,9 +143,10 @@ def start_engine(
             if app is not None:
                 keep |= {from_engine_r, to_engine_w}
             _close_all_but(keep)
-            conn = new_connection(ctx, *net)
+            link = new_link(ctx, *net)
+            conn = link.conn
             conn.set_accept_state() if role == "server" else conn.set_connect_state()
-            handshake(conn, *net, 10000)
+            handshake(link, 10000)
             with SelfPipe() as selfpipe:
                 app_pid = None
                 if app is not None:  # its stdin is what the engine receives
@@ -155,8 +156,9 @@ def start_engine(
                 report["rss_before"] = _memory("VmRSS")
                 data_fds = (to_engine_r, from_engine_w, *net)
                 fds_before = _open_fds()
+                app_fds = (to_engine_r, from_engine_w, selfpipe.fileno())
                 try:
-                    report["ret"] = run(conn, (*data_fds, selfpipe.fileno()), app_pid, **options)
+                    report["ret"] = run(link, app_fds, app_pid, **options)
                 except TlsRuntimeError as exc:
                     report["error"] = "TlsRuntimeError"
                     report["message"] = str(exc)

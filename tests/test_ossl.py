@@ -189,3 +189,36 @@ def test_subject_oneline_is_what_openssl_prints(tmp_path, server_cert):
 def test_verify_error_text_is_openssls():
     assert ossl.verify_error_text(23) == "certificate revoked"
     assert ossl.verify_error_text(12) == "CRL has expired"
+
+
+def _memory_pair(server_cert, ca):
+    leaf = server_cert
+    s, c = connections(server_context(leaf), client_context(ca))
+    assert handshake(s, c) == (None, None)
+    return s, c
+
+
+def test_pending_output_counts_what_bio_read_would_return(server_cert, ca):
+    _server, client = _memory_pair(server_cert, ca)
+    assert ossl.pending_output(client) == 0
+    with pytest.raises(SSL.WantReadError):
+        client.bio_read(1 << 16)
+    client.send(b"x" * 1000)
+    n = ossl.pending_output(client)
+    assert n > 1000
+    assert len(client.bio_read(1 << 16)) == n and ossl.pending_output(client) == 0
+
+
+def test_recv_into_decrypts_into_the_buffer_itself_and_raises_as_pyopenssl(server_cert, ca):
+    server, client = _memory_pair(server_cert, ca)
+    buf = memoryview(bytearray(100))
+    with pytest.raises(SSL.WantReadError):
+        ossl.recv_into(server, buf[10:], 50)
+    client.send(b"hello, world")
+    server.bio_write(client.bio_read(1 << 16))
+    assert ossl.recv_into(server, buf[10:], 5) == 5 and bytes(buf[10:15]) == b"hello"
+    assert ossl.recv_into(server, buf[10:], 50) == 7 and bytes(buf[10:17]) == b", world"
+    client.shutdown()
+    server.bio_write(client.bio_read(1 << 16))
+    with pytest.raises(SSL.ZeroReturnError):
+        ossl.recv_into(server, buf, 50)
