@@ -378,9 +378,15 @@ class Lifetime:
             self.last_activity = now
             if self.idle_at is not None and self.idle_timeout is not None:
                 self.idle_at = now + self.idle_timeout
-        deadline = self.deadline()
-        if deadline is None or now < deadline:
-            return
+        idle_at, close_by = self.idle_at, self.close_by
+        linger_until, grace_until = self.linger_until, self.grace_until
+        if not (
+            (idle_at is not None and now >= idle_at)
+            or (close_by is not None and now >= close_by)
+            or (linger_until is not None and now >= linger_until)
+            or (grace_until is not None and now >= grace_until)
+        ):
+            return  # the common case, once per pass of the loop: nothing is due
         if self.idle_at is not None and now >= self.idle_at:
             self._idle()
         if self.close_by is not None and now >= self.close_by:

@@ -270,6 +270,8 @@ class Tunnel(RuleBasedStateMachine):
     @rule(dt=st.sampled_from([0.001, 0.5, 1.0, 2.5]))
     def time_passes(self, dt):
         self.now += dt
+        if self.m.idle_at is not None and self.now >= self.m.idle_at:
+            self.out_may_drop = self.in_may_drop = True  # the idle timeout fires
         self.m.tick(self.now)
         self._note_drops()
 
