@@ -4,7 +4,8 @@
 ``names`` (DNS names or IP literals) as PEM files, made with cryptography and
 with strict RFC 5280 extensions: critical basicConstraints and keyUsage, a
 non-critical subjectAltName on a certificate that has a subject, key
-identifiers.  Keys are ECDSA P-256.  Never use these for anything real.
+identifiers.  Keys are ECDSA P-256, or RSA 2048 for the leaf with
+``key_type="rsa"``.  Never use these for anything real.
 """
 
 import datetime
@@ -14,7 +15,7 @@ from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from .config import is_ip
@@ -36,7 +37,7 @@ def _write(path: Path, data: bytes) -> str:
     return str(path)
 
 
-def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+def _key_pem(key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey) -> bytes:
     return key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,
@@ -44,7 +45,9 @@ def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
     )
 
 
-def make_pki(directory: str | os.PathLike[str], names: list[str]) -> dict[str, str]:
+def make_pki(
+    directory: str | os.PathLike[str], names: list[str], key_type: str = "ecdsa"
+) -> dict[str, str]:
     """Write ``ca.pem``, ``cert.pem`` and ``key.pem`` under ``directory``; return their paths.
 
     The leaf is valid for ``names`` (the first is also its common name), for
@@ -82,7 +85,9 @@ def make_pki(directory: str | os.PathLike[str], names: list[str]) -> dict[str, s
         .add_extension(ca_ski, critical=False)
         .sign(ca_key, hashes.SHA256())
     )
-    key = ec.generate_private_key(ec.SECP256R1())
+    key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey = ec.generate_private_key(ec.SECP256R1())
+    if key_type == "rsa":
+        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     sans: list[x509.GeneralName] = [
         x509.IPAddress(ipaddress.ip_address(n)) if is_ip(n) else x509.DNSName(n) for n in names
     ]

@@ -1,11 +1,15 @@
-"""sslyze against s6-tlsserver: protocol versions, renegotiation, known attacks, certificate.
+"""sslyze against s6-tlsserver: protocol versions, renegotiation, known attacks,
+certificate, and the verdicts of Mozilla's TLS profiles.
 
 The scanner lives in its own venv (``.venv-scan``, made by ``scripts/install
 --test``) because it pins an older cryptography.  The server's certificate
 comes from ``s6tls.pki.make_pki`` (strict RFC 5280; trustme's critical
-subjectAltName makes sslyze reject the chain).  Every scan is named
-explicitly; the Mozilla profile check is off, as it judges policy rather than
-the implementation.
+subjectAltName makes sslyze reject the chain).  The first scan names every
+scan explicitly, with the profile check off; the profile scans run side by
+side: "intermediate" with an ECDSA and with an RSA certificate (the RSA one
+is what a default with static-RSA and CBC suites fails), "modern" with
+TLS_MIN_VERSION=1.3, and the same "modern" scan of the default policy, which
+must fail.
 """
 
 import json
@@ -13,6 +17,7 @@ import os
 import re
 import subprocess
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from conftest import ROOT
@@ -166,3 +171,56 @@ def test_the_server_reported_each_refused_handshake_on_one_line(scan):
     assert all(pattern.match(line) for line in lines), [
         line for line in lines if not pattern.match(line)
     ][:5]
+
+
+# --- Mozilla's profiles -------------------------------------------------------------------
+
+PROFILES = {
+    # name: (sslyze profile, leaf key type, extra server environment)
+    "intermediate-ecdsa": ("intermediate", "ecdsa", {}),
+    "intermediate-rsa": ("intermediate", "rsa", {}),
+    "modern-tls13": ("modern", "ecdsa", {"TLS_MIN_VERSION": "1.3"}),
+    "modern-default": ("modern", "ecdsa", {}),
+}
+
+
+def profile_scan(directory, profile: str, key_type: str, extra: dict[str, str]) -> str:
+    """sslyze --mozilla_config=PROFILE against an s6-tlsserver; its compliance lines."""
+    directory.mkdir()
+    files = make_pki(directory, ["localhost", "127.0.0.1"], key_type)
+    env = {**os.environ, "CERTFILE": files["cert"], "KEYFILE": files["key"], **extra}
+    server, port = start_server([], ["cat"], env)
+    try:
+        result = subprocess.run(
+            [str(SCANNER), "-m", "sslyze", f"--mozilla_config={profile}",
+             f"--certinfo_ca_file={files['ca']}", "--sni=localhost", f"127.0.0.1:{port}"],
+            capture_output=True, timeout=600,
+        )  # fmt: skip
+    finally:
+        server.terminate()
+        server.communicate(timeout=30)
+    text = result.stdout.decode()
+    verdict = text.split("COMPLIANCE AGAINST TLS CONFIGURATION", 1)[-1]
+    return f"exit {result.returncode}\n{verdict.strip()}"
+
+
+@pytest.fixture(scope="module")
+def verdicts(tmp_path_factory) -> dict[str, str]:
+    base = tmp_path_factory.mktemp("profiles")
+    with ThreadPoolExecutor(len(PROFILES)) as pool:
+        futures = {
+            name: pool.submit(profile_scan, base / name, *args) for name, args in PROFILES.items()
+        }
+        return {name: future.result() for name, future in futures.items()}
+
+
+@pytest.mark.parametrize("name", ["intermediate-ecdsa", "intermediate-rsa", "modern-tls13"])
+def test_the_default_policy_meets_mozillas_profiles(verdicts, name):
+    assert verdicts[name].startswith("exit 0\n"), verdicts[name]
+    assert "OK - Compliant." in verdicts[name], verdicts[name]
+
+
+def test_modern_needs_tls_min_version_1_3(verdicts):
+    verdict = verdicts["modern-default"]
+    assert "FAILED - Not compliant." in verdict, verdict
+    assert "TLS versions {'TLSv1.2'} are supported" in verdict
