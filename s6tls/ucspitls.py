@@ -8,7 +8,7 @@ writing one command byte to its control socket (``SSLCTLFD``):
 - EOF (prog closed the socket or died without a command): TLS is declined.
 
 After ``Y`` the engine writes the *notification block*: for each of the
-five facts below, in this order, ``KEY=value`` followed by a NUL byte, or
+facts below, in this order (s6-networking's five, then the ALPN protocol), ``KEY=value`` followed by a NUL byte, or
 ``KEY`` alone and a NUL for a fact that is unset; then one more NUL.  Any
 other command byte is a usage error (exit 100).
 """
@@ -25,6 +25,7 @@ NOTIFIED_FACTS = (
     "SSL_TLS_SNI_SERVERNAME",
     "SSL_PEER_CERT_HASH",
     "SSL_PEER_CERT_SUBJECT",
+    "SSL_ALPN_PROTOCOL",
 )
 
 

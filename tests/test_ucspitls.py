@@ -21,13 +21,14 @@ def test_any_other_command_byte_is_a_usage_error(data):
     assert info.value.exit_code == ExitCode.USAGE
 
 
-def test_the_notification_block_has_five_entries_in_order_and_a_final_nul():
+def test_the_notification_block_has_six_entries_in_order_and_a_final_nul():
     facts = {
         "SSL_PEER_CERT_SUBJECT": "/CN=client.example",
         "SSL_CIPHER": "TLS_AES_256_GCM_SHA384",
         "SSL_PROTOCOL": "TLSv1.3",
         "SSL_PEER_CERT_HASH": "SHA256:00ff",
         "SSL_TLS_SNI_SERVERNAME": "mail.example",
+        "SSL_ALPN_PROTOCOL": "imap",
         "UNRELATED": "never sent",
     }
     assert encode_notification(facts) == (
@@ -36,6 +37,7 @@ def test_the_notification_block_has_five_entries_in_order_and_a_final_nul():
         b"SSL_TLS_SNI_SERVERNAME=mail.example\0"
         b"SSL_PEER_CERT_HASH=SHA256:00ff\0"
         b"SSL_PEER_CERT_SUBJECT=/CN=client.example\0"
+        b"SSL_ALPN_PROTOCOL=imap\0"
         b"\0"
     )
 
@@ -46,7 +48,8 @@ def test_unset_facts_are_keys_without_equals():
     )
     assert block == (
         b"SSL_PROTOCOL=TLSv1.2\0SSL_CIPHER=X\0"
-        b"SSL_TLS_SNI_SERVERNAME\0SSL_PEER_CERT_HASH\0SSL_PEER_CERT_SUBJECT\0\0"
+        b"SSL_TLS_SNI_SERVERNAME\0SSL_PEER_CERT_HASH\0SSL_PEER_CERT_SUBJECT\0"
+        b"SSL_ALPN_PROTOCOL\0\0"
     )
 
 
