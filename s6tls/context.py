@@ -420,8 +420,12 @@ def prepare_connection(cfg: TlsConfig, conn: SSL.Connection) -> VerifyNotes:
     return notes
 
 
-def keep_session(conn: SSL.Connection) -> None:
-    """After a connection that ended well: a client under TLS_SESSION_DIR keeps its session."""
+def keep_session(conn: SSL.Connection) -> str | None:
+    """After a connection that ended well: a client under TLS_SESSION_DIR keeps its session.
+
+    Returns None, or why the session could not be kept (a warning).
+    """
     notes = conn.get_app_data()
     if isinstance(notes, VerifyNotes) and notes.sessions is not None:
-        notes.sessions.keep(conn)
+        return notes.sessions.keep(conn)
+    return None

@@ -8,6 +8,9 @@ certificate that the issuer signed for OCSP signing (RFC 6960 section
 
 import datetime
 
+# ec.ECDSA() imports the backend on first use: import it now, before any
+# privilege drop, not in the middle of a handshake.
+import cryptography.hazmat.backends.openssl.backend  # noqa: F401
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes

@@ -109,17 +109,12 @@ def drop_privileges(ids: Ids, cfg: TlsConfig) -> None:
     supplementary groups are always replaced (by ``ids.groups``, usually
     none).  Raises ``SystemFailure`` (111) if the kernel refuses.
 
-    The modules a connection imports lazily are imported first: the new
-    user may not be allowed to read the Python installation (one under a
-    0700 home, for instance), and an import failing mid-handshake would
-    turn into a misleading error.
+    Everything a connection needs is imported by then (``context`` sees to
+    it while it builds the contexts): the new user may not be allowed to
+    read the Python installation (one under a 0700 home, for instance).
     """
     if not ids.wanted:
         return
-    import encodings.idna  # noqa: F401  (the client's SNI name is encoded with it)
-
-    if cfg.role == "client" and cfg.verify_peer != "none":
-        import service_identity.cryptography  # noqa: F401  (context.check_name)
     try:
         os.setgroups(list(ids.groups))
         if ids.gid is not None:

@@ -67,18 +67,20 @@ class SessionStore:
             return None
         return data[len(self.header) :] if data.startswith(self.header) else None
 
-    def save(self, der: bytes) -> None:
-        """Replace the kept session with ``der``; a failure leaves the old one (best effort)."""
+    def save(self, der: bytes) -> str | None:
+        """Replace the kept session with ``der``; None, or why it could not (the old one stays)."""
         tmp = None
         try:
             fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".session-")
             with os.fdopen(fd, "wb") as f:
                 f.write(self.header + der)
             os.replace(tmp, self.path)
-        except OSError:
+        except OSError as exc:
             if tmp is not None:
                 with contextlib.suppress(OSError):
                     os.unlink(tmp)
+            return f"unable to keep the session in {self.directory}: {exc.strerror}"
+        return None
 
     def attach(self, conn: SSL.Connection) -> None:
         """Offer the kept session, if any, in ``conn``'s handshake."""
@@ -86,11 +88,13 @@ class SessionStore:
         if der is not None:
             ossl.use_session_der(conn, der)
 
-    def keep(self, conn: SSL.Connection) -> None:
-        """Keep ``conn``'s session (the newest ticket it received) for the next process."""
+    def keep(self, conn: SSL.Connection) -> str | None:
+        """Keep ``conn``'s session (the newest ticket it received) for the next process.
+
+        Returns None, or why it could not.
+        """
         der = ossl.session_to_der(conn)
-        if der:
-            self.save(der)
+        return self.save(der) if der else None
 
 
 def check_directory(path: str) -> None:

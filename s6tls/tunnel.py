@@ -106,7 +106,9 @@ def serve_connection(
             stats=stats,
         )
     assert status is not None
-    keep_session(link.conn)
+    problem = keep_session(link.conn)
+    if problem:
+        log.warn(problem)
     code = exit_code(status)
     sni = facts.get("SSL_TLS_SNI_SERVERNAME", "-")
     log.info(

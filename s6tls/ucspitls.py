@@ -8,9 +8,10 @@ writing one command byte to its control socket (``SSLCTLFD``):
 - EOF (prog closed the socket or died without a command): TLS is declined.
 
 After ``Y`` the engine writes the *notification block*: for each of the
-facts below, in this order (s6-networking's five, then the ALPN protocol), ``KEY=value`` followed by a NUL byte, or
-``KEY`` alone and a NUL for a fact that is unset; then one more NUL.  Any
-other command byte is a usage error (exit 100).
+facts below, in this order (s6-networking's five, then the ALPN protocol),
+``KEY=value`` followed by a NUL byte, or ``KEY`` alone and a NUL for a fact
+that is unset; then one more NUL.  Any other command byte is a usage error
+(exit 100).
 """
 
 import enum

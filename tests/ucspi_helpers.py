@@ -14,6 +14,7 @@ Two ways to start a program under test:
 Every wait has a deadline; nothing sleeps.
 """
 
+import fcntl
 import os
 import re
 import selectors
@@ -197,8 +198,11 @@ def spawn_tlsc(
 
     def on_6_and_7() -> None:
         if fd >= 0:
-            os.dup2(fd, 6)  # dup2 clears close-on-exec on the copies
-            os.dup2(fd, 7)
+            # dup2 clears close-on-exec on the copies, but not when fd is
+            # already 6 or 7: copy it above them first.
+            src = fcntl.fcntl(fd, fcntl.F_DUPFD, 10)
+            os.dup2(src, 6)
+            os.dup2(src, 7)
 
     proc = subprocess.Popen(
         [*TLSC, *args, "--", *prog],
