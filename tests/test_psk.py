@@ -104,3 +104,15 @@ def test_s6_tlsc_against_openssl_s_server_with_a_psk(identity, expected, pskfile
         rest, _ = server.communicate(timeout=30)
     assert res.returncode == expected, res.stderr
     assert (b"psk=alice\n" in out.buf + rest) == (expected == 0)
+
+
+def test_under_y_a_psk_client_needs_no_certificate_and_a_plain_one_still_does(pskfile, server_env):
+    env = {**server_env, "PSKFILE": pskfile}
+    with TcpServer(["-y", "-S"], SHOW, env) as srv:
+        psk = s_client(srv.port, "-psk_identity", "alice", "-psk", KEY)
+        assert srv.wait_end() == (0, [])
+        plain = s_client(srv.port)
+        code, lines = srv.wait_end()
+    assert psk.out == b"psk=alice resumed=0 TLS_AES_128_GCM_SHA256\n"
+    assert (plain.out, code) == (b"", 97)
+    assert fatal(lines, "s6-tlsd") == "peer did not return a certificate"
