@@ -113,7 +113,7 @@ def failures(results: dict[str, Any]) -> tuple[list[str], list[str]]:
         for name, section in results["throughput"][mode].items():
             if name != "ratios":
                 found += section["failures"]
-    for key in ("handshakes", "startup", "memory"):
+    for key in ("handshakes", "resumption", "startup", "memory"):
         found += results[key]["failures"]
     ours = [f for f in found if f.startswith("memory ") or f.split()[1].rstrip(":") in OURS]
     return ours, [f for f in found if f not in ours]
@@ -145,6 +145,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         log("handshakes")
         results["handshakes"] = handshakes.measure(
             pki, settings.handshake_seconds, settings.handshake_rounds, log
+        )
+        log("session resumption")
+        results["resumption"] = handshakes.measure(
+            pki, settings.handshake_seconds, settings.handshake_rounds, log, reuse=True
         )
         log("start-up")
         results["startup"] = startup.measure(pki, settings.startup_connections, log)

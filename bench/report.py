@@ -120,6 +120,32 @@ def _target(
     }
 
 
+def _handshakes(hs: dict[str, Any], title: str) -> Iterator[str]:
+    """The report of one ``handshakes.measure``: rates, server CPU, ratios, failures."""
+    runs = f"{hs['seconds']} s x {hs['rounds']} rounds"
+    yield f"Handshakes per second, openssl s_time {title}, {runs}"
+    rows = []
+    for n in CLIENTS:
+        section = hs[f"{n}_clients"]
+        rows.append([f"{n} client(s)", *(_spread(section[s]) for s in HANDSHAKE_SERVERS)])
+        rows.append(
+            ["  server CPU ms each", *(_spread(section["cpu_ms"][s], 2) for s in HANDSHAKE_SERVERS)]
+        )
+    if hs.get("reuse"):
+        shares = hs["resumed"]
+        rows.append(
+            ["  resumed (lowest)", *(
+                "-" if shares[s] is None else f"{shares[s]:.0%}" for s in HANDSHAKE_SERVERS
+            )]
+        )  # fmt: skip
+    yield from _table(["", *HANDSHAKE_SERVERS], rows)
+    for n in CLIENTS:
+        for name, comparison in hs[f"{n}_clients"]["ratios"].items():
+            yield f"  {n} client(s): s6tls/{name} {_ratio(comparison)}"
+    yield from (f"  FAILED {f}" for f in hs["failures"])
+    yield ""
+
+
 def render(results: dict[str, Any]) -> Iterator[str]:
     """The whole report as lines of text: settings, every section, the targets."""
     machine, settings = results["machine"], results["settings"]
@@ -155,21 +181,8 @@ def render(results: dict[str, Any]) -> Iterator[str]:
             for failure in section[name]["failures"]:
                 yield f"  FAILED {failure}"
         yield ""
-    hs = results["handshakes"]
-    yield f"Handshakes per second, openssl s_time -new, {hs['seconds']} s x {hs['rounds']} rounds"
-    rows = []
-    for n in CLIENTS:
-        section = hs[f"{n}_clients"]
-        rows.append([f"{n} client(s)", *(_spread(section[s]) for s in HANDSHAKE_SERVERS)])
-        rows.append(
-            ["  server CPU ms each", *(_spread(section["cpu_ms"][s], 2) for s in HANDSHAKE_SERVERS)]
-        )
-    yield from _table(["", *HANDSHAKE_SERVERS], rows)
-    for n in CLIENTS:
-        for name, comparison in hs[f"{n}_clients"]["ratios"].items():
-            yield f"  {n} client(s): s6tls/{name} {_ratio(comparison)}"
-    yield from (f"  FAILED {f}" for f in hs["failures"])
-    yield ""
+    for key, title in (("handshakes", "-new"), ("resumption", "-reuse -www /")):
+        yield from _handshakes(results[key], title)
     st = results["startup"]
     yield f"Connect to handshake done, ms, {st['connections']} sequential connections each"
     yield from _table(
