@@ -420,12 +420,13 @@ def prepare_connection(cfg: TlsConfig, conn: SSL.Connection) -> VerifyNotes:
     return notes
 
 
-def keep_session(conn: SSL.Connection) -> str | None:
+def keep_session(conn: SSL.Connection, warn: Warn) -> None:
     """After a connection that ended well: a client under TLS_SESSION_DIR keeps its session.
 
-    Returns None, or why the session could not be kept (a warning).
+    Why it could not, if it could not, goes to ``warn``.
     """
     notes = conn.get_app_data()
     if isinstance(notes, VerifyNotes) and notes.sessions is not None:
-        return notes.sessions.keep(conn)
-    return None
+        problem = notes.sessions.keep(conn)
+        if problem:
+            warn(problem)

@@ -22,6 +22,7 @@ from typing import NoReturn
 
 from .app import application_env
 from .cli import Log
+from .context import keep_session
 from .engine import run
 from .errors import ExitCode, S6tlsError, SystemFailure
 from .handshake import connection_facts
@@ -130,6 +131,7 @@ def engine(
             idle_timeout=cfg.options.idle_timeout,
             stats=stats,
         )
+    keep_session(conn, log.warn)
     sni = facts.get("SSL_TLS_SNI_SERVERNAME", "-")
     log.info(
         f"sni {sni} {facts['SSL_PROTOCOL']} {facts['SSL_CIPHER']}"

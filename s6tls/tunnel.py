@@ -106,9 +106,7 @@ def serve_connection(
             stats=stats,
         )
     assert status is not None
-    problem = keep_session(link.conn)
-    if problem:
-        log.warn(problem)
+    keep_session(link.conn, log.warn)
     code = exit_code(status)
     sni = facts.get("SSL_TLS_SNI_SERVERNAME", "-")
     log.info(

@@ -113,7 +113,8 @@ def test_openssl_s_client_starttls_smtp_with_the_notification_block(server_env, 
     assert "unexpected eof" not in err
     assert facts[:3] == ["SSL_PROTOCOL=TLSv1.3", "SSL_CIPHER=TLS_AES_256_GCM_SHA384",
                          "SSL_TLS_SNI_SERVERNAME=localhost"]  # fmt: skip
-    assert facts[3:] == ["SSL_PEER_CERT_HASH", "SSL_PEER_CERT_SUBJECT"]  # unset: no client cert
+    # unset: no client certificate, no ALPN
+    assert facts[3:] == ["SSL_PEER_CERT_HASH", "SSL_PEER_CERT_SUBJECT", "SSL_ALPN_PROTOCOL"]
     assert status == 0
     assert lines[0].startswith("s6-ucspitlsd: info: peer 127.0.0.1:")
     assert lines[0].endswith(": accepted opportunistic TLS")
