@@ -131,7 +131,7 @@ def engine(
             idle_timeout=cfg.options.idle_timeout,
             stats=stats,
         )
-    keep_session(conn, log.warn)
+    keep_session(link.conn, log.warn)
     sni = facts.get("SSL_TLS_SNI_SERVERNAME", "-")
     log.info(
         f"sni {sni} {facts['SSL_PROTOCOL']} {facts['SSL_CIPHER']}"
