@@ -90,3 +90,21 @@ def full_listener() -> Iterator[int]:
         sock.listen(0)
         with socket.create_connection(sock.getsockname(), timeout=10):
             yield sock.getsockname()[1]
+
+
+def lines_with(proc: subprocess.Popen, needle: str, count: int, timeout: float = 30) -> list[str]:
+    """Read ``proc``'s stderr until ``count`` lines holding ``needle`` came; return those lines.
+
+    A child of s6-tlsserver logs its connection's end after the client has
+    gone: read the log before stopping the server, not after.
+    """
+    from ucspi_helpers import LineReader
+
+    reader = LineReader(proc.stderr)
+    found: list[str] = []
+    while len(found) < count:
+        line = reader.readline(timeout)
+        assert line, f"the log ended with {found}"
+        if needle in line:
+            found.append(line)
+    return found
