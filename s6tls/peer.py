@@ -14,7 +14,6 @@ domain of an address without regard to case).
 
 import base64
 import hashlib
-import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -23,6 +22,7 @@ from cryptography.hazmat.primitives import hashes
 from OpenSSL.crypto import FILETYPE_ASN1, X509, dump_publickey
 
 from .credentials import timestamp
+from .names import is_ip
 from .ossl import subject_oneline
 
 # SAN kinds exported to the application: variable suffix -> cryptography type.
@@ -95,19 +95,11 @@ def _matches_name(cert: x509.Certificate, name: str) -> bool:
     )
 
     try:
-        if _is_ip(name):
+        if is_ip(name):
             verify_certificate_ip_address(cert, name)
         else:
             verify_certificate_hostname(cert, name)
     except (VerificationError, CertificateError):
-        return False
-    return True
-
-
-def _is_ip(text: str) -> bool:
-    try:
-        ipaddress.ip_address(text)
-    except ValueError:
         return False
     return True
 

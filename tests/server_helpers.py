@@ -40,6 +40,19 @@ def start_server(
     return proc, int(line)
 
 
+@contextlib.contextmanager
+def serving(
+    args: Sequence[str], prog: Sequence[str], env: Mapping[str, str], host: str = "127.0.0.1"
+) -> Iterator[tuple[subprocess.Popen, int]]:
+    """``start_server`` for the length of a ``with`` block: then SIGTERM, and reaped."""
+    proc, port = start_server(args, prog, env, host)
+    try:
+        yield proc, port
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=30)
+
+
 def tls_connect(port: int, cafile: str, host: str = "127.0.0.1") -> ssl.SSLSocket:
     """A verified TLS client connection (stdlib ssl) to the server, handshake done."""
     ctx = ssl.create_default_context(cafile=cafile)

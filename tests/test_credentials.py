@@ -13,7 +13,7 @@ import pexpect
 import pytest
 from certs import DAY, NOW, TestCA
 from conftest import program
-from server_helpers import start_server
+from server_helpers import serving
 from ucspi_helpers import LineReader, direct_pair, fatal, spawn_tlsd, tcp_pair
 
 PASSPHRASE = "correct horse battery staple"
@@ -145,9 +145,8 @@ def test_an_expired_certificate_is_a_warning_naming_its_date_at_start_and_on_sig
     expired = ca.issue("expired", "DNS:localhost", not_before=NOW - 3 * DAY, not_after=NOW - DAY)
     later = ca.issue("later", "DNS:localhost", not_before=NOW + DAY, not_after=NOW + 3 * DAY)
     env = {**os.environ, "CERTFILE": expired.cert_path, "KEYFILE": expired.key_path}
-    server, _port = start_server([], ["true"], env)
-    log = LineReader(server.stderr)
-    try:
+    with serving([], ["true"], env) as (server, _port):
+        log = LineReader(server.stderr)
         day = expired.cert.not_valid_after_utc.strftime("%Y-%m-%dT%H:%M:%SZ")
         assert log.readline() == (
             f"s6-tlsserver: warning: the certificate in CERTFILE {expired.cert_path} expired on"
@@ -161,6 +160,3 @@ def test_an_expired_certificate_is_a_warning_naming_its_date_at_start_and_on_sig
             f"s6-tlsserver: warning: the certificate in CERTFILE {expired.cert_path} is not"
             f" valid before {day}: peers will refuse it until then"
         )
-    finally:
-        server.terminate()
-        server.communicate(timeout=30)

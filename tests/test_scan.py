@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from conftest import ROOT
-from server_helpers import start_server, tls_connect
+from server_helpers import serving, start_server, tls_connect
 
 from s6tls.pki import make_pki
 
@@ -189,16 +189,12 @@ def profile_scan(directory, profile: str, key_type: str, extra: dict[str, str]) 
     directory.mkdir()
     files = make_pki(directory, ["localhost", "127.0.0.1"], key_type)
     env = {**os.environ, "CERTFILE": files["cert"], "KEYFILE": files["key"], **extra}
-    server, port = start_server([], ["cat"], env)
-    try:
+    with serving([], ["cat"], env) as (_server, port):
         result = subprocess.run(
             [str(SCANNER), "-m", "sslyze", f"--mozilla_config={profile}",
              f"--certinfo_ca_file={files['ca']}", "--sni=localhost", f"127.0.0.1:{port}"],
             capture_output=True, timeout=600,
         )  # fmt: skip
-    finally:
-        server.terminate()
-        server.communicate(timeout=30)
     text = result.stdout.decode()
     verdict = text.split("COMPLIANCE AGAINST TLS CONFIGURATION", 1)[-1]
     return f"exit {result.returncode}\n{verdict.strip()}"
