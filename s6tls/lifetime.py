@@ -42,7 +42,9 @@ Rules (s6-networking's -s/-S, -j/-J, and ours where it is silent):
   both directions at once (RFC 5246 7.2.1): the application's unsent output
   is dropped, except a record OpenSSL has already started to write, which is
   finished first; then our close_notify goes out.  That close is bounded by
-  ``LINGER`` seconds, after which our write side is shut without it.
+  ``LINGER`` seconds, after which our write side is shut without it, and a
+  failure while it lasts (the peer hung up, a reset) is no error: the
+  application's status is the result.
 * Peer stops reading (EPIPE): our write side is closed, and the
   application's output with it, as on plain TCP.
 * Application death: its input is closed at once; what it wrote before
@@ -144,8 +146,10 @@ class Op(Enum):
     WAIT_APP = "wait for the application to exit"
 
 
-# The operations that move data, tried on every pass of the loop, in this order.
-DATA_OPS = (Op.READ_APP, Op.SEND, Op.RECV, Op.WRITE_APP)
+# The operations that move data, tried on every pass of the loop, in this order:
+# the peer's first, so that what it said before a reset (its close_notify, an
+# alert) is known before one of our writes reports the reset.
+DATA_OPS = (Op.RECV, Op.WRITE_APP, Op.READ_APP, Op.SEND)
 # The others, which only a change of state can make wanted (``control_ops``).
 CONTROL_OPS = (
     Op.NOTIFY,
@@ -518,8 +522,16 @@ class Lifetime:
         self._fail(TlsRuntimeError(reason))
 
     def send_failed(self, reason: str) -> None:
-        """SEND, NOTIFY or SHUT_WRITE failed other than by EPIPE."""
+        """SEND, NOTIFY or SHUT_WRITE failed other than by EPIPE.
+
+        During a forced close (the peer's close_notify under TLS 1.2 with
+        -S, or the idle timeout) our unsent output is being given up anyway:
+        a failure then only ends our side, as EPIPE does.
+        """
         self._expect(self.out is not Out.CLOSED, "send_failed")
+        if self.close_by is not None:
+            self.peer_gone()
+            return
         self._fail(TlsRuntimeError(reason))
 
     def app_written(self, n: int) -> None:
@@ -702,6 +714,6 @@ class Lifetime:
 
 
 # Module-level names for the members the hot path compares against.
-_READ_APP, _SEND, _RECV, _WRITE_APP = DATA_OPS
+_RECV, _WRITE_APP, _READ_APP, _SEND = DATA_OPS
 _OUT_OPEN, _OUT_DRAINING = Out.OPEN, Out.DRAINING
 _IN_OPEN, _IN_DISCARDING = In.OPEN, In.DISCARDING

@@ -240,6 +240,7 @@ class Tunnel(RuleBasedStateMachine):
             self.out_may_drop = True
             m.peer_gone()
         else:
+            self.out_may_drop = True  # an error, or during a forced close the end of our side
             m.send_failed("connection broken: Connection reset by peer")
         self._note_drops()
 
@@ -251,6 +252,7 @@ class Tunnel(RuleBasedStateMachine):
         elif outcome == "epipe":
             self.m.peer_gone()
         else:
+            self.out_may_drop = True
             self.m.send_failed("TLS error: x")
         self._note_drops()
 
@@ -459,6 +461,21 @@ def test_tls12_close_notify_under_S_finishes_a_started_record_then_answers():
     m.net_closed()
     m.app_exited(exited(3))
     assert m.finished and m.result() == exited(3)
+
+
+def test_a_failure_during_the_tls12_close_is_no_error():
+    m = Lifetime(close_notify=True, tls12=True)
+    m.outbound.space()[:100] = bytes(100)
+    m.app_read(100)
+    m.send_blocked()
+    m.peer_closed(close_notify=True)
+    m.send_failed("connection broken: Connection reset by peer")  # it hung up
+    assert m.error is None and m.out is Out.CLOSED
+    m.app_exited(exited(3))
+    m.app_output_closed()
+    m.app_input_closed()
+    m.net_closed()
+    assert m.result() == exited(3)
 
 
 def test_tls12_close_is_bounded_then_abandoned_without_close_notify():
