@@ -72,6 +72,7 @@ class Options:
     app_fds: tuple[int, int] = (6, 7)  # client -6 / -7
     idle_timeout: float | None = None
     port: int | None = None  # s6-tlsclient's port argument
+    ktls: bool = False  # --ktls
 
 
 @dataclass(frozen=True)

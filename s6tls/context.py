@@ -177,6 +177,10 @@ def _base_context(cfg: TlsConfig, creds: Credentials) -> SSL.Context:
         _set_alpn(ctx, cfg)
     if creds.psks:
         _set_psk(ctx, cfg, creds)
+    if cfg.options.ktls:
+        from .ktls_keys import watch_context  # only then: its imports cost start-up time
+
+        watch_context(ctx)  # kernel TLS needs the TLS 1.3 traffic secrets
     return ctx
 
 

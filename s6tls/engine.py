@@ -13,13 +13,19 @@ import math
 import os
 import select
 import signal
+import stat
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from OpenSSL import SSL
 
-from .lifetime import DATA_OPS, Lifetime, Op, Out, Stats
+from .errors import TlsRuntimeError
+from .lifetime import DATA_OPS, In, Lifetime, Op, Out, Stats
 from .link import Link, PeerGone, WouldBlock, error_reason
+
+if TYPE_CHECKING:
+    from .ktls_path import KernelPath
 
 _HANGUP = select.POLLHUP | select.POLLERR | select.POLLNVAL
 _PASSES = 16  # passes over the operations between two looks at the selfpipe
@@ -35,6 +41,7 @@ def run(
     strict_close_notify: bool = False,
     idle_timeout: float | None = None,
     stats: Stats | None = None,
+    ktls: bool = False,
 ) -> int | None:
     """Pump data both ways between an application and a TLS peer until the end.
 
@@ -52,7 +59,17 @@ def run(
             (-j, the default, takes it as a plain EOF).
         idle_timeout: seconds without application data in either direction
             after which the tunnel is closed; ``None`` for no limit.
-        stats: if given, filled with the byte counts and how the tunnel ended.
+        stats: if given, filled with the byte counts, how the tunnel ended
+            and which path carried the data (``Stats.path``).
+        ktls: hand the record layer to the kernel (kernel TLS) and splice the
+            data between the two cleartext pipes and the socket.  Needs a
+            link on one TCP socket whose ``handshake_watch`` saw the
+            handshake, on a context made with ``ktls_keys.watch_context``;
+            otherwise, or when the kernel refuses (no ``tls`` module, a
+            suite it lacks, a ``setsockopt`` that fails), the data goes
+            through userspace and ``Stats.path`` says why.  If the kernel
+            takes the send key and refuses the receive key, the tunnel ends
+            as after a TLS error (98): it is never half in the kernel.
 
     Returns:
         the application's wait status, once it exited (``run`` waits for it,
@@ -75,6 +92,7 @@ def run(
     """
     cread, cwrite, selfpipe = fds
     link.conn.set_options(SSL.OP_IGNORE_UNEXPECTED_EOF)  # -J is the machine's
+    stats = stats if stats is not None else Stats()
     machine = Lifetime(
         close_notify=close_notify,
         strict_close_notify=strict_close_notify,
@@ -84,7 +102,11 @@ def run(
         now=time.monotonic(),
         stats=stats,
     )
-    loop = _Loop(machine, link, cread, cwrite, selfpipe, pid)
+    path = _kernel_path(link, (cread, cwrite), machine, stats) if ktls else None
+    if path is None:
+        loop = _Loop(machine, link, cread, cwrite, selfpipe, pid)
+    else:
+        loop = _KernelLoop(machine, path, cread, cwrite, selfpipe, pid)
     try:
         os.set_blocking(cread, False)
         os.set_blocking(cwrite, False)
@@ -93,6 +115,33 @@ def run(
         loop.abort()
         raise
     return machine.result()
+
+
+def _kernel_path(
+    link: Link, app: tuple[int, int], machine: Lifetime, stats: Stats
+) -> "KernelPath | None":
+    """The kernel path for ``link``, or None: ``stats.path`` says which, and why.
+
+    ``app`` are the application's descriptors: pipes, or splice cannot
+    move the data.  When the kernel took one direction only, the machine
+    is told that the connection failed (98).
+    """
+    from .ktls_path import HalfInstalled, take_over  # only then: it costs start-up time
+
+    if not all(stat.S_ISFIFO(os.fstat(fd).st_mode) for fd in app):
+        stats.path = "userspace (kernel TLS: the application's descriptors are not pipes)"
+        return None
+    try:
+        path = take_over(link.conn, link.rfd, link.handshake_watch, link)
+    except HalfInstalled as exc:
+        stats.path = "none"
+        machine.send_failed(str(exc))
+        return None
+    if isinstance(path, str):
+        stats.path = f"userspace (kernel TLS: {path})"
+        return None
+    stats.path = f"kernel TLS {path.describe}"
+    return path
 
 
 class _Loop:
@@ -331,3 +380,54 @@ class _Loop:
     def _op_close_net(self) -> None:
         self.link.close()
         self.m.net_closed()
+
+
+class _KernelLoop(_Loop):
+    """The loop when the kernel runs the records (``ktls_path.KernelPath`` as the link).
+
+    Data is spliced between the pipes and the socket and never enters the
+    machine's buffers: READ_APP reports ``app_read`` and ``sent`` at once,
+    RECV ``peer_data`` and ``app_written`` (or ``peer_data`` alone when the
+    application's input is closed and the data is dropped); SEND and
+    WRITE_APP are never wanted.  The machine decides everything else, as
+    for the userspace path.
+    """
+
+    link: "KernelPath"
+
+    def _op_read_app(self) -> None:
+        m = self.m
+        try:
+            n = self.link.move_out(self.cread)
+        except WouldBlock as wb:
+            if wb.fd != self.cread or m.app_read_blocked():
+                raise
+        except PeerGone:
+            m.peer_gone()
+        except TlsRuntimeError as exc:
+            m.send_failed(str(exc))
+        else:
+            if n:
+                m.app_read(n)
+                m.sent(n)
+            else:
+                m.app_eof()
+
+    def _op_recv(self) -> None:
+        m = self.m
+        dropping = m.in_ is In.DISCARDING
+        try:
+            n = self.link.move_in(None if dropping else self.cwrite)
+        except BrokenPipeError:
+            m.app_gone()
+        except TlsRuntimeError as exc:
+            m.peer_failed(str(exc))
+        else:
+            if n is None:
+                return
+            if n > 0:
+                m.peer_data(n)
+                if not dropping:
+                    m.app_written(n)
+            else:  # 0: a bare EOF; negative: the peer's close_notify
+                m.peer_closed(n < 0)

@@ -224,14 +224,15 @@ class HandshakeWatch:
     """What one connection's info callback sees that OpenSSL does not keep.
 
     Its role, and the TLS 1.3 session tickets it wrote after its Finished
-    (each moves the sequence number of what it sends).  Call ``on_info``
-    from the connection's info callback, set before the handshake.
+    (each moves the sequence number of what it sends).  ``on_info`` must be
+    called from the connection's info callback during the handshake (a
+    ``link.Link`` does it when its ``handshake_watch`` is set).
     """
 
     __slots__ = ("server", "tickets")
 
-    def __init__(self) -> None:
-        self.server: bool | None = None  # unknown until the handshake starts
+    def __init__(self, server: bool | None = None) -> None:
+        self.server = server  # None: learnt from the handshake
         self.tickets = 0
 
     def on_info(self, conn: SSL.Connection, where: int, _ret: int) -> None:

@@ -35,34 +35,40 @@ from .ktls_socket import (
     Unavailable,
     tcp_socket,
 )
-from .link import PeerGone, WouldBlock
+from .link import Link, PeerGone, WouldBlock
 
 SPLICE = 65536  # bytes one splice moves at most: a pipe's default capacity
-PEER_CLOSE_NOTIFY = -1  # move_in: the peer's close_notify
+PEER_CLOSE_NOTIFY = -1  # move_in: the peer's close_notify (the only negative answer)
 _DRAIN = 64  # records read and dropped at most when the socket is closed
 
 __all__ = ["PEER_CLOSE_NOTIFY", "HalfInstalled", "KernelPath", "take_over"]
 
 
-def take_over(conn: SSL.Connection, fd: int, watch: HandshakeWatch) -> "KernelPath | str":
+def take_over(
+    conn: SSL.Connection, fd: int, watch: HandshakeWatch | None, base: Link | None = None
+) -> "KernelPath | str":
     """Give ``conn``'s record layer to the kernel, on the TCP socket ``fd``.
 
     ``conn``'s handshake is done and nothing was sent or received through it
-    since.  Returns the ``KernelPath``, or the reason kernel TLS cannot take
-    the connection (nothing was changed: it goes on in userspace).  Raises
-    ``HalfInstalled`` (98) when the kernel took one direction only.
+    since; ``watch`` saw that handshake (None: nobody watched it).  ``base`` is the link the path
+    replaces, closed with it.  Returns the ``KernelPath``, or the reason
+    kernel TLS cannot take the connection (nothing was changed: it goes on
+    in userspace).  Raises ``HalfInstalled`` (98) when the kernel took one
+    direction only.
     """
     reason = tcp_socket(fd, fd)
     if reason is not None:
         return reason
     if conn.pending():
         return "OpenSSL already holds received data"
+    if watch is None:
+        return "the handshake was not watched"
     try:
         keys = connection_keys(conn, watch)
         ktls = KernelTls.install(fd, keys)
     except (KeysUnavailable, Unavailable) as exc:
         return str(exc)
-    return KernelPath(ktls, f"{conn.get_protocol_version_name()} {keys.suite.name}")
+    return KernelPath(ktls, f"{conn.get_protocol_version_name()} {keys.suite.name}", base)
 
 
 def _readable(fd: int) -> bool:
@@ -81,12 +87,13 @@ def _writable(fd: int) -> bool:
 class KernelPath:
     """A connection whose records the kernel runs; see the module docstring.
 
-    Owns the ``KernelTls`` (a duplicate of the socket); ``close`` releases
-    it.  The caller still closes its own descriptor of the socket.
+    Owns the ``KernelTls`` (a duplicate of the socket) and ``base``, the link
+    it replaces: ``close`` releases both.
     """
 
-    def __init__(self, ktls: KernelTls, describe: str) -> None:
+    def __init__(self, ktls: KernelTls, describe: str, base: Link | None = None) -> None:
         self.ktls = ktls
+        self.base = base
         self.fd = ktls.fd
         self.describe = describe  # "TLSv1.3 AES-256-GCM", for the -v 2 line
         self._scratch = memoryview(bytearray(MAX_RECORD))
@@ -204,3 +211,5 @@ class KernelPath:
             if kind == 0 and n == 0:
                 break
         self.ktls.close()
+        if self.base is not None:
+            self.base.close()

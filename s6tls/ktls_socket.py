@@ -255,6 +255,8 @@ class KernelTls:
         except OSError as exc:
             if exc.errno == errno.ENOENT:
                 raise Unavailable("this kernel has no tls module") from None
+            if exc.errno == errno.ENOTCONN:  # the kernel takes only an established connection
+                raise Unavailable("the peer already ended its side of the connection") from None
             raise Unavailable(f"unable to attach the tls module: {exc.strerror}") from None
         try:
             self.sock.setsockopt(SOL_TLS, TLS_TX, crypto_info(keys.version, keys.suite, keys.tx))

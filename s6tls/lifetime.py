@@ -214,12 +214,13 @@ class Buffer:
 class Stats:
     """What moved through a tunnel and how it ended, for the -v 2 info line."""
 
-    __slots__ = ("ending", "to_app", "to_peer")
+    __slots__ = ("ending", "path", "to_app", "to_peer")
 
     def __init__(self) -> None:
         self.to_peer = 0  # cleartext bytes the peer's TLS layer took
         self.to_app = 0  # cleartext bytes written to the application
         self.ending = ""
+        self.path = "userspace"  # what carried the data: "kernel TLS ...", or why not
 
 
 class Lifetime:

@@ -21,13 +21,16 @@ import select
 import socket
 import stat
 from collections.abc import Callable
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from OpenSSL import SSL
 
 from .errors import TlsRuntimeError
 from .lifetime import BUFSIZE, RECORD
 from .ossl import pending_output, recv_into
+
+if TYPE_CHECKING:
+    from .ktls_keys import HandshakeWatch
 
 T = TypeVar("T")
 
@@ -129,15 +132,20 @@ class Link:
     rfd: int
     wfd: int
     close_notify_received = False
+    # Set before the handshake for kernel TLS (ktls_keys.HandshakeWatch): the
+    # connection's one info callback feeds it too.
+    handshake_watch: "HandshakeWatch | None" = None
 
     def _watch_alerts(self) -> None:
         """Set ``close_notify_received`` when the peer's close_notify is read."""
 
         # SSL_CB_READ_ALERT is two bits (alert | read): testing either one
         # alone would also count the close_notify we send ourselves under -S.
-        def on_info(_conn: SSL.Connection, where: int, ret: int) -> None:
+        def on_info(conn: SSL.Connection, where: int, ret: int) -> None:
             if where & SSL.SSL_CB_READ_ALERT == SSL.SSL_CB_READ_ALERT and ret & 0xFF == 0:
                 self.close_notify_received = True
+            if self.handshake_watch is not None:
+                self.handshake_watch.on_info(conn, where, ret)
 
         self.conn.set_info_callback(on_info)
 

@@ -164,7 +164,13 @@ IDLE_TIMEOUT = Opt(
     parse=seconds,
     default=None,
 )
-TLS = (*CLOSE, *KEEP, HANDSHAKE_TIMEOUT, IDLE_TIMEOUT)
+KTLS = switches(
+    "ktls",
+    False,
+    (("--ktls",), True, "after the handshake, let the kernel run the records (kernel TLS)"),
+    (("--no-ktls",), False, "keep the records in userspace"),
+)
+TLS = (*CLOSE, *KEEP, HANDSHAKE_TIMEOUT, IDLE_TIMEOUT, *KTLS)
 
 VERBOSITY = Opt(
     "verbosity",

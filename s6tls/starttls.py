@@ -130,12 +130,13 @@ def engine(
             strict_close_notify=cfg.options.strict_close_notify,
             idle_timeout=cfg.options.idle_timeout,
             stats=stats,
+            ktls=cfg.options.ktls,
         )
     keep_session(link.conn, log.warn)
     sni = facts.get("SSL_TLS_SNI_SERVERNAME", "-")
     log.info(
         f"sni {sni} {facts['SSL_PROTOCOL']} {facts['SSL_CIPHER']}"
-        f" in {stats.to_app} out {stats.to_peer} closed by {stats.ending}"
+        f" in {stats.to_app} out {stats.to_peer} closed by {stats.ending} path {stats.path}"
     )
     return 0
 

@@ -592,6 +592,7 @@ PROGRAM = Program(
         *options.KEEP,
         options.HANDSHAKE_TIMEOUT.with_default(10000),
         options.IDLE_TIMEOUT,
+        *options.KTLS,
         *options.SERVER_TLS,
         *gate.OPTIONS,
     ),

@@ -36,6 +36,10 @@ def establish(cfg: TlsConfig, ctx: SSL.Context, rfd: int, wfd: int) -> Link:
     """
     link = new_link(ctx, rfd, wfd)
     notes = prepare_connection(cfg, link.conn)
+    if cfg.options.ktls:
+        from .ktls_keys import HandshakeWatch  # only then: it costs start-up time
+
+        link.handshake_watch = HandshakeWatch(server=cfg.role == "server")
     try:
         handshake(link, cfg.options.handshake_timeout_ms)
     except S6tlsError as exc:
@@ -104,6 +108,7 @@ def serve_connection(
             strict_close_notify=opts.strict_close_notify,
             idle_timeout=opts.idle_timeout,
             stats=stats,
+            ktls=opts.ktls,
         )
     assert status is not None
     keep_session(link.conn, log.warn)
@@ -112,5 +117,6 @@ def serve_connection(
     log.info(
         f"sni {sni} {facts['SSL_PROTOCOL']} {facts['SSL_CIPHER']}"
         f" in {stats.to_app} out {stats.to_peer} closed by {stats.ending} status {code}"
+        f" path {stats.path}"
     )
     return code

@@ -43,11 +43,9 @@ def check_installed(bindir: Path) -> None:
     for page in PAGES:
         found = run(["man", "-w", page], env=env).stdout.strip()
         assert found.endswith(f"/man1/{page}.1"), found
-    assert (
-        run(["man", "-w", "3", "s6tls-engine"], env=env)
-        .stdout.strip()
-        .endswith("/man3/s6tls-engine.3")
-    )
+    for section, page in (("3", "s6tls-engine"), ("7", "s6tls-ktls")):
+        found = run(["man", "-w", section, page], env=env).stdout.strip()
+        assert found.endswith(f"/man{section}/{page}.{section}"), found
 
 
 @pytest.fixture(scope="module")
@@ -63,14 +61,16 @@ def dist(tmp_path_factory) -> dict[str, Path]:
 def test_sdist_and_wheel_hold_the_manual_the_license_and_its_spdx_name(dist):
     with tarfile.open(dist["sdist"]) as sdist:
         names = {name.split("/", 1)[1] for name in sdist.getnames() if "/" in name}
-    assert {f"man/{p}.1" for p in PAGES} | {"man/s6tls-engine.3", "LICENSE"} <= names
+    assert {f"man/{p}.1" for p in PAGES} | {"man/s6tls-engine.3", "man/s6tls-ktls.7"} <= names
+    assert "LICENSE" in names
     assert {"tests/conftest.py", "tests/server_helpers.py", "scripts/install"} <= names
     with zipfile.ZipFile(dist["wheel"]) as wheel:
         names = set(wheel.namelist())
         (meta,) = [n for n in names if n.endswith(".dist-info/METADATA")]
         metadata = wheel.read(meta).decode()
     data = "s6tls-0.1.0.data/data/share/man"
-    assert {f"{data}/man1/{p}.1" for p in PAGES} | {f"{data}/man3/s6tls-engine.3"} <= names
+    assert {f"{data}/man1/{p}.1" for p in PAGES} <= names
+    assert {f"{data}/man3/s6tls-engine.3", f"{data}/man7/s6tls-ktls.7"} <= names
     assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names)
     assert "License-Expression: ISC\n" in metadata
     assert "Permission to use, copy, modify" in (ROOT / "LICENSE").read_text()

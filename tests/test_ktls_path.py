@@ -5,9 +5,13 @@ userspace (on the socket, or on memory BIOs when the test must cut its
 records) or another kernel end.
 """
 
+import fcntl
 import os
 import select
 import socket
+import struct
+import termios
+import threading
 import time
 
 import pytest
@@ -60,30 +64,43 @@ def test_take_over_refuses_what_the_kernel_cannot_take(pair_factory, pki):
         )
 
 
-def test_a_record_cut_in_two_does_not_wake_the_loop_until_it_is_whole(pair_factory):
+def queued(fd: int) -> int:
+    """The bytes waiting in the socket ``fd``, records or not (FIONREAD)."""
+    return struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0" * 4))[0]
+
+
+def test_a_record_cut_in_pieces_does_not_wake_the_loop_until_it_is_whole(pair_factory):
     """A partial record makes poll report POLLIN although nothing can be read.
 
-    ``move_in`` raises the socket's low-water mark, so poll sleeps until
-    more arrives; the loop never spins on a peer that trickles a record.
+    After each ``WouldBlock`` of ``move_in``, the socket's low-water mark is
+    above what it holds: poll stays quiet until more arrives, and a sleeping
+    poll wakes when the record is whole.  The loop never spins on a peer
+    that trickles a record.
     """
     pair = pair_factory(TLS12, "ECDHE-ECDSA-AES128-GCM-SHA256", server_bio=True)
     path = path_of(pair, "client")
     record = pair.raw_records(b"x" * 1000)
     r, w = os.pipe()
     try:
-        pair.ssock.sendall(record[:300])
-        wait_for(path.fd, select.POLLIN)
-        with pytest.raises(WouldBlock) as blocked:
-            path.move_in(w)
-        assert (blocked.value.fd, blocked.value.events) == (path.fd, select.POLLIN)
-        assert not readable(path.fd)
-        pair.ssock.sendall(record[300:600])
-        wait_for(path.fd, select.POLLIN)  # new bytes wake it, once
-        with pytest.raises(WouldBlock):
-            path.move_in(w)
-        assert not readable(path.fd)
-        pair.ssock.sendall(record[600:])
-        wait_for(path.fd, select.POLLIN)
+        sent = 0
+        for end in (300, 600):
+            pair.ssock.sendall(record[sent:end])
+            sent = end
+            deadline = time.monotonic() + 30
+            while queued(path.fd) < sent:  # until it all arrived (loopback: at once)
+                assert time.monotonic() < deadline
+                time.sleep(0.001)
+            assert readable(path.fd)  # the bare socket says there is something
+            with pytest.raises(WouldBlock) as blocked:
+                path.move_in(w)
+            assert (blocked.value.fd, blocked.value.events) == (path.fd, select.POLLIN)
+            assert not readable(path.fd)  # now it does not: no spinning
+        finishing = threading.Timer(0.2, pair.ssock.sendall, (record[sent:],))
+        finishing.start()
+        started = time.monotonic()
+        wait_for(path.fd, select.POLLIN)  # a sleeping poll wakes when the record is whole
+        assert time.monotonic() - started < 10
+        finishing.join()
         assert path.move_in(w) == 1000
         assert os.read(r, 2000) == b"x" * 1000
         pair.ssock.sendall(pair.raw_records(b"y"))

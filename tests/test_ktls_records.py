@@ -7,9 +7,12 @@ run on the host, whose kernel has no ``tls`` module (the note in
 
 import os
 import socket
+import subprocess
 from pathlib import Path
 
 import pytest
+from conftest import program
+from server_helpers import start_server
 
 from s6tls import ktls_keys, ktls_socket
 from s6tls.ktls_socket import ALERT, FATAL, HANDSHAKE, WARNING, KernelTls, Records, Unavailable
@@ -119,3 +122,41 @@ def test_a_kernel_without_the_tls_module_changes_nothing():
             assert set(os.listdir("/proc/self/fd")) == before  # its duplicate is closed
             tcp.sendall(b"still plain TCP")
             assert peer.recv(100) == b"still plain TCP"
+
+
+@pytest.mark.skipif(Path("/proc/net/tls_stat").exists(), reason="this host's kernel has kernel TLS")
+def test_programs_without_the_tls_module_go_on_in_userspace_and_say_so(pki, tmp_path):
+    """--ktls on this host's kernel (no CONFIG_TLS): the data goes through, the line says why."""
+    env = {
+        **os.environ,
+        "CERTFILE": pki["server_cert"],
+        "KEYFILE": pki["server_key"],
+        "CAFILE": pki["ca"],
+    }
+    data = os.urandom(300_000)
+    (tmp_path / "data").write_bytes(data)
+    server, port = start_server(["-v", "--ktls"], ["cat"], env)
+    try:
+        client = subprocess.run(
+            [
+                *program("s6-tlsclient"),
+                "-v",
+                "--ktls",
+                "127.0.0.1",
+                str(port),
+                "sh",
+                "-c",
+                f'cat "{tmp_path}/data" >&7 & exec 7>&-; cat <&6 >"{tmp_path}/got"; wait',
+            ],
+            env=env,
+            capture_output=True,
+            timeout=60,
+        )
+    finally:
+        server.terminate()
+        _out, server_err = server.communicate(timeout=60)
+    assert client.returncode == 0, client.stderr
+    assert (tmp_path / "got").read_bytes() == data
+    why = "path userspace (kernel TLS: this kernel has no tls module)"
+    assert why in client.stderr.decode()
+    assert why in server_err.decode()
