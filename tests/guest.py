@@ -23,7 +23,8 @@ import pytest
 from uml import GuestUnavailable, guest_run
 
 IN_GUEST = os.environ.get("S6TLS_GUEST") == "1"
-TIMEOUT = 480.0  # seconds for the whole guest run, boot included
+SLOW = os.environ.get("S6TLS_SLOW") == "1"
+TIMEOUT = 3600.0 if SLOW else 540.0  # seconds for the whole guest run, boot included
 HANG = 120  # seconds after which a test in the guest dumps its stack
 
 

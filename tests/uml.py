@@ -120,18 +120,28 @@ def _prepare(run: Path, uml: Path, command: Sequence[str], env: Mapping[str, str
     for name, text in (("modprobe", wrapper), ("init", _init_script(run, command, env))):
         (run / name).write_text(text)
         (run / name).chmod(0o755)
+    try:
+        build_preload(Path(__file__).parent / "uml_xstate.c", run / "xstate.so")
+    except OSError as exc:
+        raise GuestUnavailable(f"unable to build the UML xstate shim: {exc}") from None
+
+
+def build_preload(source: Path, out: Path) -> None:
+    """Compile the C file ``source`` into the LD_PRELOAD library ``out``.
+
+    Raises ``OSError`` with the compiler's complaint if it cannot.
+    """
     cc = shutil.which("cc") or shutil.which("gcc")
     if cc is None:
-        raise GuestUnavailable("no C compiler for the UML xstate shim: install gcc")
-    source = Path(__file__).parent / "uml_xstate.c"
+        raise OSError("no C compiler: install gcc")
     built = subprocess.run(
-        [cc, "-O2", "-shared", "-fPIC", "-o", str(run / "xstate.so"), str(source), "-ldl"],
+        [cc, "-O2", "-shared", "-fPIC", "-o", str(out), str(source), "-ldl"],
         capture_output=True,
         text=True,
         timeout=120,
     )
     if built.returncode:
-        raise GuestUnavailable(f"unable to build the UML xstate shim: {built.stderr.strip()}")
+        raise OSError(built.stderr.strip())
 
 
 @contextlib.contextmanager
