@@ -82,19 +82,42 @@ class Tunnel:
     client: Callable[[Path, Pki, int, Sequence[str]], Command]
 
 
-def _s6tls_server(tmp: Path, pki: Pki, port: int, args: Sequence[str]) -> Command:
-    argv = [*program("s6-tlsserver"), "-H", "127.0.0.1", str(port), *endpoint(0, 1, args)]
-    return Command(argv, {"CERTFILE": pki.cert, "KEYFILE": pki.key})
+def _s6tls_server(
+    options: Sequence[str],
+    env: dict[str, str],
+    tmp: Path,
+    pki: Pki,
+    port: int,
+    args: Sequence[str],
+) -> Command:
+    argv = [*program("s6-tlsserver"), "-H", *options, "127.0.0.1", str(port)]
+    return Command(
+        [*argv, *endpoint(0, 1, args)], {"CERTFILE": pki.cert, "KEYFILE": pki.key, **env}
+    )
 
 
-def _s6tls_client(tmp: Path, pki: Pki, port: int, args: Sequence[str]) -> Command:
+def _s6tls_client(
+    options: Sequence[str],
+    env: dict[str, str],
+    tmp: Path,
+    pki: Pki,
+    port: int,
+    args: Sequence[str],
+) -> Command:
     argv = [
         *program("s6-tlsclient"),
         "-H",
+        *options,
         *("-k", SERVER_NAME, "127.0.0.1", str(port)),
         *endpoint(6, 7, args),
     ]
-    return Command(argv, {"CAFILE": pki.ca})
+    return Command(argv, {"CAFILE": pki.ca, **env})
+
+
+def s6tls(name: str, options: Sequence[str] = (), env: dict[str, str] | None = None) -> Tunnel:
+    """s6-tlsserver and s6-tlsclient, both with ``options`` and ``env`` (TLS policy...)."""
+    env = env or {}
+    return Tunnel(name, partial(_s6tls_server, options, env), partial(_s6tls_client, options, env))
 
 
 def _socat_server(
@@ -146,7 +169,7 @@ def _socat(name: str, options: Sequence[str]) -> Tunnel:
     return Tunnel(name, partial(_socat_server, options), partial(_socat_client, options))
 
 
-S6TLS = Tunnel("s6tls", _s6tls_server, _s6tls_client)
+S6TLS = s6tls("s6tls")
 SOCATS = (_socat("socat", ["-t", "60"]), _socat("socat-b64k", ["-b", "65536", "-t", "60"]))
 STUNNEL = Tunnel("stunnel", _stunnel_server, _stunnel_client)
 TUNNELS = (S6TLS, *SOCATS, STUNNEL)
