@@ -193,6 +193,9 @@ def start(program: Program, argv: Sequence[str], log: Log) -> int:
     from . import tunnel  # noqa: F401
     from .context import Contexts
 
+    if cfg.options.ktls:
+        from . import ktls_path  # noqa: F401  (the engine's, once the handshake is done)
+
     announce(cfg, log)
     contexts = Contexts(cfg, log.warn, tickets=program.issues_tickets)
     if conf:

@@ -43,8 +43,9 @@ def wrapped(module: str) -> list[str]:
     return [sys.executable, "-c", WRAPPER.format(root=str(ROOT), module=module)]
 
 
+@pytest.mark.parametrize("mode", [[], ["--ktls"]], ids=["userspace", "ktls"])
 def test_a_connection_with_every_check_imports_nothing_after_the_drop(
-    tmp_path, monkeypatch, request
+    tmp_path, monkeypatch, request, mode
 ):
     ca = TestCA(tmp_path / "ca")
     server = ca.issue("server", "DNS:localhost")
@@ -73,8 +74,12 @@ def test_a_connection_with_every_check_imports_nothing_after_the_drop(
     monkeypatch.setattr(ucspi_helpers, "TLSC", wrapped("tlsc"))
     # The applications run as nobody too: sh, not the venv's python.
     (code, _, err), (client_code, out, client_err) = direct_pair(
-        (["-y"], ["env"], server_env),
-        (["-y", "-k", "localhost"], ["sh", "-c", "env; echo; exec 7>&-; cat <&6"], client_env),
+        (["-y", *mode], ["env"], server_env),
+        (
+            [*mode, "-y", "-k", "localhost"],
+            ["sh", "-c", "env; echo; exec 7>&-; cat <&6"],
+            client_env,
+        ),
     )
     assert (code, err, client_code, client_err) == (0, "", 0, "")
     client_lines, server_lines = out.decode().split("\n\n", 1)
