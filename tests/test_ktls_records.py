@@ -8,14 +8,22 @@ run on the host, whose kernel has no ``tls`` module (the note in
 import os
 import socket
 import subprocess
+import threading
 from pathlib import Path
 
 import pytest
 from conftest import program
+from ktls_helpers import watched_contexts
+from OpenSSL import SSL
 from server_helpers import start_server
 
 from s6tls import ktls_keys, ktls_socket
+from s6tls.engine import run
+from s6tls.handshake import handshake
 from s6tls.ktls_socket import ALERT, FATAL, HANDSHAKE, WARNING, KernelTls, Records, Unavailable
+from s6tls.lifetime import Stats
+from s6tls.link import new_link
+from s6tls.selfpipe import SelfPipe
 
 TLS12, TLS13 = ktls_keys.TLS_1_2_VERSION, ktls_keys.TLS_1_3_VERSION
 
@@ -160,3 +168,50 @@ def test_programs_without_the_tls_module_go_on_in_userspace_and_say_so(pki, tmp_
     why = "path userspace (kernel TLS: this kernel has no tls module)"
     assert why in client.stderr.decode()
     assert why in server_err.decode()
+
+
+def test_the_engine_keeps_an_application_on_sockets_in_userspace(pki):
+    """splice needs a pipe at one end: ``run(ktls=True)`` with sockets says why not.
+
+    Checked before the kernel is asked anything, so it holds on any kernel:
+    the data then goes through userspace, both ways.
+    """
+    server_ctx, client_ctx = watched_contexts(pki, TLS13, None)
+    with socket.create_server(("127.0.0.1", 0)) as lis:
+        peer_sock = socket.create_connection(lis.getsockname(), timeout=30)
+        ours, _ = lis.accept()
+    fd = ours.detach()
+    link = new_link(server_ctx, fd, fd)
+    link.handshake_watch = ktls_keys.HandshakeWatch()
+    link.conn.set_accept_state()
+    peer_sock.settimeout(None)  # OpenSSL blocks; the thread is joined with a deadline
+    peer = SSL.Connection(client_ctx, peer_sock)
+    peer.set_connect_state()
+    app, app_theirs = socket.socketpair()
+    app_theirs.settimeout(30)
+    cread = app.detach()
+    seen = {}
+
+    def the_peer() -> None:
+        peer.do_handshake()
+        peer.sendall(b"to the application")
+        seen["app got"] = app_theirs.recv(100)
+        app_theirs.sendall(b"to the peer")
+        app_theirs.shutdown(socket.SHUT_WR)
+        seen["peer got"] = peer.recv(100)
+        peer_sock.shutdown(socket.SHUT_WR)
+        seen["app end"] = app_theirs.recv(100)
+
+    talker = threading.Thread(target=the_peer, daemon=True)
+    talker.start()
+    handshake(link, 30_000)
+    stats = Stats()
+    with SelfPipe() as selfpipe:
+        status = run(link, (cread, os.dup(cread), selfpipe.fileno()), ktls=True, stats=stats)
+    talker.join(timeout=30)
+    assert not talker.is_alive()
+    peer_sock.close()
+    app_theirs.close()
+    assert status is None
+    assert seen == {"app got": b"to the application", "peer got": b"to the peer", "app end": b""}
+    assert stats.path == "userspace (kernel TLS: the application's descriptors are not pipes)"
