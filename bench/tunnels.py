@@ -82,7 +82,8 @@ class Tunnel:
     client: Callable[[Path, Pki, int, Sequence[str]], Command]
 
 
-def _s6tls_server(
+def _s6tls(
+    role: str,
     options: Sequence[str],
     env: dict[str, str],
     tmp: Path,
@@ -90,34 +91,20 @@ def _s6tls_server(
     port: int,
     args: Sequence[str],
 ) -> Command:
-    argv = [*program("s6-tlsserver"), "-H", *options, "127.0.0.1", str(port)]
-    return Command(
-        [*argv, *endpoint(0, 1, args)], {"CERTFILE": pki.cert, "KEYFILE": pki.key, **env}
-    )
-
-
-def _s6tls_client(
-    options: Sequence[str],
-    env: dict[str, str],
-    tmp: Path,
-    pki: Pki,
-    port: int,
-    args: Sequence[str],
-) -> Command:
-    argv = [
-        *program("s6-tlsclient"),
-        "-H",
-        *options,
-        *("-k", SERVER_NAME, "127.0.0.1", str(port)),
-        *endpoint(6, 7, args),
-    ]
-    return Command(argv, {"CAFILE": pki.ca, **env})
+    if role == "server":
+        argv = [*program("s6-tlsserver"), "-H", *options, "127.0.0.1", str(port)]
+        keys = {"CERTFILE": pki.cert, "KEYFILE": pki.key}
+        return Command([*argv, *endpoint(0, 1, args)], {**keys, **env})
+    argv = [*program("s6-tlsclient"), "-H", *options, "-k", SERVER_NAME, "127.0.0.1", str(port)]
+    return Command([*argv, *endpoint(6, 7, args)], {"CAFILE": pki.ca, **env})
 
 
 def s6tls(name: str, options: Sequence[str] = (), env: dict[str, str] | None = None) -> Tunnel:
     """s6-tlsserver and s6-tlsclient, both with ``options`` and ``env`` (TLS policy...)."""
     env = env or {}
-    return Tunnel(name, partial(_s6tls_server, options, env), partial(_s6tls_client, options, env))
+    return Tunnel(
+        name, partial(_s6tls, "server", options, env), partial(_s6tls, "client", options, env)
+    )
 
 
 def _socat_server(

@@ -3,9 +3,12 @@
 import contextlib
 import select
 import socket
-from collections.abc import Callable, Iterator
+import subprocess
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
+from conftest import program
 from OpenSSL import SSL
+from server_helpers import start_server
 
 from s6tls import ktls_keys
 from s6tls.ktls_socket import KernelTls
@@ -153,3 +156,35 @@ def pairs(pki) -> Iterator[Callable[..., Pair]]:
     finally:
         for p in made:
             p.close()
+
+
+def stop(proc: subprocess.Popen, timeout: float = 60) -> str:
+    """End s6-tlsserver (SIGTERM: its children finish first); return its stderr."""
+    proc.terminate()
+    _out, err = proc.communicate(timeout=timeout)
+    return err.decode(errors="replace")
+
+
+def one_connection(
+    server: tuple[Sequence[str], Sequence[str]],
+    client: tuple[Sequence[str], Sequence[str]],
+    env: Mapping[str, str],
+    server_env: Mapping[str, str] | None = None,
+    timeout: float = 60,
+) -> tuple[subprocess.CompletedProcess, str]:
+    """s6-tlsserver -v ARGS PROG and one s6-tlsclient -v ARGS 127.0.0.1 PORT PROG.
+
+    ``server`` and ``client`` are (args, prog).  Returns the client's result
+    and the server's stderr, once the server is stopped.
+    """
+    proc, port = start_server(["-v", *server[0]], server[1], server_env or env)
+    try:
+        done = subprocess.run(
+            [*program("s6-tlsclient"), "-v", *client[0], "127.0.0.1", str(port), *client[1]],
+            env=dict(env),
+            capture_output=True,
+            timeout=timeout,
+        )
+    finally:
+        err = stop(proc, timeout)
+    return done, err

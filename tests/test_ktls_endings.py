@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 from conftest import program
-from ktls_helpers import keys_of, watched, watched_contexts
+from ktls_helpers import keys_of, one_connection, stop, watched, watched_contexts
 from OpenSSL import SSL
 from server_helpers import start_server
 from uml import build_preload
@@ -46,23 +46,13 @@ VERSIONS = {"1.2": {"TLS_MAX_VERSION": "1.2"}, "1.3": {"TLS_MIN_VERSION": "1.3"}
 
 
 @pytest.fixture
-def env(pki):
-    return {
-        **os.environ,
-        "CERTFILE": pki["server_cert"],
-        "KEYFILE": pki["server_key"],
-        "CAFILE": pki["ca"],
-    }
+def env(server_env):
+    """Both ends' environment: the server's keypair, and the CA a client checks it with."""
+    return server_env
 
 
 def shell(script: str, fds: dict[str, int], out: Path) -> list[str]:
     return ["sh", "-c", script.format(out=out, **fds)]
-
-
-def stop(proc: subprocess.Popen) -> str:
-    proc.terminate()
-    _out, err = proc.communicate(timeout=TIMEOUT)
-    return err.decode(errors="replace")
 
 
 def child_status(server_err: str) -> int:
@@ -86,26 +76,11 @@ def tunnel(env, tmp_path, args, server_app, client_app, ktls):
     """
     mode = ["--ktls"] if ktls else []
     server_out, client_out = tmp_path / f"server{ktls}", tmp_path / f"client{ktls}"
-    server, port = start_server(
-        ["-v", *mode, *args], shell(server_app, SERVER_FDS, server_out), env
+    client, server_err = one_connection(
+        ([*mode, *args], shell(server_app, SERVER_FDS, server_out)),
+        ([*mode, *args], shell(client_app, CLIENT_FDS, client_out)),
+        env,
     )
-    try:
-        client = subprocess.run(
-            [
-                *program("s6-tlsclient"),
-                "-v",
-                *mode,
-                *args,
-                "127.0.0.1",
-                str(port),
-                *shell(client_app, CLIENT_FDS, client_out),
-            ],
-            env=env,
-            capture_output=True,
-            timeout=TIMEOUT,
-        )
-    finally:
-        server_err = stop(server)
     client_err = client.stderr.decode(errors="replace")
     for err in (server_err, client_err):
         line = re.search(r" path (.*)$", err, re.MULTILINE)
@@ -297,31 +272,28 @@ def test_tls13_tickets_then_a_resumed_session(env, tmp_path, reap):
 # -- fallbacks ----------------------------------------------------------------------
 
 
+def fallback(env, tmp_path, server_env=None):
+    """One connection, both ends --ktls, the closer on the server side; (client, server stderr).
+
+    The data must have gone through in both directions.
+    """
+    client, err = one_connection(
+        (["--ktls"], shell(CLOSER, SERVER_FDS, tmp_path / "s")),
+        (["--ktls"], shell(OTHER, CLIENT_FDS, tmp_path / "c")),
+        env,
+        server_env,
+    )
+    assert client.returncode == 0, (client.stderr, err)
+    assert (tmp_path / "c").read_text() == "closer\n"
+    assert (tmp_path / "s").read_text() == "reply\n"
+    return client.stderr.decode(), err
+
+
 def test_a_suite_the_kernel_lacks_goes_on_in_userspace(env, tmp_path):
     env = {**env, **VERSIONS["1.3"], "TLS_CIPHERSUITES": "TLS_AES_128_CCM_SHA256"}
-    assert tunnel(env, tmp_path, [], CLOSER, OTHER, ktls=False)["client app got"] == b"closer\n"
-    server, port = start_server(["-v", "--ktls"], shell(CLOSER, SERVER_FDS, tmp_path / "s"), env)
-    client = subprocess.run(
-        [
-            *program("s6-tlsclient"),
-            "-v",
-            "--ktls",
-            "127.0.0.1",
-            str(port),
-            *shell(OTHER, CLIENT_FDS, tmp_path / "c"),
-        ],
-        env=env,
-        capture_output=True,
-        timeout=TIMEOUT,
-    )
-    err = stop(server)
-    assert client.returncode == 0
-    why = (
-        "path userspace (kernel TLS: TLSv1.3 TLS_AES_128_CCM_SHA256"
-        " is not a suite kernel TLS takes)"
-    )
-    assert why in err and why in client.stderr.decode()
-    assert (tmp_path / "c").read_text() == "closer\n"
+    why = "TLSv1.3 TLS_AES_128_CCM_SHA256 is not a suite kernel TLS takes"
+    for err in fallback(env, tmp_path):
+        assert f"status 0 path userspace (kernel TLS: {why})" in err, err
 
 
 @pytest.fixture(scope="module")
@@ -340,49 +312,19 @@ def fail_setsockopt(tmp_path_factory):
 )
 def test_a_refused_setsockopt_goes_on_in_userspace(env, tmp_path, fail_setsockopt, which, why):
     env = {**env, "LD_PRELOAD": fail_setsockopt, "S6TLS_FAIL": which}
-    server, port = start_server(["-v", "--ktls"], shell(CLOSER, SERVER_FDS, tmp_path / "s"), env)
-    client = subprocess.run(
-        [
-            *program("s6-tlsclient"),
-            "-v",
-            "--ktls",
-            "127.0.0.1",
-            str(port),
-            *shell(OTHER, CLIENT_FDS, tmp_path / "c"),
-        ],
-        env=env,
-        capture_output=True,
-        timeout=TIMEOUT,
-    )
-    err = stop(server)
-    assert client.returncode == 0
-    for text in (err, client.stderr.decode()):
-        assert f"status 0 path userspace (kernel TLS: {why})" in text, text
-    assert (tmp_path / "c").read_text() == "closer\n"
-    assert (tmp_path / "s").read_text() == "reply\n"
+    for err in fallback(env, tmp_path):
+        assert f"status 0 path userspace (kernel TLS: {why})" in err, err
 
 
 def test_a_receive_key_refused_after_the_send_key_is_98_never_half_applied(
     env, tmp_path, fail_setsockopt
 ):
-    server, port = start_server(
-        ["-v", "--ktls"],
-        ["echo", "never sent"],
+    client, err = one_connection(
+        (["--ktls"], ["echo", "never sent"]),
+        ([], shell('cat <&{r} >"{out}"', CLIENT_FDS, tmp_path / "c")),
+        env,
         {**env, "LD_PRELOAD": fail_setsockopt, "S6TLS_FAIL": "rx"},
     )
-    client = subprocess.run(
-        [
-            *program("s6-tlsclient"),
-            "-v",
-            "127.0.0.1",
-            str(port),
-            *shell('cat <&{r} >"{out}"', CLIENT_FDS, tmp_path / "c"),
-        ],
-        env=env,
-        capture_output=True,
-        timeout=TIMEOUT,
-    )
-    err = stop(server)
     assert child_status(err) == 98, err
     assert "kernel TLS took the send key but refused the receive key: Cannot allocate memory" in err
     assert (tmp_path / "c").read_bytes() == b""  # nothing went out, in neither path

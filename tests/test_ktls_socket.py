@@ -148,34 +148,32 @@ def test_close_notify_then_fin_between_two_kernel_ends(pair_factory, version, ci
     assert _read_all(client) == [*tickets, ("data", b"last words"), ("close_notify", b"")]
 
 
+def first_control(ktls: KernelTls):
+    """Read records until one that is not to be ignored (the tickets come first)."""
+    buf = memoryview(bytearray(ktls_socket.MAX_RECORD))
+    controls = []
+    while not controls or controls[-1].kind == "ignore":
+        wait_for(ktls.fd, select.POLLIN)
+        kind, size = ktls.read_record(buf)
+        controls += ktls.records.feed(kind, bytes(buf[:size]))
+    return kind, controls[-1]
+
+
 def test_a_fatal_alert_is_an_error_with_its_name(pair_factory):
     pair = pair_factory(ktls_keys.TLS_1_3_VERSION, None)
     server, client = pair.kernel("server"), pair.kernel("client")
     server.send_alert(FATAL, 40)
-    buf = memoryview(bytearray(ktls_socket.MAX_RECORD))
-    kinds = []
-    while not kinds or kinds[-1].kind == "ignore":
-        wait_for(client.fd, select.POLLIN)
-        kind, size = client.read_record(buf)
-        kinds += client.records.feed(kind, bytes(buf[:size]))
+    kind, control = first_control(client)
     assert kind == ALERT
-    assert (kinds[-1].kind, kinds[-1].reason) == (
-        "error",
-        "peer sent a fatal alert: handshake_failure",
-    )
+    assert (control.kind, control.reason) == ("error", "peer sent a fatal alert: handshake_failure")
 
 
 def test_a_key_update_cannot_be_followed_on_this_kernel(pair_factory):
     pair = pair_factory(ktls_keys.TLS_1_3_VERSION, None)
     server, client = pair.kernel("server"), pair.kernel("client")
     server.send_record(HANDSHAKE, ktls_socket.key_update_message(True))
-    buf = memoryview(bytearray(ktls_socket.MAX_RECORD))
-    controls = []
-    while not controls or controls[-1].kind == "ignore":
-        wait_for(client.fd, select.POLLIN)
-        kind, size = client.read_record(buf)
-        controls += client.records.feed(kind, bytes(buf[:size]))
-    assert (controls[-1].kind, controls[-1].update_requested) == ("key_update", True)
+    kind, control = first_control(client)
+    assert (kind, control.kind, control.update_requested) == (HANDSHAKE, "key_update", True)
     with pytest.raises(TlsRuntimeError, match="cannot change keys here") as err:
         client.follow_key_update(True)
     assert os.strerror(errno.EBUSY) in str(err.value)

@@ -17,18 +17,17 @@ and /proc/net/tls_stat counts the connections the kernel ran.
 import hashlib
 import os
 import re
-import socket
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
 from apps.stream_check import stream, stream_sha256
 from conftest import ROOT, program
-from ktls_helpers import CASES, IDS
+from ktls_helpers import CASES, IDS, one_connection, stop
 from server_helpers import start_server
+from test_faults import s_server
 from test_starttls import s_client, smtp_server
 from ucspi_helpers import direct_pair
 
@@ -106,47 +105,21 @@ def feed_and_read(proc: subprocess.Popen) -> tuple[int, str]:
 
 
 @pytest.fixture
-def env(pki):
-    return {
-        **os.environ,
-        "CERTFILE": pki["server_cert"],
-        "KEYFILE": pki["server_key"],
-        "CAFILE": pki["ca"],
-    }
-
-
-def stop(proc: subprocess.Popen) -> str:
-    """End s6-tlsserver (SIGTERM: its children finish first); return its stderr."""
-    proc.terminate()
-    _out, err = proc.communicate(timeout=TIMEOUT)
-    return err.decode(errors="replace")
+def env(server_env):
+    """Both ends' environment: the server's keypair, and the CA a client checks it with."""
+    return server_env
 
 
 @pytest.mark.parametrize(("version", "cipher"), CASES, ids=IDS)
 def test_both_ends_in_the_kernel(env, tmp_path, reap, version, cipher):
     before = tls_stat()
-    server_env = {**env, **policy(version, cipher)}
-    server, port = start_server(
-        ["-v", "--ktls"], [*STREAM_CHECK, "0", "1", str(tmp_path / "server")], server_env
+    client, server_err = one_connection(
+        (["--ktls"], [*STREAM_CHECK, "0", "1", str(tmp_path / "server")]),
+        (["--ktls"], [*STREAM_CHECK, "6", "7", str(tmp_path / "client")]),
+        env,
+        {**env, **policy(version, cipher)},
+        TIMEOUT,
     )
-    reap.append(server)
-    client = subprocess.run(
-        [
-            *program("s6-tlsclient"),
-            "-v",
-            "--ktls",
-            "127.0.0.1",
-            str(port),
-            *STREAM_CHECK,
-            "6",
-            "7",
-            str(tmp_path / "client"),
-        ],
-        env=env,
-        capture_output=True,
-        timeout=TIMEOUT,
-    )
-    server_err = stop(server)
     assert client.returncode == 0, client.stderr
     checked(tmp_path / "client")
     checked(tmp_path / "server")
@@ -189,48 +162,10 @@ def test_kernel_server_and_openssl_client(env, tmp_path, reap, version, cipher):
     assert kernel_path(version, cipher) in server_err, server_err
 
 
-def free_port() -> int:
-    with socket.create_server(("127.0.0.1", 0)) as s:
-        return s.getsockname()[1]
-
-
-def wait_listening(port: int, proc: subprocess.Popen) -> None:
-    """Until some socket listens on ``port`` (/proc/net/tcp: state 0A), ``proc`` alive.
-
-    A probe connection would be the only one ``s_server -naccept 1`` takes.
-    """
-    deadline = time.monotonic() + TIMEOUT
-    want = f":{port:04X} 00000000:0000 0A"
-    while want not in Path("/proc/net/tcp").read_text():
-        assert proc.poll() is None, proc.communicate()[1]
-        assert time.monotonic() < deadline, f"nothing listens on {port}"
-        time.sleep(0.05)  # polling a file: nothing to wait on
-
-
 @pytest.mark.parametrize(("version", "cipher"), CASES, ids=IDS)
 def test_kernel_client_and_openssl_server(env, pki, tmp_path, reap, version, cipher):
-    port = free_port()
-    peer = subprocess.Popen(
-        [
-            "openssl",
-            "s_server",
-            "-quiet",
-            "-naccept",
-            "1",
-            "-accept",
-            f"127.0.0.1:{port}",
-            "-cert",
-            pki["server_cert"],
-            "-key",
-            pki["server_key"],
-            *openssl_policy(version, cipher),
-        ],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
+    peer, port = s_server(pki, *openssl_policy(version, cipher))
     reap.append(peer)
-    wait_listening(port, peer)
     client = subprocess.Popen(
         [
             *program("s6-tlsclient"),
@@ -261,24 +196,12 @@ def test_kernel_client_and_openssl_server(env, pki, tmp_path, reap, version, cip
 
 def test_the_line_names_the_path(env, tmp_path, reap):
     """The failing twin of the checks above: without --ktls the line says userspace."""
-    server, port = start_server(["-v"], [*STREAM_CHECK, "0", "1", str(tmp_path / "s")], env)
-    reap.append(server)
-    client = subprocess.run(
-        [
-            *program("s6-tlsclient"),
-            "-v",
-            "127.0.0.1",
-            str(port),
-            *STREAM_CHECK,
-            "6",
-            "7",
-            str(tmp_path / "c"),
-        ],
-        env=env,
-        capture_output=True,
+    client, server_err = one_connection(
+        ([], [*STREAM_CHECK, "0", "1", str(tmp_path / "s")]),
+        ([], [*STREAM_CHECK, "6", "7", str(tmp_path / "c")]),
+        env,
         timeout=TIMEOUT,
     )
-    server_err = stop(server)
     assert client.returncode == 0
     for err in (client.stderr.decode(), server_err):
         assert re.search(r" path userspace$", err, re.MULTILINE), err
