@@ -13,6 +13,7 @@ import math
 import os
 import select
 import signal
+import socket
 import stat
 import time
 from collections.abc import Callable
@@ -28,6 +29,7 @@ if TYPE_CHECKING:
     from .ktls_path import KernelPath
 
 _HANGUP = select.POLLHUP | select.POLLERR | select.POLLNVAL
+_PEER_SHUT = select.POLLRDHUP | select.POLLHUP  # a socket whose other end shut its output
 _PASSES = 16  # passes over the operations between two looks at the selfpipe
 _FLUSH = "flush"  # the link's own operation: write out what TLS produced
 
@@ -50,7 +52,9 @@ def run(
         fds: cleartext read (the application's output), cleartext write (its
             input), and the read end of a selfpipe (``selfpipe.SelfPipe``)
             delivering at least SIGCHLD, and whichever other signals are to
-            be passed on to the application.
+            be passed on to the application.  The two cleartext descriptors
+            may be one socket (a socketpair's end): each direction is then
+            ended with ``shutdown`` and the socket closed once both are.
         pid: the application's pid, reaped here; ``None`` if there is no
             child to watch.
         close_notify: -S: on application EOF send close_notify before the TCP
@@ -89,6 +93,11 @@ def run(
     one of them before it returns or raises; it leaves the selfpipe open.
     It never exits the process and never waits for a child other than ``pid``.
     The rules it follows are ``lifetime``'s.
+
+    A link whose ``max_datagram`` is set (DTLS) runs the machine in datagram
+    mode: the cleartext socket carries one datagram per message, a datagram
+    larger than ``max_datagram`` is dropped and counted (``Stats.refused``),
+    an empty one is not carried, and every close is a close_notify.
     """
     cread, cwrite, selfpipe = fds
     link.conn.set_options(SSL.OP_IGNORE_UNEXPECTED_EOF)  # -J is the machine's
@@ -101,6 +110,7 @@ def run(
         idle_timeout=idle_timeout,
         now=time.monotonic(),
         stats=stats,
+        max_datagram=link.max_datagram,
     )
     path = _kernel_path(link, (cread, cwrite), machine, stats) if ktls else None
     if path is None:
@@ -173,6 +183,10 @@ class _Loop:
             Op.CLOSE_NET: self._op_close_net,
             Op.SIGNAL_APP: self._op_signal_app,
         }
+        # One socket for both directions of the application: shut each, close once.
+        self.app_sock = socket.socket(fileno=cread) if cread == cwrite else None
+        if machine.datagram:
+            self.perform[Op.READ_APP] = self._op_read_datagram
         self.data_plan = [(op, self.perform[op]) for op in DATA_OPS]
         self.blocked: dict[object, tuple[int, int]] = {}  # operation -> (fd, poll events)
         self.poller = select.poll()
@@ -268,9 +282,12 @@ class _Loop:
     def abort(self) -> None:
         """After an exception of our own: close everything, kill and reap the application."""
         m = self.m
-        for fd, is_open in ((self.cread, m.app_output_open), (self.cwrite, m.app_input_open)):
-            if is_open:
-                os.close(fd)
+        if self.app_sock is not None:
+            self.app_sock.close()
+        else:
+            for fd, is_open in ((self.cread, m.app_output_open), (self.cwrite, m.app_input_open)):
+                if is_open:
+                    os.close(fd)
         self.m.app_output_open = self.m.app_input_open = False
         if self.m.net_open:
             self.link.close()
@@ -306,13 +323,36 @@ class _Loop:
         else:
             m.app_written(n)
 
+    def _op_read_datagram(self) -> None:
+        m = self.m
+        try:
+            n = os.readv(self.cread, [m.outbound.space()])
+        except BlockingIOError:
+            if m.app_read_blocked():
+                raise WouldBlock(self.cread, select.POLLIN) from None
+        else:
+            if n:
+                m.app_datagram(n)
+            elif _shut(self.cread):  # else an empty datagram: nothing to carry
+                m.app_eof()
+
     def _op_close_app_output(self) -> None:
-        os.close(self.cread)
+        self._close_app_side(self.cread, socket.SHUT_RD, self.m.app_input_open)
         self.m.app_output_closed()
 
     def _op_close_app_input(self) -> None:
-        os.close(self.cwrite)
+        self._close_app_side(self.cwrite, socket.SHUT_WR, self.m.app_output_open)
         self.m.app_input_closed()
+
+    def _close_app_side(self, fd: int, how: int, other_open: bool) -> None:
+        """Close one of the application's descriptors, or shut its way of the one socket."""
+        if self.app_sock is None:
+            os.close(fd)
+        elif other_open:
+            with contextlib.suppress(OSError):  # ENOTCONN: the application closed its end
+                self.app_sock.shutdown(how)
+        else:
+            self.app_sock.close()
 
     def _op_signal_app(self) -> None:
         for sig in self.m.take_signals():
@@ -431,3 +471,10 @@ class _KernelLoop(_Loop):
                     m.app_written(n)
             else:  # 0: a bare EOF; negative: the peer's close_notify
                 m.peer_closed(n < 0)
+
+
+def _shut(fd: int) -> bool:
+    """True when the socket ``fd`` reads 0 because its other end shut its output."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN | select.POLLRDHUP)
+    return any(ev & _PEER_SHUT for _fd, ev in poller.poll(0))

@@ -29,7 +29,8 @@ def handshake(link: Link, timeout_ms: int = 0) -> None:
         link: from ``link.new_link``, with ``set_accept_state()`` or
             ``set_connect_state()`` already called on its ``conn``.
         timeout_ms: the -K limit; 0 means none.  It is checked before every
-            step, so a peer that trickles bytes cannot stretch it.
+            step, so a peer that trickles bytes cannot stretch it.  A step
+            also comes at the link's ``wakeup`` time (a DTLS retransmission).
 
     Raises:
         HandshakeTimeout: the limit passed (exit 98).
@@ -65,8 +66,9 @@ def handshake(link: Link, timeout_ms: int = 0) -> None:
         if wait is None:
             return
         timeout = None
-        if deadline is not None:
-            timeout = max(0, math.ceil((deadline - time.monotonic()) * 1000))
+        until = min((t for t in (deadline, link.wakeup()) if t is not None), default=None)
+        if until is not None:
+            timeout = max(0, math.ceil((until - time.monotonic()) * 1000))
         poller.register(wait.fd, wait.events)
         poller.poll(timeout)
         poller.unregister(wait.fd)

@@ -78,6 +78,20 @@ Rules (s6-networking's -s/-S, -j/-J, and ours where it is silent):
 * The end: once both directions and the network are closed, the tunnel
   waits for the application to exit (passing signals on); its wait status is
   the result.
+
+Datagram mode (DTLS, ``max_datagram`` set): the application's side is one
+datagram at a time and UDP has neither half-close nor FIN, so
+
+* a side is read only when its buffer is empty: one read of the application
+  (``app_datagram``) is one datagram, one record from the peer is one
+  datagram for the application, and a record is never merged with the next;
+* a datagram of the application larger than ``max_datagram`` (what one
+  record carries at the configured MTU) is not split: it is dropped and
+  counted in ``Stats.refused``;
+* every close is a close_notify, and a close_notify ends the association
+  both ways (DTLS 1.2 is TLS 1.2's rule): once our side is closed, what the
+  peer already sent is still written, then the application's input is
+  closed; nothing lingers.
 """
 
 import signal
@@ -214,13 +228,14 @@ class Buffer:
 class Stats:
     """What moved through a tunnel and how it ended, for the -v 2 info line."""
 
-    __slots__ = ("ending", "path", "to_app", "to_peer")
+    __slots__ = ("ending", "path", "refused", "to_app", "to_peer")
 
     def __init__(self) -> None:
         self.to_peer = 0  # cleartext bytes the peer's TLS layer took
         self.to_app = 0  # cleartext bytes written to the application
         self.ending = ""
         self.path = "userspace"  # what carried the data: "kernel TLS ...", or why not
+        self.refused = 0  # datagrams of the application too large to send (datagram mode)
 
 
 class Lifetime:
@@ -234,6 +249,9 @@ class Lifetime:
         idle_timeout: seconds, or None for no limit.
         now: the clock's reading at the start (any monotonic clock).
         stats: filled with the byte counts and the ending.
+        max_datagram: datagram mode (see the module docstring): the largest
+            datagram of the application that is sent; it implies
+            ``close_notify`` and ``tls12``.
 
     The loop performs each operation of ``wanted()`` and reports its outcome
     with the event method its docstring names.  An event that cannot happen
@@ -250,10 +268,16 @@ class Lifetime:
         idle_timeout: float | None = None,
         now: float = 0.0,
         stats: Stats | None = None,
+        max_datagram: int | None = None,
     ) -> None:
-        self.close_notify = close_notify
+        self.max_datagram = max_datagram
+        self.datagram = max_datagram is not None
+        self.close_notify = close_notify or self.datagram
         self.strict_close_notify = strict_close_notify
-        self.tls12 = tls12
+        self.tls12 = tls12 or self.datagram
+        # A side is read while its buffer's end is below this: anywhere in a
+        # stream, only at the start (an empty buffer) in datagram mode.
+        self._room = 1 if self.datagram else BUFSIZE
         self.idle_timeout = idle_timeout
         self.stats = stats if stats is not None else Stats()
         self.outbound = Buffer()
@@ -309,11 +333,11 @@ class Lifetime:
         """True when ``op`` is useful now."""
         out, in_ = self.out, self.in_
         if op is _READ_APP:
-            return out is _OUT_OPEN and self.outbound.end != BUFSIZE
+            return out is _OUT_OPEN and self.outbound.end < self._room
         if op is _SEND:
             return self.outbound.end != 0 and (out is _OUT_OPEN or out is _OUT_DRAINING)
         if op is _RECV:
-            return (in_ is _IN_OPEN and self.inbound.end != BUFSIZE) or in_ is _IN_DISCARDING
+            return (in_ is _IN_OPEN and self.inbound.end < self._room) or in_ is _IN_DISCARDING
         if op is _WRITE_APP:
             return self.inbound.end != 0 and self.app_input_open
         if op is Op.NOTIFY:
@@ -408,6 +432,21 @@ class Lifetime:
         """READ_APP put ``n`` > 0 bytes into ``outbound.space()``."""
         if not (self.out is _OUT_OPEN and 0 < n <= BUFSIZE - self.outbound.end):
             self._reject("app_read")
+        self.outbound.produced(n)
+        self.moved = True
+
+    def app_datagram(self, n: int) -> None:
+        """READ_APP (datagram mode) read one datagram of ``n`` > 0 bytes into ``outbound.space()``.
+
+        ``n`` may exceed the space when the datagram was truncated: such a
+        datagram, like any larger than ``max_datagram``, is refused.
+        """
+        if not (self.datagram and self.out is Out.OPEN and not self.outbound.end and n > 0):
+            self._reject("app_datagram")
+        assert self.max_datagram is not None
+        if n > self.max_datagram:
+            self.stats.refused += 1
+            return
         self.outbound.produced(n)
         self.moved = True
 
@@ -705,6 +744,11 @@ class Lifetime:
         self._control = None
         if self.out is Out.DRAINING and not self.outbound.end and not self.write_pending:
             self.out = Out.NOTIFYING if self.close_notify else Out.SHUTTING
+        if self.datagram and self.out is Out.CLOSED:  # no half-close, no linger
+            if self.in_ is In.OPEN:
+                self.in_ = In.DRAINING
+            elif self.in_ is In.DISCARDING:
+                self.in_ = In.CLOSED
         if self.in_ is In.DRAINING and not self.inbound.end:
             self.in_ = In.CLOSED
         if self.out is Out.CLOSED and self.in_ is In.DISCARDING and self.linger_until is None:

@@ -126,6 +126,9 @@ class Link:
 
     ``close_notify_received`` becomes True when the peer's close_notify
     alert was read (``recv`` returns 0 for it and for a bare EOF alike).
+    ``max_datagram`` is set by a datagram link (DTLS) once its handshake is
+    done: the most cleartext one datagram carries; the engine then runs in
+    datagram mode.
     """
 
     conn: SSL.Connection
@@ -135,6 +138,7 @@ class Link:
     # Set before the handshake for kernel TLS (ktls_keys.HandshakeWatch): the
     # connection's one info callback feeds it too.
     handshake_watch: "HandshakeWatch | None" = None
+    max_datagram: int | None = None
 
     def _watch_alerts(self) -> None:
         """Set ``close_notify_received`` when the peer's close_notify is read."""
@@ -156,6 +160,13 @@ class Link:
         after it, whether it returned or raised ``WouldBlock``.
         """
         self._tls(self.conn.do_handshake)
+
+    def wakeup(self) -> float | None:
+        """When (``time.monotonic``) ``handshake_step`` must be called even if nothing arrived.
+
+        None: only when its descriptor is ready.  A datagram link retransmits then.
+        """
+        return None
 
     def recv(self, view: memoryview) -> int:
         """Decrypt at most one record into ``view``; 0 at the peer's end."""

@@ -14,7 +14,7 @@ import os
 import signal
 
 import pytest
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
@@ -688,6 +688,111 @@ def test_impossible_events_are_rejected_not_ignored():
         m2.app_exited(0)
     with pytest.raises(LifetimeError):
         m2.result()
+
+
+# -- datagram mode (DTLS) ------------------------------------------------------
+
+
+def datagram(m: Lifetime, data: bytes) -> None:
+    """READ_APP in datagram mode: one message of the application."""
+    m.outbound.space()[: len(data)] = data[: len(m.outbound.space())]
+    m.app_datagram(len(data))
+
+
+def test_datagram_mode_reads_a_side_only_when_its_buffer_is_empty():
+    m = Lifetime(max_datagram=1000)
+    datagram(m, b"one")
+    assert not m.wants(Op.READ_APP) and m.wants(Op.SEND)
+    m.sent(3)
+    assert m.wants(Op.READ_APP)
+    m.peer_data(5)
+    assert not m.wants(Op.RECV) and m.wants(Op.WRITE_APP)
+    m.app_written(5)
+    assert m.wants(Op.RECV)
+
+
+def test_stream_mode_reads_a_side_as_long_as_its_buffer_has_room():
+    """The twin: without max_datagram, a second read joins the first."""
+    m = Lifetime()
+    fill(m.outbound, b"one")
+    m.app_read(3)
+    assert m.wants(Op.READ_APP)
+
+
+def test_a_datagram_larger_than_one_record_is_refused_and_counted_not_split():
+    m = Lifetime(max_datagram=4)
+    datagram(m, b"12345")
+    assert not m.outbound and m.stats.refused == 1 and m.wants(Op.READ_APP)
+    datagram(m, b"1234")
+    assert bytes(m.outbound.data()) == b"1234" and m.stats.refused == 1
+
+
+def test_datagram_mode_ends_with_close_notify_and_both_ways_without_lingering():
+    m = Lifetime(max_datagram=1000)  # neither -S nor TLS 1.2 asked: implied
+    m.peer_data(3)  # the peer sent this before our side closed: still delivered
+    m.app_eof()
+    assert m.wants(Op.NOTIFY)
+    m.notified()
+    m.shut()
+    assert m.out is Out.CLOSED and m.in_ is In.DRAINING and not m.wants(Op.RECV)
+    m.app_written(3)
+    assert m.wants(Op.CLOSE_APP_INPUT) and m.wants(Op.CLOSE_NET)
+    assert m.linger_until is None
+
+
+def test_datagram_mode_a_peer_close_notify_ends_our_side_too():
+    m = Lifetime(max_datagram=1000)
+    datagram(m, b"unsent")
+    m.peer_closed(close_notify=True)
+    assert not m.outbound and m.wants(Op.NOTIFY) and m.close_by is not None
+
+
+def test_datagram_mode_a_dead_application_is_not_followed_by_a_linger():
+    m = Lifetime(max_datagram=1000)
+    m.app_exited(0)
+    assert m.in_ is In.DISCARDING
+    m.app_eof()
+    m.notified()
+    m.shut()
+    assert m.in_ is In.CLOSED and m.linger_until is None and m.wants(Op.CLOSE_NET)
+
+
+@settings(max_examples=300 if not SLOW else 3000, deadline=None)
+@given(
+    sizes=st.lists(st.integers(min_value=1, max_value=60), max_size=30),
+    records=st.lists(st.integers(min_value=1, max_value=60), max_size=30),
+    order=st.randoms(use_true_random=False),
+)
+def test_datagram_boundaries_survive_any_order_of_operations(sizes, records, order):
+    """Each datagram of the application is sent alone, or refused; each record is written alone."""
+    limit = 40
+    m = Lifetime(max_datagram=limit)
+    to_read = [bytes([i % 251]) * n for i, n in enumerate(sizes)]
+    to_recv = [bytes([i % 251]) * n for i, n in enumerate(records)]
+    sent, written = [], []
+    for _step in range(1000):
+        ops = [op for op in (Op.READ_APP, Op.SEND, Op.RECV, Op.WRITE_APP) if m.wants(op)]
+        ops = [op for op in ops if op not in (Op.READ_APP,) or to_read]
+        ops = [op for op in ops if op is not Op.RECV or to_recv]
+        if not ops:
+            break
+        op = order.choice(ops)
+        if op is Op.READ_APP:
+            datagram(m, to_read.pop(0))
+        elif op is Op.SEND:
+            sent.append(bytes(m.outbound.data()))
+            m.sent(len(m.outbound))
+        elif op is Op.RECV:
+            record = to_recv.pop(0)
+            m.inbound.space()[: len(record)] = record
+            m.peer_data(len(record))
+        else:
+            written.append(bytes(m.inbound.data()))
+            m.app_written(len(m.inbound))
+    expected = [bytes([i % 251]) * n for i, n in enumerate(sizes) if n <= limit]
+    assert sent == expected
+    assert m.stats.refused == len(sizes) - len(expected)
+    assert written == [bytes([i % 251]) * n for i, n in enumerate(records)]
 
 
 def test_the_stateful_run_took_many_steps():
