@@ -12,6 +12,12 @@ names the variable, the field it fills, the programs it applies to and the
 function that checks its value.  A program ignores the rows that do not
 apply to it, as s6-networking does.
 
+DTLS (s6-dtlsserver, s6-dtlsclient) is the field ``dtls``: the same policy
+where DTLS 1.2 allows it (version 1.2 only, PSK through TLS 1.2's PSK
+suites, no TLS 1.3 suites, no session directory), plus the rows of
+``DTLS_VARIABLES``: the MTU and the bounds of the handshake's
+retransmission timer.
+
 Errors: a missing or malformed variable or option is a ``UsageError`` (100),
 as in s6-networking; an inconsistent TLS setup (a ``KEYFILE:name`` without
 its ``CERTFILE:name``) is a ``ConfigError`` (96).  Whatever works but is
@@ -42,6 +48,16 @@ DEFAULT_CIPHERS = (
 # TLS 1.3 suites whose hash is SHA-256: the only ones an external PSK can use.
 PSK_SUITES = ("TLS_AES_128_GCM_SHA256", "TLS_CHACHA20_POLY1305_SHA256")
 VERSIONS = ("1.2", "1.3")
+# DTLS: 1.2 only (the OpenSSL in use has no DTLS 1.3); the largest UDP payload by
+# default, so that a datagram fits a 1280-byte IPv6 packet (40 + 8 bytes of headers);
+# TLS 1.2's PSK suites, forward-secret first, put before DEFAULT_CIPHERS with PSKFILE.
+DTLS_MTU = 1232
+DTLS_PSK_CIPHERS = (
+    "ECDHE-PSK-CHACHA20-POLY1305:PSK-AES128-GCM-SHA256:PSK-AES256-GCM-SHA384:PSK-CHACHA20-POLY1305"
+)
+# OpenSSL's own retransmission timer: 1 s, doubling to 60 s.  pyOpenSSL's binding
+# cannot replace it (no DTLS_set_timer_cb), so s6tls can wait longer, never less.
+OPENSSL_TIMER_MS = (1000, 60000)
 
 
 @dataclass(frozen=True)
@@ -115,6 +131,11 @@ class TlsConfig:
     ocsp: str | None = None
     session_dir: str | None = None
     keypassfile: str | None = None
+    # DTLS instead of TLS, and one field per row of DTLS_VARIABLES (milliseconds, bytes).
+    dtls: bool = False
+    dtls_mtu: int = DTLS_MTU
+    dtls_timeout_min: int = OPENSSL_TIMER_MS[0]
+    dtls_timeout_max: int = OPENSSL_TIMER_MS[1]
     warnings: tuple[str, ...] = ()
 
     @property
@@ -136,19 +157,28 @@ class TlsConfig:
         return any(lists)
 
     @classmethod
-    def from_env(cls, role: Role, environ: Mapping[str, str], options: Options) -> "TlsConfig":
+    def from_env(
+        cls, role: Role, environ: Mapping[str, str], options: Options, *, dtls: bool = False
+    ) -> "TlsConfig":
         """Read CERTFILE, KEYFILE, their SNI variants, CAFILE, CADIR, TLS_UID, TLS_GID,
-        and every row of ``VARIABLES`` that applies to ``role``.
+        and every row of ``VARIABLES`` (and, with ``dtls``, of ``DTLS_VARIABLES``)
+        that applies to ``role``.
 
         Raises ``UsageError`` or ``ConfigError`` as the module docstring says.
         Opens no file.
         """
         sni = _sni_keypairs(environ) if role == "server" and options.sni_level > 0 else ()
+        rows = VARIABLES + DTLS_VARIABLES if dtls else VARIABLES
         policy = {
             v.field: v.check(v.name, environ[v.name])
-            for v in VARIABLES
+            for v in rows
             if role in v.roles and environ.get(v.name)
         }
+        if dtls:
+            policy.setdefault("max_version", "1.2")
+            if "pskfile" in policy:
+                policy.setdefault("ciphers", f"{DTLS_PSK_CIPHERS}:{DEFAULT_CIPHERS}")
+            policy.pop("session_dir", None)
         servername = None
         if role == "client" and options.servername is not None:
             servername = _servername(options.servername)
@@ -164,7 +194,8 @@ class TlsConfig:
             secrets=tuple(k for k in environ if is_secret_variable(k)),
             servername=servername,
             server_port=options.port or _port(environ, "TCPREMOTEPORT"),
-            warnings=_warnings(role, environ, options),
+            warnings=_warnings(role, environ, options, dtls),
+            dtls=dtls,
             **policy,
         )
         cfg._validate()
@@ -176,8 +207,14 @@ class TlsConfig:
             raise UsageError("-K must be a number of milliseconds")
         if o.verbosity < 0:
             raise UsageError("-v must be a non-negative number")
+        if self.dtls and "1.3" in (self.min_version, self.max_version):
+            raise UsageError(
+                "DTLS is 1.2 only: TLS_MIN_VERSION and TLS_MAX_VERSION can only be 1.2"
+            )
         if VERSIONS.index(self.min_version) > VERSIONS.index(self.max_version):
             raise UsageError("TLS_MIN_VERSION is above TLS_MAX_VERSION")
+        if self.dtls_timeout_min > self.dtls_timeout_max:
+            raise UsageError("DTLS_HANDSHAKE_TIMEOUT_MIN is above DTLS_HANDSHAKE_TIMEOUT_MAX")
         if self.crl_check and not self.crlfile:
             raise UsageError("TLS_CRL_CHECK needs CRLFILE")
         suites = set(self.ciphersuites.split(":")) if self.ciphersuites else set(PSK_SUITES)
@@ -317,6 +354,17 @@ def _spki_list(name: str, value: str) -> tuple[str, ...]:
     return items
 
 
+def _number(low: int, high: int, why: str = "") -> Callable[[str, str], int]:
+    """A decimal integer from ``low`` to ``high``; ``why`` explains the bounds."""
+
+    def check(name: str, value: str) -> int:
+        if not (value.isascii() and value.isdigit() and low <= int(value) <= high):
+            raise UsageError(f"invalid {name}: {value!r} is not a number from {low} to {high}{why}")
+        return int(value)
+
+    return check
+
+
 def _choice(*allowed: str) -> Callable[[str, str], str]:
     def check(name: str, value: str) -> str:
         if value not in allowed:
@@ -352,6 +400,23 @@ VARIABLES = (
     Variable("KEYPASSFILE", "keypassfile", BOTH, _plain),
 )
 
+# Read by the DTLS programs only.
+DTLS_VARIABLES = (
+    Variable("DTLS_MTU", "dtls_mtu", BOTH, _number(256, 65507, " (bytes of UDP payload)")),
+    Variable(
+        "DTLS_HANDSHAKE_TIMEOUT_MIN",
+        "dtls_timeout_min",
+        BOTH,
+        _number(OPENSSL_TIMER_MS[0], 600000, " ms: OpenSSL's first wait is 1000 ms"),
+    ),
+    Variable(
+        "DTLS_HANDSHAKE_TIMEOUT_MAX",
+        "dtls_timeout_max",
+        BOTH,
+        _number(OPENSSL_TIMER_MS[1], 600000, " ms: OpenSSL's own timer grows to 60000 ms"),
+    ),
+)
+
 # Variables removed from the application's environment under -z (the default).
 SECRET_VARIABLES = (
     "CADIR",
@@ -360,7 +425,7 @@ SECRET_VARIABLES = (
     "KEYFILE",
     "TLS_UID",
     "TLS_GID",
-    *(v.name for v in VARIABLES),
+    *(v.name for v in VARIABLES + DTLS_VARIABLES),
 )
 SECRET_PREFIXES = ("CERTFILE:", "KEYFILE:")
 
@@ -399,9 +464,15 @@ def _servername(name: str) -> str:
         raise UsageError(f"invalid server name {name!r}: {exc}") from None
 
 
-def _warnings(role: Role, environ: Mapping[str, str], options: Options) -> tuple[str, ...]:
+def _warnings(
+    role: Role, environ: Mapping[str, str], options: Options, dtls: bool = False
+) -> tuple[str, ...]:
     """What works as configured but is probably not what the user meant."""
     out = []
+    if dtls and environ.get("TLS_CIPHERSUITES"):
+        out.append("TLS_CIPHERSUITES is not used: DTLS 1.2 takes its suites from TLS_CIPHERS")
+    if dtls and role == "client" and environ.get("TLS_SESSION_DIR"):
+        out.append("TLS_SESSION_DIR is not used by DTLS")
     named = any(k.startswith("CERTFILE:") for k in environ)
     if role == "server" and options.sni_level == 0 and named:
         out.append("the CERTFILE:name keypairs are ignored without -k 1 or -k 2")
@@ -409,7 +480,7 @@ def _warnings(role: Role, environ: Mapping[str, str], options: Options) -> tuple
         out.append("not verifying the server's certificate (--no-verify-cert)")
     elif role == "client" and options.servername is None and not environ.get("PSKFILE"):
         out.append("the server's name is not checked, only its chain: use -k NAME to check it")
-    if role == "client" and environ.get("TLS_SESSION_DIR"):
+    if role == "client" and environ.get("TLS_SESSION_DIR") and not dtls:
         if options.servername is None:
             out.append("TLS_SESSION_DIR is not used without a server name (-k)")
         elif environ.get("PSKFILE"):

@@ -162,3 +162,77 @@ def test_z_removes_every_policy_variable_from_the_application_environment():
     env = {v.name: "x" for v in VARIABLES} | {"CERTFILE:a": "c", "PATH": "/bin"}
     assert application_env(env, {}, keep_secrets=False) == {"PATH": "/bin"}
     assert application_env(env, {}, keep_secrets=True) == env
+
+
+# -- DTLS ----------------------------------------------------------------------
+
+
+def dtls(role: str, env: dict[str, str], **opts: object) -> TlsConfig:
+    base = SERVER if role == "server" else {**CLIENT}
+    return TlsConfig.from_env(role, {**base, **env}, Options(**opts), dtls=True)  # type: ignore[arg-type]
+
+
+def test_dtls_is_version_1_2_with_the_tls_1_2_policy_and_its_own_defaults():
+    cfg = dtls("server", {})
+    assert cfg.dtls and (cfg.min_version, cfg.max_version) == ("1.2", "1.2")
+    assert cfg.ciphers == server({}).ciphers
+    assert (cfg.dtls_mtu, cfg.dtls_timeout_min, cfg.dtls_timeout_max) == (1232, 1000, 60000)
+    assert not server({}).dtls
+
+
+def test_every_dtls_variable_fills_its_field_and_tls_programs_ignore_them():
+    env = {
+        "DTLS_MTU": "1400",
+        "DTLS_HANDSHAKE_TIMEOUT_MIN": "2500",
+        "DTLS_HANDSHAKE_TIMEOUT_MAX": "90000",
+    }
+    cfg = dtls("client", env)
+    assert (cfg.dtls_mtu, cfg.dtls_timeout_min, cfg.dtls_timeout_max) == (1400, 2500, 90000)
+    plain = client({**env, "DTLS_MTU": "not even a number"})
+    assert (plain.dtls_mtu, plain.dtls_timeout_min) == (1232, 1000)
+
+
+def test_dtls_psk_offers_the_tls_1_2_psk_suites_first_unless_told_otherwise():
+    cfg = dtls("server", {"PSKFILE": "p"})
+    assert cfg.ciphers.startswith("ECDHE-PSK-CHACHA20-POLY1305:PSK-AES128-GCM-SHA256")
+    assert cfg.ciphers.endswith(server({}).ciphers)
+    assert dtls("server", {"PSKFILE": "p", "TLS_CIPHERS": "PSK-AES128-CCM8"}).ciphers == (
+        "PSK-AES128-CCM8"
+    )
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"TLS_MAX_VERSION": "1.3"}, "DTLS is 1.2 only"),
+        ({"TLS_MIN_VERSION": "1.3"}, "DTLS is 1.2 only"),
+        ({"DTLS_MTU": "255"}, "invalid DTLS_MTU: '255' is not a number from 256 to 65507"),
+        ({"DTLS_MTU": "65508"}, "invalid DTLS_MTU"),
+        ({"DTLS_MTU": "1e3"}, "invalid DTLS_MTU"),
+        ({"DTLS_HANDSHAKE_TIMEOUT_MIN": "999"}, "invalid DTLS_HANDSHAKE_TIMEOUT_MIN: '999'"),
+        ({"DTLS_HANDSHAKE_TIMEOUT_MAX": "59999"}, "invalid DTLS_HANDSHAKE_TIMEOUT_MAX: '59999'"),
+        (
+            {"DTLS_HANDSHAKE_TIMEOUT_MIN": "70000", "DTLS_HANDSHAKE_TIMEOUT_MAX": "60000"},
+            "DTLS_HANDSHAKE_TIMEOUT_MIN is above DTLS_HANDSHAKE_TIMEOUT_MAX",
+        ),
+    ],
+)
+def test_a_bad_dtls_value_is_a_usage_error_naming_the_variable(env, message):
+    with pytest.raises(UsageError) as info:
+        dtls("server", env)
+    assert str(info.value).startswith(message)
+
+
+def test_dtls_warns_about_what_it_does_not_use():
+    env = {"TLS_CIPHERSUITES": "TLS_AES_128_GCM_SHA256", "TLS_SESSION_DIR": "/tmp"}
+    cfg = dtls("client", env, servername="localhost")
+    assert cfg.warnings == (
+        "TLS_CIPHERSUITES is not used: DTLS 1.2 takes its suites from TLS_CIPHERS",
+        "TLS_SESSION_DIR is not used by DTLS",
+    )
+    assert cfg.session_dir is None
+
+
+def test_z_removes_the_dtls_variables_too():
+    env = {"DTLS_MTU": "1400", "DTLS_HANDSHAKE_TIMEOUT_MIN": "1000", "PATH": "/bin"}
+    assert application_env(env, {}, keep_secrets=False) == {"PATH": "/bin"}
