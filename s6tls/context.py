@@ -7,6 +7,10 @@ files through ``credentials`` (a file that cannot be used is a
 ``ConfigError``, exit 96), builds from memory, and keeps the credentials to
 build again with a new session ticket key.
 
+DTLS (``cfg.dtls``): DTLS 1.2 with the same policy where it applies (no
+TLS 1.3 suites), the MTU set rather than asked of the socket, and for a
+server the cookie callbacks of the stateless exchange (``cookie``).
+
 The policy: TLS 1.2 and 1.3 only (``TLS_MIN_VERSION``/``TLS_MAX_VERSION``),
 the server's order of suites and groups wins, and a value OpenSSL does not
 accept in ``TLS_CIPHERS``, ``TLS_CIPHERSUITES`` or ``TLS_GROUPS`` is a
@@ -31,6 +35,7 @@ from OpenSSL.crypto import X509, X509StoreFlags
 
 from . import ossl
 from .config import TlsConfig
+from .cookie import Cookies
 from .credentials import Credentials, LoadedKeypair, load_credentials
 from .errors import ConfigError, UsageError
 from .link import ssl_error_text
@@ -44,6 +49,7 @@ from .sessions import SessionStore
 _OPTIONS = SSL.OP_NO_COMPRESSION | SSL.OP_NO_RENEGOTIATION | SSL.OP_IGNORE_UNEXPECTED_EOF
 _SESSION_ID = b"s6tls"
 _VERSIONS = {"1.2": SSL.TLS1_2_VERSION, "1.3": SSL.TLS1_3_VERSION}
+_DTLS1_2_VERSION = 0xFEFD  # not among pyOpenSSL's names
 DEFAULT_GROUPS = "X25519:P-256:P-384"
 # How long one session ticket key of s6-tlsserver lives at most.
 TICKET_KEY_LIFETIME = 12 * 3600.0
@@ -151,6 +157,8 @@ def make_context(cfg: TlsConfig, creds: Credentials, *, tickets: bool = False) -
         _use_keypair(sub, pair)
         named[name] = sub
     ctx = _base_context(cfg, creds)
+    if cfg.dtls:
+        Cookies().install(ctx)
     if not tickets:
         ctx.set_options(SSL.OP_NO_TICKET)
     if creds.keypair:
@@ -163,9 +171,15 @@ def make_context(cfg: TlsConfig, creds: Credentials, *, tickets: bool = False) -
 
 
 def _base_context(cfg: TlsConfig, creds: Credentials) -> SSL.Context:
-    ctx = SSL.Context(SSL.TLS_METHOD)
-    ctx.set_min_proto_version(_VERSIONS[cfg.min_version])
-    ctx.set_max_proto_version(_VERSIONS[cfg.max_version])
+    if cfg.dtls:
+        ctx = SSL.Context(SSL.DTLS_METHOD)
+        ctx.set_min_proto_version(_DTLS1_2_VERSION)
+        ctx.set_max_proto_version(_DTLS1_2_VERSION)
+        ctx.set_options(SSL.OP_NO_QUERY_MTU)  # a socket BIO cannot tell it: DTLS_MTU does
+    else:
+        ctx = SSL.Context(SSL.TLS_METHOD)
+        ctx.set_min_proto_version(_VERSIONS[cfg.min_version])
+        ctx.set_max_proto_version(_VERSIONS[cfg.max_version])
     ctx.set_options(_OPTIONS)
     if cfg.role == "server":
         ctx.set_options(SSL.OP_CIPHER_SERVER_PREFERENCE)
@@ -192,8 +206,8 @@ def _set_policy(ctx: SSL.Context, cfg: TlsConfig) -> None:
         raise UsageError(
             f"invalid TLS_CIPHERS: OpenSSL accepts no cipher in {cfg.ciphers!r}"
         ) from None
-    suites = cfg.ciphersuites
-    if suites is None and cfg.pskfile and cfg.role == "server":
+    suites = None if cfg.dtls else cfg.ciphersuites
+    if suites is None and cfg.pskfile and cfg.role == "server" and not cfg.dtls:
         # An external PSK needs a SHA-256 suite, and the server's order wins.
         suites = "TLS_AES_128_GCM_SHA256:TLS_CHACHA20_POLY1305_SHA256:TLS_AES_256_GCM_SHA384"
     if suites is not None:

@@ -48,16 +48,7 @@ def connect(dial: Dial) -> socket.socket:
     Raises ``SystemFailure`` (111) when the host cannot be resolved or no
     address answers in time, with the last reason.
     """
-    fam = {4: socket.AF_INET, 6: socket.AF_INET6}.get(dial.family or 0, socket.AF_UNSPEC)
-    try:
-        infos = SystemResolver(dial.deadline).bounded(
-            lambda: socket.getaddrinfo(dial.host, dial.port, fam, socket.SOCK_STREAM)
-        )
-    except LookupFailed as exc:
-        raise SystemFailure(f"unable to resolve {dial.host}: {exc}") from None
-    except socket.gaierror as exc:
-        raise SystemFailure(f"unable to resolve {dial.host}: {exc.strerror}") from None
-    addrs = [(info[0], info[4]) for info in infos]
+    addrs = resolve(dial, socket.SOCK_STREAM)
     first, second = dial.timeouts
     if len(addrs) == 1:
         first, second = (first and first + second), 0.0
@@ -74,6 +65,49 @@ def connect(dial: Dial) -> socket.socket:
     raise SystemFailure(f"unable to connect to {dial.host} port {dial.port}: {last}")
 
 
+def resolve(dial: Dial, kind: int) -> list[tuple[int, tuple]]:
+    """The (family, address) pairs of ``dial.host`` for ``kind`` sockets, in the resolver's order.
+
+    Raises ``SystemFailure`` (111) when the host cannot be resolved.
+    """
+    fam = {4: socket.AF_INET, 6: socket.AF_INET6}.get(dial.family or 0, socket.AF_UNSPEC)
+    try:
+        infos = SystemResolver(dial.deadline).bounded(
+            lambda: socket.getaddrinfo(dial.host, dial.port, fam, kind)
+        )
+    except LookupFailed as exc:
+        raise SystemFailure(f"unable to resolve {dial.host}: {exc}") from None
+    except socket.gaierror as exc:
+        raise SystemFailure(f"unable to resolve {dial.host}: {exc.strerror}") from None
+    return [(info[0], info[4]) for info in infos]
+
+
+def connect_udp(dial: Dial) -> socket.socket:
+    """A UDP socket connected to the first address of ``dial.host`` (nothing is sent).
+
+    Raises ``SystemFailure`` (111) when the host cannot be resolved or the
+    socket cannot be bound or connected.
+    """
+    af, addr = resolve(dial, socket.SOCK_DGRAM)[0]
+    sock = socket.socket(af, socket.SOCK_DGRAM)
+    try:
+        _bind_local(sock, dial, af)
+        sock.connect(addr)
+    except OSError as exc:
+        sock.close()
+        where = f"{dial.host} port {dial.port}"
+        raise SystemFailure(f"unable to connect to {where}: {exc.strerror or exc}") from None
+    return sock
+
+
+def _bind_local(sock: socket.socket, dial: Dial, af: int) -> None:
+    """-i and -p: bind ``sock`` to the local address and port asked for, if any."""
+    if dial.local_ip or dial.local_port:
+        anywhere = "::" if af == socket.AF_INET6 else "0.0.0.0"
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((dial.local_ip or anywhere, dial.local_port))
+
+
 def _try(dial: Dial, af: int, addr: tuple, timeout: float) -> tuple[socket.socket | None, str]:
     limit = timeout or None
     if dial.deadline is not None:
@@ -83,10 +117,7 @@ def _try(dial: Dial, af: int, addr: tuple, timeout: float) -> tuple[socket.socke
         limit = min(limit, left) if limit else left
     sock = socket.socket(af, socket.SOCK_STREAM)
     try:
-        if dial.local_ip or dial.local_port:
-            anywhere = "::" if af == socket.AF_INET6 else "0.0.0.0"
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind((dial.local_ip or anywhere, dial.local_port))
+        _bind_local(sock, dial, af)
         sock.settimeout(limit)
         sock.connect(addr)
     except OSError as exc:
@@ -132,6 +163,25 @@ def check_local_ip(text: str, name: str) -> str:
     return text
 
 
+# -i and -p, which s6-dtlsclient takes too.
+LOCAL = (
+    Opt(
+        "local_ip",
+        ("-i", "--local-ip"),
+        "connect from LOCALIP",
+        arg="LOCALIP",
+        parse=check_local_ip,
+        default=None,
+    ),
+    Opt(
+        "local_port",
+        ("-p", "--local-port"),
+        "connect from LOCALPORT",
+        arg="LOCALPORT",
+        parse=port_number,
+        default=0,
+    ),
+)
 # s6-tcpclient's options, as s6-tlsclient takes them (with -4/-6 and -v).
 OPTIONS = (
     *UCSPI_TCP,
@@ -161,22 +211,7 @@ OPTIONS = (
         parse=parse_timeouts,
         default=(2.0, 58.0),
     ),
-    Opt(
-        "local_ip",
-        ("-i", "--local-ip"),
-        "connect from LOCALIP",
-        arg="LOCALIP",
-        parse=check_local_ip,
-        default=None,
-    ),
-    Opt(
-        "local_port",
-        ("-p", "--local-port"),
-        "connect from LOCALPORT",
-        arg="LOCALPORT",
-        parse=port_number,
-        default=0,
-    ),
+    *LOCAL,
 )
 
 

@@ -46,6 +46,10 @@ from .program import Setup
 from .selfpipe import SelfPipe
 from .ucspi import unmap
 
+FAMILY = (
+    Opt("family", ("-4",), "ip must be an IPv4 address", value=4, default=None),
+    Opt("family", ("-6",), "ip must be an IPv6 address; on :: no IPv4", value=6),
+)
 NOTIFY = Opt(
     "notify",
     ("-1", "--notify"),
@@ -314,23 +318,25 @@ class ForkServer:
             return False
         return True
 
-    def start_child(self, sock: socket.socket, env: dict[str, str], ip: str, port: int) -> None:
+    def start_child(self, sock: socket.socket, env: dict[str, str], ip: str, port: int) -> bool:
         """Hand ``sock`` and ``env`` to the spare, which serves the peer; close ``sock`` here.
 
-        The next spare is forked once ``sock`` is closed, so that it holds no copy.
+        The next spare is forked once ``sock`` is closed, so that it holds no
+        copy.  False (and a warning) if no child could take it.
         """
         peer = peer_address(ip, port)
         with sock:
             handed = self._hand_over(sock.fileno(), env)
         if handed is None:
             self.log.warn(f"peer {peer}: refused: unable to start a child")
-            return
+            return False
         pid, channel = handed
         self.children[pid] = Child(peer, ip, channel)
         self.per_ip[ip] += 1
         count = f"{len(self.children)}/{self.maxconn}"
         self.log.info(f"allow {ip} port {port} pid {pid} count {count}")
         self._fork_spare()
+        return True
 
     def trouble_with(self, what: str, exc: OSError, pause: bool) -> None:
         """A warning for an error of the loop, once until ``trouble_over``.

@@ -91,6 +91,13 @@ def seconds(text: str, name: str) -> float:
     return value
 
 
+def seconds_or_never(text: str, name: str) -> float | None:
+    """A number of seconds > 0, or 0 for none (None)."""
+    if text.isascii() and text.replace(".", "", 1).isdigit() and float(text) == 0:
+        return None
+    return seconds(text, name)
+
+
 def port_number(text: str, name: str) -> int:
     """A TCP port, 0 to 65535."""
     if not (text.isascii() and text.isdigit()) or int(text) > 65535:
@@ -171,6 +178,13 @@ KTLS = switches(
     (("--no-ktls",), False, "keep the records in userspace"),
 )
 TLS = (*CLOSE, *KEEP, HANDSHAKE_TIMEOUT, IDLE_TIMEOUT, *KTLS)
+# UDP never says goodbye: the DTLS programs close an idle association by default.
+DTLS_IDLE_TIMEOUT = dataclasses.replace(
+    IDLE_TIMEOUT,
+    help="close after SECONDS without application data (0: never)",
+    parse=seconds_or_never,
+    default=300,
+)
 
 VERBOSITY = Opt(
     "verbosity",

@@ -63,7 +63,8 @@ class Program:
     ``environment`` and ``exit_codes`` are the last two parts of --help.
     ``issues_tickets``: a server whose connections are served by children of
     one process, which can resume each other's sessions (s6-tlsserver); any
-    other server sends no session ticket.
+    other server sends no session ticket.  ``dtls``: the program speaks DTLS
+    (``TlsConfig.dtls``).
     """
 
     name: str
@@ -76,6 +77,7 @@ class Program:
     exit_codes: tuple[tuple[str, str], ...] = EXIT_CODES
     adjust: Callable[[dict[str, Any]], None] | None = None
     issues_tickets: bool = False
+    dtls: bool = False
 
     def usage(self) -> str:
         """The one-line synopsis, as in the man page."""
@@ -134,6 +136,7 @@ class Setup:
         peer: str,
         extra_env: Mapping[str, str] | None = None,
         on_handshake: Callable[[], None] | None = None,
+        hello: bytes | None = None,
     ) -> int:
         """``tunnel.serve_connection`` for this program, logging as ``peer IP:PORT pid N``."""
         from .tunnel import serve_connection
@@ -149,6 +152,7 @@ class Setup:
             environ=os.environ,
             extra_env=extra_env,
             on_handshake=on_handshake,
+            hello=hello,
         )
 
 
@@ -181,7 +185,7 @@ def start(program: Program, argv: Sequence[str], log: Log) -> int:
     log.verbosity = values["verbosity"]
     restore_caller_environment(os.environ)
     tls = Options(**{k: v for k, v in values.items() if k in _TLS_FIELDS})
-    cfg = TlsConfig.from_env(program.role, os.environ, tls)
+    cfg = TlsConfig.from_env(program.role, os.environ, tls, dtls=program.dtls)
     ids = check_ids(_asked_ids(values, cfg))
     check_app(app[0])
     conf = None if cfg.role == "client" or program.issues_tickets else no_tickets_conf(os.environ)

@@ -21,6 +21,7 @@ from . import gate, options, systemd
 from .cli import peer_address
 from .errors import SystemFailure
 from .forkserver import (
+    FAMILY,
     IDS,
     LIMITS,
     NOTIFY,
@@ -37,10 +38,6 @@ from .rules import apply_env
 from .tlsd import ENVIRONMENT as TLSD_ENVIRONMENT
 from .ucspi import unmap
 
-FAMILY = (
-    Opt("family", ("-4",), "ip must be an IPv4 address", value=4, default=None),
-    Opt("family", ("-6",), "ip must be an IPv6 address; on :: no IPv4", value=6),
-)
 SERVER = (
     NOTIFY,
     *LIMITS,

@@ -1,12 +1,17 @@
 """One connection from start to end: handshake, spawn, pump, status.
 
-This is the common core of the four programs: s6-tlsd and s6-tlsc call it
-once on the descriptors they were given, s6-tlsserver calls it in each
-forked child, s6-tlsclient once on the socket it connected.
+This is the common core of the programs: s6-tlsd and s6-tlsc call it
+once on the descriptors they were given, s6-tlsserver and s6-dtlsserver in
+each forked child, s6-tlsclient and s6-dtlsclient once on the socket they
+connected.  Under DTLS (``cfg.dtls``) the link is a ``dtlslink`` on a
+connected UDP socket, and the application gets one end of a
+``SOCK_SEQPACKET`` socketpair on both of its descriptors, one datagram per
+message each way.
 """
 
 import os
 import signal
+import socket
 from collections.abc import Callable, Mapping, Sequence
 
 from OpenSSL import SSL
@@ -26,15 +31,23 @@ from .selfpipe import SelfPipe
 PASSED_SIGNALS = (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
 
 
-def establish(cfg: TlsConfig, ctx: SSL.Context, rfd: int, wfd: int) -> Link:
+def establish(
+    cfg: TlsConfig, ctx: SSL.Context, rfd: int, wfd: int, hello: bytes | None = None
+) -> Link:
     """The handshake on ``rfd``/``wfd``, with every check of the peer; the link.
 
     The link owns both descriptors from the start; if the handshake fails
     they are closed (after our alert, a FIN).  Raises ``HandshakeError``
     (97, naming why the peer was rejected when we rejected it) and
-    ``HandshakeTimeout`` (98, -K).
+    ``HandshakeTimeout`` (98, -K).  Under DTLS, ``rfd`` is the connected UDP
+    socket and ``hello`` the ClientHello a server's listener verified.
     """
-    link = new_link(ctx, rfd, wfd)
+    if cfg.dtls:
+        from .dtlslink import datagram_link
+
+        link: Link = datagram_link(cfg, ctx, rfd, hello)
+    else:
+        link = new_link(ctx, rfd, wfd)
     notes = prepare_connection(cfg, link.conn)
     if cfg.options.ktls:
         from .ktls_keys import HandshakeWatch  # only then: it costs start-up time
@@ -62,6 +75,7 @@ def serve_connection(
     environ: Mapping[str, str],
     extra_env: Mapping[str, str] | None = None,
     on_handshake: Callable[[], None] | None = None,
+    hello: bytes | None = None,
 ) -> int:
     """Run one TLS connection on ``rfd``/``wfd`` for ``prog``; return the exit code.
 
@@ -75,6 +89,10 @@ def serve_connection(
     SIGHUP and SIGQUIT received once prog runs are passed on to it, and the
     exit code is still prog's.
 
+    Under DTLS, ``SSL_DTLS_MAX_DATAGRAM`` tells prog the largest datagram
+    it may send; a larger one is refused, counted and reported in one
+    warning at the end.  ``hello``: see ``establish``.
+
     Takes ownership of ``rfd`` and ``wfd`` (closed before it returns).
     Raises ``HandshakeError`` (97), ``HandshakeTimeout``/``TlsRuntimeError``
     (98), ``SystemFailure`` (111); a ``TlsRuntimeError`` only once prog is gone.
@@ -82,27 +100,28 @@ def serve_connection(
     opts = cfg.options
     for fd in {rfd, wfd}:
         os.set_inheritable(fd, False)  # the application never sees the network
-    link = establish(cfg, ctx, rfd, wfd)
+    link = establish(cfg, ctx, rfd, wfd, hello)
     if on_handshake is not None:
         on_handshake()
     facts = connection_facts(link.conn)
+    if link.max_datagram is not None:
+        facts["SSL_DTLS_MAX_DATAGRAM"] = str(link.max_datagram)
     env = application_env(environ, facts, keep_secrets=opts.keep_env, extra=extra_env)
     stats = Stats()
     with SelfPipe(PASSED_SIGNALS) as selfpipe:
-        to_app_r, to_app_w = os.pipe()
-        from_app_r, from_app_w = os.pipe()
+        ours, theirs = _application_channel(link.max_datagram is not None)
         try:
-            pid = spawn(prog, env, {to_app_r: app_fds[0], from_app_w: app_fds[1]})
+            pid = spawn(prog, env, {theirs[0]: app_fds[0], theirs[1]: app_fds[1]})
         except OSError as exc:
-            for fd in (to_app_r, to_app_w, from_app_r, from_app_w):
+            for fd in {*ours, *theirs}:
                 os.close(fd)
             link.close()
             raise SystemFailure(f"unable to spawn {prog[0]}: {exc.strerror}") from None
-        os.close(to_app_r)
-        os.close(from_app_w)
+        for fd in theirs:
+            os.close(fd)
         status = run(
             link,
-            (from_app_r, to_app_w, selfpipe.fileno()),
+            (*ours, selfpipe.fileno()),
             pid,
             close_notify=opts.close_notify,
             strict_close_notify=opts.strict_close_notify,
@@ -114,9 +133,30 @@ def serve_connection(
     keep_session(link.conn, log.warn)
     code = exit_code(status)
     sni = facts.get("SSL_TLS_SNI_SERVERNAME", "-")
+    refused = f" refused {stats.refused}" if link.max_datagram is not None else ""
+    if stats.refused:
+        log.warn(
+            f"refused {stats.refused} datagram(s) of prog larger than"
+            f" SSL_DTLS_MAX_DATAGRAM {link.max_datagram} (DTLS_MTU {cfg.dtls_mtu})"
+        )
     log.info(
         f"sni {sni} {facts['SSL_PROTOCOL']} {facts['SSL_CIPHER']}"
-        f" in {stats.to_app} out {stats.to_peer} closed by {stats.ending} status {code}"
+        f" in {stats.to_app} out {stats.to_peer}{refused} closed by {stats.ending} status {code}"
         f" path {stats.path}"
     )
     return code
+
+
+def _application_channel(datagram: bool) -> tuple[tuple[int, int], tuple[int, int]]:
+    """((our read, our write), (prog's read, prog's write)) descriptors.
+
+    Two pipes for a stream; for datagrams, one ``SOCK_SEQPACKET`` socketpair,
+    whose ends are the same descriptor both ways (prog's twice, duplicated).
+    """
+    if not datagram:
+        to_app_r, to_app_w = os.pipe()
+        from_app_r, from_app_w = os.pipe()
+        return (from_app_r, to_app_w), (to_app_r, from_app_w)
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    app = theirs.detach()
+    return (ours.detach(),) * 2, (app, os.dup(app))

@@ -1,0 +1,76 @@
+"""s6-dtlsclient: a connected UDP socket plus DTLS, as one command.
+
+Connects a UDP socket to host:port (which sends nothing), runs the DTLS
+handshake, then runs prog with one end of a ``SOCK_SEQPACKET`` socketpair
+on its fds 6 and 7, one datagram per message each way, the DTLS facts and
+the UDP variables.  The server name defaults to host, as for
+s6-tlsclient.  See man/s6-dtlsclient.1.
+"""
+
+from collections.abc import Sequence
+from typing import NoReturn
+
+from . import options
+from .cli import peer_address
+from .dialer import LOCAL, Dial, connect_udp
+from .options import Operand
+from .program import Program, Setup
+from .program import main as run
+from .tlsc import ENVIRONMENT as TLSC_ENVIRONMENT
+from .tlsclient import FAMILY, adjust
+from .ucspi import unmap
+
+ENVIRONMENT = (
+    *TLSC_ENVIRONMENT,
+    ("DTLS_MTU", "the largest UDP payload, in bytes (default 1232)"),
+    ("DTLS_HANDSHAKE_TIMEOUT_MIN, _MAX", "retransmission waits, ms (1000 doubling to 60000)"),
+)
+
+
+def serve(setup: Setup) -> int:
+    """Connect the UDP socket, then DTLS on it, prog on 6 and 7."""
+    v = setup.values
+    dial = Dial(v["host"], v["port"], v["family"], v["local_ip"], v["local_port"])
+    sock = connect_udp(dial)
+    local, remote = sock.getsockname(), sock.getpeername()
+    env = {
+        "PROTO": "UDP",
+        "UDPREMOTEIP": unmap(remote[0]),
+        "UDPREMOTEPORT": str(remote[1]),
+        "UDPLOCALIP": unmap(local[0]),
+        "UDPLOCALPORT": str(local[1]),
+    }
+    setup.drop_privileges()
+    fd = sock.detach()
+    return setup.serve_connection(
+        fd,
+        fd,
+        app_fds=setup.cfg.options.app_fds,
+        peer=peer_address(env["UDPREMOTEIP"], remote[1]),
+        extra_env=env,
+    )
+
+
+PROGRAM = Program(
+    name="s6-dtlsclient",
+    role="client",
+    summary="Speak DTLS to UDP host port, and run prog with the datagrams on its fds 6 and 7.",
+    options=(
+        *options.VERBOSITY_SWITCHES,
+        *FAMILY,
+        *LOCAL,
+        *options.KEEP,
+        options.HANDSHAKE_TIMEOUT.with_default(10000),
+        options.DTLS_IDLE_TIMEOUT,
+        *options.CLIENT_TLS,
+    ),
+    operands=(Operand("host", options.nonempty), Operand("port", options.port_number)),
+    serve=serve,
+    environment=ENVIRONMENT,
+    adjust=adjust,
+    dtls=True,
+)
+
+
+def main(argv: Sequence[str] | None = None) -> NoReturn:
+    run(PROGRAM, argv)
