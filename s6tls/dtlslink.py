@@ -68,7 +68,7 @@ class Retransmission:
             self.tries = 0
             return
         expiry = now + left
-        if self.openssl is not None and expiry <= self.openssl + _SLACK:
+        if self.openssl is not None and abs(expiry - self.openssl) <= _SLACK:
             return  # the same wait
         # OpenSSL began a new wait: a new flight (1 s), or the same one again (doubled).
         self.tries = self.tries + 1 if ours or left > 1 + _SLACK else 0

@@ -1,0 +1,152 @@
+"""DTLS peers for the tests, and s6-dtlsserver as a process.
+
+``DtlsClient`` is a DTLS client on pyOpenSSL itself (not s6tls's code):
+a connected UDP socket, the handshake with OpenSSL's own retransmission
+timer, then one record per datagram each way.  ``step()`` advances its
+handshake without blocking, so a test can drive a hundred at once.
+``client_hello()`` is the first datagram a DTLS client sends (no cookie
+yet), for a test that forges one.  ``start_dtls_server`` runs
+``s6-dtlsserver -1`` and returns it with its port.
+"""
+
+import contextlib
+import select
+import socket
+import subprocess
+import time
+from collections.abc import Mapping, Sequence
+
+from conftest import program
+from OpenSSL import SSL
+
+MTU = 1232
+
+
+def client_context(cafile: str | None) -> SSL.Context:
+    """A DTLS 1.2 client context that checks the server's chain (if ``cafile``) and name."""
+    ctx = SSL.Context(SSL.DTLS_METHOD)
+    ctx.set_options(SSL.OP_NO_QUERY_MTU)
+    if cafile:
+        ctx.load_verify_locations(cafile)
+        ctx.set_verify(SSL.VERIFY_PEER, lambda *args: bool(args[-1]))
+    return ctx
+
+
+class DtlsClient:
+    """One DTLS association to 127.0.0.1:``port``, from a socket of its own."""
+
+    def __init__(self, port: int, cafile: str | None, servername: str = "localhost") -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.connect(("127.0.0.1", port))
+        self.sock.setblocking(False)
+        self.conn = SSL.Connection(client_context(cafile), self.sock)
+        self.conn.set_tlsext_host_name(servername.encode())
+        self.conn.set_ciphertext_mtu(MTU)
+        self.conn.set_connect_state()
+        self.done = False
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return self.sock.getsockname()
+
+    def step(self) -> bool:
+        """Advance the handshake without blocking (retransmitting when due); True once done."""
+        if self.done:
+            return True
+        left = self.conn.DTLSv1_get_timeout()
+        if left is not None and left <= 0:
+            self.conn.DTLSv1_handle_timeout()
+        try:
+            self.conn.do_handshake()
+        except SSL.WantReadError:
+            return False
+        self.done = True
+        return True
+
+    def handshake(self, timeout: float = 20) -> None:
+        """The whole handshake, or ``TimeoutError``."""
+        deadline = time.monotonic() + timeout
+        while not self.step():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("DTLS handshake")
+            timer = self.conn.DTLSv1_get_timeout()
+            select.select([self.sock], [], [], min(left, timer if timer is not None else left))
+
+    def send(self, data: bytes) -> None:
+        self.conn.send(data)
+
+    def recv(self, timeout: float = 20) -> bytes | None:
+        """The next record's data; None at the server's close_notify; ``TimeoutError``."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                return self.conn.recv(1 << 16)
+            except SSL.WantReadError:
+                pass
+            except SSL.ZeroReturnError:
+                return None
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("no datagram")
+            select.select([self.sock], [], [], left)
+
+    def close_notify(self) -> None:
+        self.conn.shutdown()
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def memory_client() -> SSL.Connection:
+    """A DTLS client on memory BIOs: the test carries its datagrams (``next_flight``)."""
+    conn = SSL.Connection(client_context(None), None)
+    conn.set_ciphertext_mtu(MTU)
+    conn.set_connect_state()
+    return conn
+
+
+def next_flight(conn: SSL.Connection, answer: bytes = b"") -> bytes:
+    """Give ``conn`` the server's ``answer`` (if any); what it sends next."""
+    if answer:
+        conn.bio_write(answer)
+    with contextlib.suppress(SSL.WantReadError):
+        conn.do_handshake()
+    return conn.bio_read(1 << 16)
+
+
+def client_hello() -> bytes:
+    """The first datagram of a DTLS client: a ClientHello with an empty cookie."""
+    return next_flight(memory_client())
+
+
+def start_dtls_server(
+    args: Sequence[str], prog: Sequence[str], env: Mapping[str, str]
+) -> tuple[subprocess.Popen, int]:
+    """Start ``s6-dtlsserver -1 args 127.0.0.1 0 prog``; return it and its port."""
+    proc = subprocess.Popen(
+        [*program("s6-dtlsserver"), "-1", *args, "127.0.0.1", "0", *prog],
+        env=dict(env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if not line.endswith(b"\n") or not line[:-1].isdigit():
+        proc.kill()
+        _out, err = proc.communicate(timeout=10)
+        raise AssertionError(f"s6-dtlsserver did not start: {line!r} {err.decode()}")
+    return proc, int(line)
+
+
+def lines_until(proc: subprocess.Popen, needle: str, limit: int = 10_000) -> list[str]:
+    """The server's log lines up to the first that holds ``needle`` (which must come)."""
+    assert proc.stderr is not None
+    lines = []
+    for _ in range(limit):
+        line = proc.stderr.readline().decode()
+        assert line, f"the log ended before {needle!r}: {lines}"
+        lines.append(line.rstrip("\n"))
+        if needle in line:
+            return lines
+    raise AssertionError(f"no {needle!r} in {limit} lines")

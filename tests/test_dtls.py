@@ -1,0 +1,352 @@
+"""s6-dtlsserver and s6-dtlsclient with real peers and real datagrams.
+
+The peers: ``openssl s_client -dtls1_2`` and ``gnutls-cli --udp`` against
+s6-dtlsserver, s6-dtlsclient against ``openssl s_server -dtls``, the two
+programs against each other, and a pyOpenSSL client (``dtls_peer``) where a
+test needs to drive the association itself.  The application sees one
+datagram per record on a SOCK_SEQPACKET socket, ``PROTO=UDP`` with the UDP
+variables, and the facts of the handshake.
+"""
+
+import os
+import re
+import select
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import program
+from dtls_peer import DtlsClient, client_hello, lines_until, start_dtls_server
+from openssl_peer import s_client
+from server_helpers import child_pids, fd_count
+from ucspi_helpers import fatal
+
+APPS = os.path.join(os.path.dirname(__file__), "apps")
+ECHO = [sys.executable, os.path.join(APPS, "dgram_echo.py")]
+SIZES = [sys.executable, os.path.join(APPS, "dgram_sizes.py")]
+KEY = "00112233445566778899aabbccddeeff0011223344556677"
+FACTS = (
+    'line=$(head -n 1); echo "got $line $PROTO $UDPLOCALIP $UDPLOCALPORT'
+    ' $UDPREMOTEIP $SSL_PROTOCOL $SSL_DTLS_MAX_DATAGRAM ${CERTFILE-unset}"'
+)
+
+
+@pytest.fixture
+def dtls_server(server_env, reap):
+    """Start s6-dtlsserver (``-v``, then ``args``) with ``prog``; the process and its port."""
+
+    def start(args, prog, env=None):
+        proc, port = start_dtls_server(["-v", *args], prog, env or server_env)
+        reap.append(proc)
+        return proc, port
+
+    return start
+
+
+def stop(proc: subprocess.Popen) -> tuple[int, str]:
+    """SIGTERM the server once its associations are over: its status and the rest of its log."""
+    proc.send_signal(signal.SIGTERM)
+    _out, err = proc.communicate(timeout=30)
+    return proc.returncode, err.decode()
+
+
+def free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# -- real peers ------------------------------------------------------------------
+
+
+def test_openssl_s_client_dtls1_2_talks_to_prog_which_sees_udp_and_dtls_facts(dtls_server, pki):
+    proc, port = dtls_server([], ["sh", "-c", FACTS])
+    peer = s_client(port, "-dtls1_2", "-CAfile", pki["ca"], "-verify_return_error",
+                    input=b"hello\n")  # fmt: skip
+    assert peer.protocol == "DTLSv1.2", peer.err
+    words = peer.out.decode().split()
+    assert words[:3] == ["got", "hello", "UDP"]
+    assert words[3:] == ["127.0.0.1", str(port), "127.0.0.1", "DTLSv1.2", "1195", "unset"]
+    lines = lines_until(proc, "status 0")
+    assert "closed by application exited status 0" in lines[-1]
+
+
+def test_gnutls_cli_udp_handshakes_and_its_close_notify_ends_prog(dtls_server, pki):
+    show = 'echo "$SSL_PROTOCOL $SSL_TLS_SNI_SERVERNAME $SSL_CIPHER"; cat >/dev/null'
+    proc, port = dtls_server([], ["sh", "-c", show])
+    cli = subprocess.Popen(
+        ["gnutls-cli", "--udp", "-p", str(port), "--x509cafile", pki["ca"], "localhost"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert cli.stdout is not None and cli.stdin is not None
+    line = b""
+    while line is not None and not line.startswith(b"DTLSv1.2"):
+        line = cli.stdout.readline()
+        assert line, "gnutls-cli ended first"
+    assert line == b"DTLSv1.2 localhost ECDHE-ECDSA-AES128-GCM-SHA256\n"
+    cli.stdin.close()  # gnutls-cli sends its close_notify
+    assert cli.wait(timeout=30) == 0
+    assert "closed by close_notify status 0" in lines_until(proc, "status")[-1]
+
+
+def test_s6_dtlsclient_talks_to_openssl_s_server_dtls(pki):
+    port = free_udp_port()
+    server = subprocess.Popen(
+        ["openssl", "s_server", "-dtls", "-accept", f"127.0.0.1:{port}", "-naccept", "1",
+         "-cert", pki["server_cert"], "-key", pki["server_key"]],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        assert server.stdin is not None
+        server.stdin.write(b"from-server\n")
+        server.stdin.flush()
+        env = {**os.environ, "CAFILE": pki["ca"]}
+        prog = ["sh", "-c", 'echo "from-client $PROTO $UDPREMOTEPORT" >&7; head -n 1 <&6']
+        res = subprocess.run([*program("s6-dtlsclient"), "localhost", str(port), *prog],
+                             env=env, capture_output=True, timeout=30)  # fmt: skip
+        assert (res.returncode, res.stdout, res.stderr) == (0, b"from-server\n", b"")
+        out, _ = server.communicate(timeout=30)
+    finally:
+        server.kill()
+        server.wait()
+    assert f"from-client UDP {port}\n".encode() in out
+
+
+def test_s6_dtlsclient_refuses_a_server_whose_name_does_not_match(dtls_server, pki):
+    _proc, port = dtls_server([], ["true"])
+    env = {**os.environ, "CAFILE": pki["ca"]}
+    res = subprocess.run([*program("s6-dtlsclient"), "-k", "other.example", "127.0.0.1",
+                          str(port), "true"], env=env, capture_output=True, text=True,
+                         timeout=30)  # fmt: skip
+    assert res.returncode == 97
+    assert "certificate does not match the server name other.example" in fatal(
+        res.stderr, "s6-dtlsclient"
+    )
+
+
+# -- PSK -------------------------------------------------------------------------
+
+
+@pytest.fixture
+def pskfile(tmp_path) -> str:
+    path = tmp_path / "psk"
+    path.write_text(f"alice:{KEY}\n")
+    path.chmod(0o600)
+    return str(path)
+
+
+def psk_env(pskfile: str, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("CERTFILE", "KEYFILE", "CAFILE")}
+    return {**env, "PSKFILE": pskfile, **extra}
+
+
+def test_openssl_s_client_with_a_psk_and_no_certificate(dtls_server, pskfile):
+    show = ["sh", "-c", 'echo "psk=$SSL_PSK_IDENTITY $SSL_CIPHER"']
+    _proc, port = dtls_server([], show, psk_env(pskfile))
+    peer = s_client(port, "-dtls1_2", "-psk_identity", "alice", "-psk", KEY)
+    assert peer.out == b"psk=alice ECDHE-PSK-CHACHA20-POLY1305\n", peer.err
+
+
+def test_s6_dtlsclient_with_a_psk_against_openssl_s_server(pskfile):
+    port = free_udp_port()
+    server = subprocess.Popen(
+        ["openssl", "s_server", "-dtls", "-accept", f"127.0.0.1:{port}", "-naccept", "1",
+         "-nocert", "-psk", KEY, "-psk_identity", "alice"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        assert server.stdin is not None
+        server.stdin.write(b"psk-ok\n")
+        server.stdin.flush()
+        prog = ["sh", "-c", 'echo "$SSL_PSK_IDENTITY $SSL_CIPHER" >&2; head -n 1 <&6']
+        res = subprocess.run([*program("s6-dtlsclient"), "127.0.0.1", str(port), *prog],
+                             env=psk_env(pskfile), capture_output=True, timeout=30)  # fmt: skip
+    finally:
+        server.kill()
+        server.wait()
+    assert (res.returncode, res.stdout) == (0, b"psk-ok\n"), res.stderr
+    assert res.stderr == b"alice ECDHE-PSK-CHACHA20-POLY1305\n"
+
+
+def test_a_wrong_psk_never_completes_the_handshake_nor_starts_prog(dtls_server, pskfile, tmp_path):
+    """DTLS drops a record that fails its check without a word: both ends time out (-K)."""
+    marker = tmp_path / "started"
+    proc, port = dtls_server(["-K", "2000"], ["touch", str(marker)], psk_env(pskfile))
+    wrong = tmp_path / "wrong"
+    wrong.write_text(f"alice:{'ff' * 24}\n")
+    wrong.chmod(0o600)
+    res = subprocess.run([*program("s6-dtlsclient"), "-K", "2000", "127.0.0.1", str(port),
+                          "touch", str(marker)], env=psk_env(str(wrong)), capture_output=True,
+                         text=True, timeout=30)  # fmt: skip
+    assert res.returncode == 98
+    assert fatal(res.stderr, "s6-dtlsclient").endswith("handshake timed out")
+    lines = lines_until(proc, "status 98")
+    assert any(line.endswith(": handshake timed out") for line in lines), lines
+    assert not marker.exists()
+
+
+# -- datagrams -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("mtu", "limit"), [(None, 1195), ("512", 475)])
+def test_every_datagram_size_from_1_to_the_limit_keeps_its_boundaries(
+    mtu, limit, dtls_server, server_env, client_env
+):
+    extra = {"DTLS_MTU": mtu} if mtu else {}
+    _proc, port = dtls_server([], ["cat"], {**server_env, **extra})
+    res = subprocess.run([*program("s6-dtlsclient"), "localhost", str(port), *SIZES],
+                         env={**client_env, **extra}, capture_output=True, text=True,
+                         timeout=120)  # fmt: skip
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert res.stdout == f"sizes 1..{limit} echoed, the larger one refused\n"
+    assert re.fullmatch(
+        rf"s6-dtlsclient: warning: peer 127.0.0.1:{port} pid \d+: refused 1 datagram\(s\) of"
+        rf" prog larger than SSL_DTLS_MAX_DATAGRAM {limit} \(DTLS_MTU {mtu or 1232}\)\n",
+        res.stderr,
+    )
+
+
+def test_empty_and_garbage_datagrams_do_not_end_the_association(dtls_server, pki):
+    _proc, port = dtls_server([], ["cat"])
+    client = DtlsClient(port, pki["ca"])
+    client.handshake()
+    client.sock.send(b"")  # what OpenSSL alone would read as the end of the association
+    client.sock.send(b"\x17\xfe\xfd" + os.urandom(60))  # a record that fails its check
+    client.sock.send(b"\x00" * 3)  # not even a record header
+    client.send(b"still here")
+    assert client.recv() == b"still here"
+    client.close()
+
+
+# -- endings ---------------------------------------------------------------------
+
+
+def test_prog_ending_sends_close_notify_to_the_peer(dtls_server, pki):
+    proc, port = dtls_server([], ["sh", "-c", "head -n 1 >/dev/null; echo bye"])
+    client = DtlsClient(port, pki["ca"])
+    client.handshake()
+    client.send(b"hi\n")
+    assert client.recv() == b"bye\n"
+    assert client.recv() is None  # the close_notify
+    assert "closed by application exited status 0" in lines_until(proc, "status 0")[-1]
+    client.close()
+
+
+def test_the_peer_close_notify_gives_prog_its_eof(dtls_server, pki, tmp_path):
+    log = tmp_path / "log"
+    proc, port = dtls_server([], [*ECHO, str(log)])
+    client = DtlsClient(port, pki["ca"])
+    client.handshake()
+    client.send(b"one")
+    assert client.recv() == b"one"
+    client.close_notify()
+    assert "closed by close_notify status 0" in lines_until(proc, "status")[-1]
+    assert log.read_bytes() == b"3 one\n"
+    client.close()
+
+
+def test_an_idle_association_is_closed_both_ways(dtls_server, pki):
+    proc, port = dtls_server(["--idle-timeout", "1"], ["cat"])
+    client = DtlsClient(port, pki["ca"])
+    client.handshake()
+    client.send(b"ping")
+    assert client.recv() == b"ping"
+    assert client.recv(timeout=30) is None  # the server's close_notify, after a second
+    assert "closed by idle timeout status 0" in lines_until(proc, "status")[-1]
+    client.close()
+
+
+def test_a_peer_that_vanishes_mid_handshake_is_dropped_at_the_K_limit(dtls_server, pki):
+    proc, port = dtls_server(["-K", "1500"], ["true"])
+    client = DtlsClient(port, pki["ca"])
+    client.step()  # the ClientHello
+    select.select([client.sock], [], [], 20)
+    client.step()  # the HelloVerifyRequest read, the ClientHello with its cookie sent: gone
+    started = time.monotonic()
+    lines = lines_until(proc, "status 98")
+    waited = time.monotonic() - started
+    assert any(line.endswith(": handshake timed out") for line in lines), lines
+    assert waited < 30  # bounded: the child did not wait for OpenSSL's own give-up
+    client.close()
+
+
+# -- what the listener does ------------------------------------------------------
+
+
+def test_a_forged_client_hello_gets_a_small_cookie_and_leaves_no_child_and_no_state(
+    dtls_server, pki
+):
+    proc, port = dtls_server([], ["cat"])
+    hello = client_hello()
+    forgers = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(20)]
+    before = None
+    for sock in forgers:
+        sock.settimeout(20)
+        for _ in range(10):
+            sock.sendto(hello, ("127.0.0.1", port))
+            answer = sock.recv(1 << 16)
+            assert answer[0] == 22 and len(answer) < len(hello)  # a HelloVerifyRequest
+            # Once the server answered, its spare child is there (it comes before the loop).
+            before = before or (sorted(child_pids(proc.pid)), fd_count(proc.pid))
+        sock.close()
+    assert before is not None and len(before[0]) == 1  # the spare
+    assert (sorted(child_pids(proc.pid)), fd_count(proc.pid)) == before  # the spare, alone
+    client = DtlsClient(port, pki["ca"])  # the twin: a peer that returns its cookie
+    client.handshake()
+    assert len(child_pids(proc.pid)) == len(before[0]) + 1
+    client.send(b"x")
+    assert client.recv() == b"x"
+    client.close_notify()
+    client.close()
+    code, log = stop(proc)
+    assert code == 0
+    assert log.count("allow 127.0.0.1") == 1
+
+
+def test_a_hundred_associations_at_once(dtls_server, pki):
+    proc, port = dtls_server(["-q", "-c", "100", "-C", "100"], ["cat"])
+    clients = [DtlsClient(port, pki["ca"]) for _ in range(100)]
+    deadline = time.monotonic() + 120
+    while not all(c.step() for c in clients):
+        assert time.monotonic() < deadline, "handshakes did not complete"
+        select.select([c.sock for c in clients if not c.done], [], [], 0.1)
+    assert len(child_pids(proc.pid)) >= 100  # each served by its own child, at once
+    for i, c in enumerate(clients):
+        c.send(b"%d" % i)
+    assert [c.recv() for c in clients] == [b"%d" % i for i in range(100)]
+    for c in clients:
+        c.close_notify()
+        c.close()
+    code, log = stop(proc)
+    assert (code, log) == (0, "")
+
+
+def test_C_limits_the_associations_of_one_address(dtls_server, pki):
+    proc, port = dtls_server(["-C", "1"], ["cat"])
+    first = DtlsClient(port, pki["ca"])
+    first.handshake()
+    second = DtlsClient(port, pki["ca"])
+    with pytest.raises(TimeoutError):
+        second.handshake(timeout=2.5)
+    lines = lines_until(proc, "refused: too many connections from 127.0.0.1 (-C 1)")
+    assert lines[-1].startswith(f"s6-dtlsserver: warning: peer 127.0.0.1:{second.address[1]}:")
+    for c in (first, second):
+        c.close()
+
+
+def test_sighup_reloads_and_sigterm_lets_a_running_association_finish(dtls_server, pki):
+    proc, port = dtls_server([], ["cat"])
+    client = DtlsClient(port, pki["ca"])
+    client.handshake()
+    proc.send_signal(signal.SIGHUP)
+    lines_until(proc, "reloaded the keypairs")
+    proc.send_signal(signal.SIGTERM)
+    lines_until(proc, "stopped accepting, 1 connection running, 0 handshakes dropped")
+    client.send(b"still served")
+    assert client.recv() == b"still served"
+    client.close_notify()
+    assert proc.wait(timeout=30) == 0
+    client.close()
