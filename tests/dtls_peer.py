@@ -6,7 +6,8 @@ timer, then one record per datagram each way.  ``step()`` advances its
 handshake without blocking, so a test can drive a hundred at once.
 ``client_hello()`` is the first datagram a DTLS client sends (no cookie
 yet), for a test that forges one.  ``start_dtls_server`` runs
-``s6-dtlsserver -1`` and returns it with its port.
+``s6-dtlsserver -1`` and returns it with its port.  ``bench.dtls`` uses
+``DtlsClient`` too.
 """
 
 import contextlib
@@ -16,7 +17,6 @@ import subprocess
 import time
 from collections.abc import Mapping, Sequence
 
-from conftest import program
 from OpenSSL import SSL
 
 MTU = 1232
@@ -124,6 +124,8 @@ def start_dtls_server(
     args: Sequence[str], prog: Sequence[str], env: Mapping[str, str]
 ) -> tuple[subprocess.Popen, int]:
     """Start ``s6-dtlsserver -1 args 127.0.0.1 0 prog``; return it and its port."""
+    from conftest import program  # the tests' own; bench/ imports this module without them
+
     proc = subprocess.Popen(
         [*program("s6-dtlsserver"), "-1", *args, "127.0.0.1", "0", *prog],
         env=dict(env),

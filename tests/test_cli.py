@@ -25,8 +25,15 @@ PROGRAMS = {
     "s6-tlsclient": "s6tls.tlsclient",
     "s6-ucspitlsd": "s6tls.ucspitlsd",
     "s6-ucspitlsc": "s6tls.ucspitlsc",
+    "s6-dtlsserver": "s6tls.dtlsserver",
+    "s6-dtlsclient": "s6tls.dtlsclient",
 }
-OPERANDS = {"s6-tlsserver": ["127.0.0.1", "0"], "s6-tlsclient": ["localhost", "443"]}
+OPERANDS = {
+    "s6-tlsserver": ["127.0.0.1", "0"],
+    "s6-tlsclient": ["localhost", "443"],
+    "s6-dtlsserver": ["127.0.0.1", "0"],
+    "s6-dtlsclient": ["localhost", "5684"],
+}
 
 # skarnet's long names (the gol tables of s6-tlsd.c, s6-tlsc.c, s6-tlsserver.c and
 # s6-tlsclient.c in s6-networking 2.8.0.1), each with the short form it stands for,
@@ -119,6 +126,27 @@ LONG_OPTIONS = {
         ("--connection-timeouts=3+4", "-T 3+4", ""),
         ("--local-port=4000", "-p 4000", ""),
     ],
+    "s6-dtlsserver": [
+        *LOUDNESS,
+        *CLOSE[4:],
+        *SERVER,
+        ("--notify", "-1", ""),
+        ("--global-max-connections=5", "-c 5", ""),
+        ("--local-max-connections=3", "-C 3", ""),
+        ("--uid=65534", "-u 65534", ""),
+        ("--gid=65534", "-g 65534", ""),
+        ("--envuidgid", "-U", ""),
+        ("--gidlist=10,20", "-G 10,20", ""),
+    ],
+    "s6-dtlsclient": [
+        *LOUDNESS,
+        *CLOSE[4:],
+        *CLIENT,
+        ("--ipv4", "-4", ""),
+        ("--ipv6", "-6", "-4"),
+        ("--local-ip=::1", "-i ::1", ""),
+        ("--local-port=4000", "-p 4000", ""),
+    ],
 }
 
 
@@ -165,6 +193,15 @@ def test_s6_tlsserver_waits_10_seconds_for_a_handshake_unless_told_otherwise():
     assert parse("s6-tlsd", "")["handshake_timeout_ms"] == 0
 
 
+def test_the_dtls_programs_bound_the_handshake_and_idle_associations_by_default():
+    for name in ("s6-dtlsserver", "s6-dtlsclient"):
+        values = parse(name, "")
+        assert (values["handshake_timeout_ms"], values["idle_timeout"]) == (10000, 300)
+        assert parse(name, "--idle-timeout 0")["idle_timeout"] is None
+        assert parse(name, "--idle-timeout 2.5")["idle_timeout"] == 2.5
+    assert parse("s6-tlsd", "")["idle_timeout"] is None  # the twin: TCP says goodbye
+
+
 @pytest.mark.parametrize(
     ("name", "args", "message"),
     [
@@ -174,6 +211,8 @@ def test_s6_tlsserver_waits_10_seconds_for_a_handshake_unless_told_otherwise():
         ("s6-tlsserver", "-c 0", "-c must be at least 1"),
         ("s6-tlsd", "--idle-timeout=0", "--idle-timeout must be a positive number of seconds"),
         ("s6-tlsd", "--idle-timeout=nan", "--idle-timeout must be a positive number of seconds"),
+        ("s6-dtlsserver", "--idle-timeout=-1", "--idle-timeout must be a positive number"),
+        ("s6-dtlsserver", "-S", "unrecognized option: -S"),
     ],
 )
 def test_a_bad_value_names_the_option(name, args, message):
@@ -234,7 +273,9 @@ def test_help_says_options_environment_and_exit_codes_in_two_screens(name):
         return
     assert "111" in res.stdout and "127" in res.stdout
     read = res.stdout.split("Environment variables read:\n", 1)[1].split("\n\n", 1)[0]
-    needed = "CAFILE" if name in ("s6-tlsc", "s6-tlsclient") else "CERTFILE, KEYFILE"
+    needed = (
+        "CAFILE" if name in ("s6-tlsc", "s6-tlsclient", "s6-dtlsclient") else "CERTFILE, KEYFILE"
+    )
     assert needed in read and "TLS_UID" in read
     options = res.stdout.split("Options:\n", 1)[1].split("\n\n", 1)[0].splitlines()
     for row, after in zip(options, [*options[1:], ""], strict=True):

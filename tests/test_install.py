@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from conftest import ROOT
 
-PAGES = ("s6-tlsd", "s6-tlsc", "s6-tlsserver", "s6-tlsclient")
+PAGES = ("s6-tlsd", "s6-tlsc", "s6-tlsserver", "s6-tlsclient", "s6-dtlsserver", "s6-dtlsclient")
 QUIET = ["-q", "--disable-pip-version-check"]
 
 
