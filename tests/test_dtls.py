@@ -350,3 +350,13 @@ def test_sighup_reloads_and_sigterm_lets_a_running_association_finish(dtls_serve
     client.close_notify()
     assert proc.wait(timeout=30) == 0
     client.close()
+
+
+def test_a_session_is_resumed_by_another_child(dtls_server, pki, tmp_path):
+    """Every child shares the session ticket key, as with s6-tlsserver."""
+    _proc, port = dtls_server([], ["sh", "-c", 'echo "resumed=$SSL_SESSION_RESUMED"'])
+    session = str(tmp_path / "session.pem")
+    ca = ["-dtls1_2", "-CAfile", pki["ca"], "-verify_return_error"]
+    first = s_client(port, *ca, "-sess_out", session)
+    second = s_client(port, *ca, "-sess_in", session)
+    assert (first.out, second.out) == (b"resumed=0\n", b"resumed=1\n"), second.err
