@@ -199,6 +199,8 @@ def start(program: Program, argv: Sequence[str], log: Log) -> int:
 
     if cfg.options.ktls:
         from . import ktls_path  # noqa: F401  (the engine's, once the handshake is done)
+    if cfg.dtls:
+        from . import dtlslink  # noqa: F401  (the link of every association)
 
     announce(cfg, log)
     contexts = Contexts(cfg, log.warn, tickets=program.issues_tickets)

@@ -89,3 +89,30 @@ def test_a_connection_with_every_check_imports_nothing_after_the_drop(
     assert server_seen["SSL_ALPN_PROTOCOL"] == client_seen["SSL_ALPN_PROTOCOL"] == "h2"
     assert client_seen["SSL_PEER_CERT_SAN_DNS"] == "localhost"
     assert [p.name for p in sessions.iterdir()] == ["localhost"]
+
+
+def test_a_dtls_association_imports_nothing_after_the_drop(tmp_path, server_env, pki):
+    """s6-dtlsserver's child drops to TLS_UID/TLS_GID before its handshake."""
+    import subprocess
+
+    from dtls_peer import DtlsClient
+
+    env = {**server_env, "TLS_UID": "65534", "TLS_GID": "65534"}
+    proc = subprocess.Popen(
+        [*wrapped("dtlsserver"), "-1", "127.0.0.1", "0", "sh", "-c", "id -u >&1; cat"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        port = int(proc.stdout.readline())
+        client = DtlsClient(port, pki["ca"])
+        client.handshake()
+        assert client.recv() == b"65534\n"
+        client.send(b"echo")
+        assert client.recv() == b"echo"
+        client.close_notify()
+        client.close()
+    finally:
+        proc.terminate()
+        _out, err = proc.communicate(timeout=30)
+    assert err == b""
