@@ -18,7 +18,7 @@ from .program import Program, Setup
 from .program import main as run
 from .tlsc import ENVIRONMENT as TLSC_ENVIRONMENT
 from .tlsclient import FAMILY, adjust
-from .ucspi import unmap
+from .ucspi import variables
 
 ENVIRONMENT = (
     *TLSC_ENVIRONMENT,
@@ -32,14 +32,8 @@ def serve(setup: Setup) -> int:
     v = setup.values
     dial = Dial(v["host"], v["port"], v["family"], v["local_ip"], v["local_port"])
     sock = connect_udp(dial)
-    local, remote = sock.getsockname(), sock.getpeername()
-    env = {
-        "PROTO": "UDP",
-        "UDPREMOTEIP": unmap(remote[0]),
-        "UDPREMOTEPORT": str(remote[1]),
-        "UDPLOCALIP": unmap(local[0]),
-        "UDPLOCALPORT": str(local[1]),
-    }
+    remote = sock.getpeername()
+    env = variables("UDP", sock.getsockname(), remote)
     setup.drop_privileges()
     fd = sock.detach()
     return setup.serve_connection(

@@ -38,7 +38,7 @@ from .options import Operand
 from .program import Program, Setup
 from .program import main as run
 from .tlsd import ENVIRONMENT as TLSD_ENVIRONMENT
-from .ucspi import unmap
+from .ucspi import unmap, variables
 
 ENVIRONMENT = (
     *TLSD_ENVIRONMENT[:-1],
@@ -116,11 +116,7 @@ class Server(ForkServer):
             return
         self.trouble_over()
         env = {
-            "PROTO": "UDP",
-            "UDPLOCALIP": unmap(local[0]),
-            "UDPLOCALPORT": str(local[1]),
-            "UDPREMOTEIP": ip,
-            "UDPREMOTEPORT": str(addr[1]),
+            **variables("UDP", local, addr),
             "UDPCONNNUM": str(self.per_ip[ip]),
             _HELLO: base64.b64encode(hello).decode(),
         }

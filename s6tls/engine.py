@@ -300,17 +300,24 @@ class _Loop:
     # -- the application ---------------------------------------------------
 
     def _op_read_app(self) -> None:
-        m = self.m
+        n = self._read_app()
+        if n:
+            self.m.app_read(n)
+        elif n == 0:
+            self.m.app_eof()
+
+    def _read_app(self) -> int | None:
+        """Read the application's output into ``outbound.space()``: how much, 0 at its end.
+
+        None when there is nothing and the application is dead (the machine
+        took that as the end); ``WouldBlock`` when there is nothing yet.
+        """
         try:
-            n = os.readv(self.cread, [m.outbound.space()])
+            return os.readv(self.cread, [self.m.outbound.space()])
         except BlockingIOError:
-            if m.app_read_blocked():
+            if self.m.app_read_blocked():
                 raise WouldBlock(self.cread, select.POLLIN) from None
-        else:
-            if n:
-                m.app_read(n)
-            else:
-                m.app_eof()
+        return None
 
     def _op_write_app(self) -> None:
         m = self.m
@@ -324,17 +331,11 @@ class _Loop:
             m.app_written(n)
 
     def _op_read_datagram(self) -> None:
-        m = self.m
-        try:
-            n = os.readv(self.cread, [m.outbound.space()])
-        except BlockingIOError:
-            if m.app_read_blocked():
-                raise WouldBlock(self.cread, select.POLLIN) from None
-        else:
-            if n:
-                m.app_datagram(n)
-            elif _shut(self.cread):  # else an empty datagram: nothing to carry
-                m.app_eof()
+        n = self._read_app()
+        if n:
+            self.m.app_datagram(n)
+        elif n == 0 and _shut(self.cread):  # else an empty datagram: nothing to carry
+            self.m.app_eof()
 
     def _op_close_app_output(self) -> None:
         self._close_app_side(self.cread, socket.SHUT_RD, self.m.app_input_open)

@@ -18,7 +18,7 @@ from .program import Program, Setup
 from .program import main as run
 from .resolver import SystemResolver
 from .tlsc import ENVIRONMENT
-from .ucspi import unmap
+from .ucspi import variables
 
 FAMILY = (
     Opt("family", ("-4", "--ipv4"), "connect over IPv4 only", value=4, default=None),
@@ -38,14 +38,8 @@ def serve(setup: Setup) -> int:
     if v["ident"]:
         setup.log.warn("-r: s6tls does no IDENT look-up, TCPREMOTEINFO stays unset")
     sock = connect(dial_from_values(v))
-    local, remote = sock.getsockname(), sock.getpeername()
-    env = {
-        "PROTO": "TCP",
-        "TCPREMOTEIP": unmap(remote[0]),
-        "TCPREMOTEPORT": str(remote[1]),
-        "TCPLOCALIP": unmap(local[0]),
-        "TCPLOCALPORT": str(local[1]),
-    }
+    remote = sock.getpeername()
+    env = variables("TCP", sock.getsockname(), remote)
     names = local_names(
         SystemResolver(),
         env["TCPLOCALIP"],

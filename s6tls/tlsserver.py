@@ -36,7 +36,7 @@ from .program import Program, Setup
 from .program import main as run
 from .rules import apply_env
 from .tlsd import ENVIRONMENT as TLSD_ENVIRONMENT
-from .ucspi import unmap
+from .ucspi import unmap, variables
 
 SERVER = (
     NOTIFY,
@@ -103,15 +103,7 @@ class Server(ForkServer):
         if not self.admits(ip, peer_address(ip, addr[1])):
             conn.close()
             return
-        local = conn.getsockname()
-        env = {
-            "PROTO": "TCP",
-            "TCPLOCALIP": unmap(local[0]),
-            "TCPLOCALPORT": str(local[1]),
-            "TCPREMOTEIP": ip,
-            "TCPREMOTEPORT": str(addr[1]),
-            "TCPCONNNUM": str(self.per_ip[ip]),
-        }
+        env = {**variables("TCP", conn.getsockname(), addr), "TCPCONNNUM": str(self.per_ip[ip])}
         self.start_child(conn, env, ip, addr[1])
 
     def serve_child(self, env: dict[str, str], fd: int, channel: socket.socket) -> int:

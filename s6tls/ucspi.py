@@ -1,4 +1,4 @@
-"""What a super-server hands over: descriptors, and the UCSPI TCP variables.
+"""What a super-server hands over: descriptors, and the UCSPI variables.
 
 tcpserver and s6-tcpserver give their child ``PROTO=TCP`` and the
 ``TCPLOCALIP``/``TCPLOCALPORT``/``TCPREMOTEIP``/``TCPREMOTEPORT`` variables;
@@ -50,12 +50,21 @@ def tcp_variables(fd: int) -> dict[str, str]:
             local, remote = sock.getsockname(), sock.getpeername()
         except OSError:
             return {}
+    return variables("TCP", local, remote)
+
+
+def variables(proto: str, local: tuple, remote: tuple) -> dict[str, str]:
+    """``PROTO`` and its four variables (``TCPLOCALIP``... or ``UDPLOCALIP``...).
+
+    ``local`` and ``remote`` are socket addresses; the UCSPI rule: the
+    prefix of the variables is ``PROTO``'s value.
+    """
     return {
-        "PROTO": "TCP",
-        "TCPLOCALIP": unmap(local[0]),
-        "TCPLOCALPORT": str(local[1]),
-        "TCPREMOTEIP": unmap(remote[0]),
-        "TCPREMOTEPORT": str(remote[1]),
+        "PROTO": proto,
+        f"{proto}LOCALIP": unmap(local[0]),
+        f"{proto}LOCALPORT": str(local[1]),
+        f"{proto}REMOTEIP": unmap(remote[0]),
+        f"{proto}REMOTEPORT": str(remote[1]),
     }
 
 

@@ -136,3 +136,31 @@ def reap() -> Iterator[list[subprocess.Popen]]:
         if p.poll() is None:
             p.kill()
         p.wait(timeout=10)
+
+
+@pytest.fixture
+def dtls_server(server_env: dict[str, str], reap: list[subprocess.Popen]):
+    """Start ``s6-dtlsserver -v -1 args 127.0.0.1 0 prog`` (env: ``server_env``): (process, port).
+
+    The process is killed and reaped after the test.
+    """
+    from dtls_peer import start_dtls_server
+
+    def start(args, prog, env=None):
+        proc, port = start_dtls_server(["-v", *args], prog, env or server_env)
+        reap.append(proc)
+        return proc, port
+
+    return start
+
+
+PSK_KEY = "00112233445566778899aabbccddeeff0011223344556677"  # alice's, in ``pskfile``
+
+
+@pytest.fixture
+def pskfile(tmp_path: Path) -> str:
+    """A PSKFILE with two identities, bob and alice (``PSK_KEY``), mode 0600."""
+    path = tmp_path / "psk"
+    path.write_text(f"# who may talk to us\nbob:{'ab' * 32}\nalice:{PSK_KEY}\n")
+    path.chmod(0o600)
+    return str(path)

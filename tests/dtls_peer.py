@@ -11,15 +11,20 @@ yet), for a test that forges one.  ``start_dtls_server`` runs
 """
 
 import contextlib
+import os
 import select
+import signal
 import socket
 import subprocess
+import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 from OpenSSL import SSL
 
 MTU = 1232
+APPS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "apps")
+ECHO = [sys.executable, os.path.join(APPS, "dgram_echo.py")]  # echoes and logs datagrams
 
 
 def client_context(cafile: str | None) -> SSL.Context:
@@ -152,3 +157,40 @@ def lines_until(proc: subprocess.Popen, needle: str, limit: int = 10_000) -> lis
         if needle in line:
             return lines
     raise AssertionError(f"no {needle!r} in {limit} lines")
+
+
+def stop(proc: subprocess.Popen) -> tuple[int, str]:
+    """SIGTERM the server once its associations are over: its status and the rest of its log."""
+    proc.send_signal(signal.SIGTERM)
+    _out, err = proc.communicate(timeout=30)
+    return proc.returncode, err.decode()
+
+
+def free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def s_server_dtls(*args: str, says: bytes) -> Iterator[tuple[int, subprocess.Popen]]:
+    """``openssl s_server -dtls -naccept 1 args`` on a free port, saying ``says`` to its client.
+
+    Yields its port and the process (stdout a pipe: what it received);
+    killed and reaped on the way out.
+    """
+    port = free_udp_port()
+    server = subprocess.Popen(
+        ["openssl", "s_server", "-dtls", "-accept", f"127.0.0.1:{port}", "-naccept", "1", *args],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        assert server.stdin is not None
+        server.stdin.write(says)
+        server.stdin.flush()
+        yield port, server
+    finally:
+        server.kill()
+        server.wait()

@@ -19,44 +19,17 @@ import time
 
 import pytest
 from conftest import program
-from dtls_peer import DtlsClient, client_hello, lines_until, start_dtls_server
+from dtls_peer import APPS, ECHO, DtlsClient, client_hello, lines_until, s_server_dtls, stop
 from openssl_peer import s_client
 from server_helpers import child_pids, fd_count
+from test_psk import KEY, psk_server_env
 from ucspi_helpers import fatal
 
-APPS = os.path.join(os.path.dirname(__file__), "apps")
-ECHO = [sys.executable, os.path.join(APPS, "dgram_echo.py")]
 SIZES = [sys.executable, os.path.join(APPS, "dgram_sizes.py")]
-KEY = "00112233445566778899aabbccddeeff0011223344556677"
 FACTS = (
     'line=$(head -n 1); echo "got $line $PROTO $UDPLOCALIP $UDPLOCALPORT'
     ' $UDPREMOTEIP $SSL_PROTOCOL $SSL_DTLS_MAX_DATAGRAM ${CERTFILE-unset}"'
 )
-
-
-@pytest.fixture
-def dtls_server(server_env, reap):
-    """Start s6-dtlsserver (``-v``, then ``args``) with ``prog``; the process and its port."""
-
-    def start(args, prog, env=None):
-        proc, port = start_dtls_server(["-v", *args], prog, env or server_env)
-        reap.append(proc)
-        return proc, port
-
-    return start
-
-
-def stop(proc: subprocess.Popen) -> tuple[int, str]:
-    """SIGTERM the server once its associations are over: its status and the rest of its log."""
-    proc.send_signal(signal.SIGTERM)
-    _out, err = proc.communicate(timeout=30)
-    return proc.returncode, err.decode()
-
-
-def free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # -- real peers ------------------------------------------------------------------
@@ -93,25 +66,14 @@ def test_gnutls_cli_udp_handshakes_and_its_close_notify_ends_prog(dtls_server, p
 
 
 def test_s6_dtlsclient_talks_to_openssl_s_server_dtls(pki):
-    port = free_udp_port()
-    server = subprocess.Popen(
-        ["openssl", "s_server", "-dtls", "-accept", f"127.0.0.1:{port}", "-naccept", "1",
-         "-cert", pki["server_cert"], "-key", pki["server_key"]],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    try:
-        assert server.stdin is not None
-        server.stdin.write(b"from-server\n")
-        server.stdin.flush()
+    keypair = ["-cert", pki["server_cert"], "-key", pki["server_key"]]
+    with s_server_dtls(*keypair, says=b"from-server\n") as (port, server):
         env = {**os.environ, "CAFILE": pki["ca"]}
         prog = ["sh", "-c", 'echo "from-client $PROTO $UDPREMOTEPORT" >&7; head -n 1 <&6']
         res = subprocess.run([*program("s6-dtlsclient"), "localhost", str(port), *prog],
                              env=env, capture_output=True, timeout=30)  # fmt: skip
         assert (res.returncode, res.stdout, res.stderr) == (0, b"from-server\n", b"")
         out, _ = server.communicate(timeout=30)
-    finally:
-        server.kill()
-        server.wait()
     assert f"from-client UDP {port}\n".encode() in out
 
 
@@ -130,43 +92,33 @@ def test_s6_dtlsclient_refuses_a_server_whose_name_does_not_match(dtls_server, p
 # -- PSK -------------------------------------------------------------------------
 
 
-@pytest.fixture
-def pskfile(tmp_path) -> str:
-    path = tmp_path / "psk"
-    path.write_text(f"alice:{KEY}\n")
-    path.chmod(0o600)
-    return str(path)
-
-
-def psk_env(pskfile: str, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("CERTFILE", "KEYFILE", "CAFILE")}
-    return {**env, "PSKFILE": pskfile, **extra}
-
-
 def test_openssl_s_client_with_a_psk_and_no_certificate(dtls_server, pskfile):
     show = ["sh", "-c", 'echo "psk=$SSL_PSK_IDENTITY $SSL_CIPHER"']
-    _proc, port = dtls_server([], show, psk_env(pskfile))
+    _proc, port = dtls_server([], show, psk_server_env(pskfile))
     peer = s_client(port, "-dtls1_2", "-psk_identity", "alice", "-psk", KEY)
     assert peer.out == b"psk=alice ECDHE-PSK-CHACHA20-POLY1305\n", peer.err
 
 
-def test_s6_dtlsclient_with_a_psk_against_openssl_s_server(pskfile):
-    port = free_udp_port()
-    server = subprocess.Popen(
-        ["openssl", "s_server", "-dtls", "-accept", f"127.0.0.1:{port}", "-naccept", "1",
-         "-nocert", "-psk", KEY, "-psk_identity", "alice"],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+def test_gnutls_cli_udp_with_a_psk(dtls_server, pskfile):
+    """Plain PSK: gnutls-cli 3.7.9 crashes (SIGSEGV) once an ECDHE-PSK DTLS handshake is done."""
+    show = ["sh", "-c", 'echo "psk=$SSL_PSK_IDENTITY $SSL_CIPHER"; cat >/dev/null']
+    proc, port = dtls_server([], show, psk_server_env(pskfile))
+    res = subprocess.run(
+        ["gnutls-cli", "--udp", "-p", str(port), "127.0.0.1", "--pskusername", "alice",
+         "--pskkey", KEY, "--priority", "NORMAL:-KX-ALL:+PSK"],
+        stdin=subprocess.DEVNULL, capture_output=True, timeout=30,
     )  # fmt: skip
-    try:
-        assert server.stdin is not None
-        server.stdin.write(b"psk-ok\n")
-        server.stdin.flush()
+    assert res.returncode == 0 and b"psk=alice PSK-AES128-GCM-SHA256\n" in res.stdout, res
+    assert "closed by close_notify status 0" in lines_until(proc, "status")[-1]
+
+
+def test_s6_dtlsclient_with_a_psk_against_openssl_s_server(pskfile):
+    psk = ["-nocert", "-psk", KEY, "-psk_identity", "alice"]
+    with s_server_dtls(*psk, says=b"psk-ok\n") as (port, _server):
         prog = ["sh", "-c", 'echo "$SSL_PSK_IDENTITY $SSL_CIPHER" >&2; head -n 1 <&6']
+        env = psk_server_env(pskfile, PSK_IDENTITY="alice")
         res = subprocess.run([*program("s6-dtlsclient"), "127.0.0.1", str(port), *prog],
-                             env=psk_env(pskfile), capture_output=True, timeout=30)  # fmt: skip
-    finally:
-        server.kill()
-        server.wait()
+                             env=env, capture_output=True, timeout=30)  # fmt: skip
     assert (res.returncode, res.stdout) == (0, b"psk-ok\n"), res.stderr
     assert res.stderr == b"alice ECDHE-PSK-CHACHA20-POLY1305\n"
 
@@ -174,18 +126,31 @@ def test_s6_dtlsclient_with_a_psk_against_openssl_s_server(pskfile):
 def test_a_wrong_psk_never_completes_the_handshake_nor_starts_prog(dtls_server, pskfile, tmp_path):
     """DTLS drops a record that fails its check without a word: both ends time out (-K)."""
     marker = tmp_path / "started"
-    proc, port = dtls_server(["-K", "2000"], ["touch", str(marker)], psk_env(pskfile))
+    proc, port = dtls_server(["-K", "2000"], ["touch", str(marker)], psk_server_env(pskfile))
     wrong = tmp_path / "wrong"
     wrong.write_text(f"alice:{'ff' * 24}\n")
     wrong.chmod(0o600)
     res = subprocess.run([*program("s6-dtlsclient"), "-K", "2000", "127.0.0.1", str(port),
-                          "touch", str(marker)], env=psk_env(str(wrong)), capture_output=True,
-                         text=True, timeout=30)  # fmt: skip
+                          "touch", str(marker)], env=psk_server_env(str(wrong)),
+                         capture_output=True, text=True, timeout=30)  # fmt: skip
     assert res.returncode == 98
     assert fatal(res.stderr, "s6-dtlsclient").endswith("handshake timed out")
     lines = lines_until(proc, "status 98")
     assert any(line.endswith(": handshake timed out") for line in lines), lines
     assert not marker.exists()
+
+
+def test_a_client_certificate_under_y_both_programs(dtls_server, server_env, client_env):
+    show = ["sh", "-c", 'echo "$SSL_PEER_CERT_SUBJECT"']
+    _proc, port = dtls_server(["-y"], show)
+    prog = ["sh", "-c", "head -n 1 <&6"]
+    res = subprocess.run([*program("s6-dtlsclient"), "-y", "localhost", str(port), *prog],
+                         env=client_env, capture_output=True, text=True, timeout=30)  # fmt: skip
+    assert res.returncode == 0 and res.stdout.endswith("/CN=client.example\n"), res.stderr
+    # The twin: without -y the client shows no certificate, and -y refuses it.
+    res = subprocess.run([*program("s6-dtlsclient"), "localhost", str(port), *prog],
+                         env=client_env, capture_output=True, text=True, timeout=30)  # fmt: skip
+    assert res.returncode == 97, res.stderr
 
 
 # -- datagrams -------------------------------------------------------------------

@@ -14,24 +14,10 @@ import sys
 
 import pytest
 from conftest import program
-from dtls_peer import DtlsClient, lines_until
-from test_dtls import APPS, ECHO, stop
+from dtls_peer import APPS, ECHO, DtlsClient, lines_until, stop
 from udp_faultproxy import Fault, UdpFaultProxy
 
 COUNT = [sys.executable, os.path.join(APPS, "dgram_count.py")]
-SLOW = os.environ.get("S6TLS_SLOW") == "1"
-
-
-@pytest.fixture
-def dtls_server(server_env, reap):
-    from dtls_peer import start_dtls_server
-
-    def start(args, prog, env=None):
-        proc, port = start_dtls_server(["-v", *args], prog, env or server_env)
-        reap.append(proc)
-        return proc, port
-
-    return start
 
 
 def logged(path) -> list[bytes]:

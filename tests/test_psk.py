@@ -8,19 +8,11 @@ import os
 import subprocess
 
 import pytest
+from conftest import PSK_KEY as KEY
 from openssl_peer import s_client
 from ucspi_helpers import LineReader, TcpServer, fatal, tcpclient, touch_then
 
-KEY = "00112233445566778899aabbccddeeff0011223344556677"
 SHOW = ["sh", "-c", 'echo "psk=${SSL_PSK_IDENTITY-unset} resumed=$SSL_SESSION_RESUMED $SSL_CIPHER"']
-
-
-@pytest.fixture
-def pskfile(tmp_path) -> str:
-    path = tmp_path / "psk"
-    path.write_text(f"# who may talk to us\nbob:{'ab' * 32}\nalice:{KEY}\n")
-    path.chmod(0o600)
-    return str(path)
 
 
 def psk_server_env(pskfile: str, **extra: str) -> dict[str, str]:
