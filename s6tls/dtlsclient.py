@@ -11,7 +11,6 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from . import options
-from .cli import peer_address
 from .dialer import LOCAL, Dial, connect_udp
 from .options import Operand
 from .program import Program, Setup
@@ -32,17 +31,7 @@ def serve(setup: Setup) -> int:
     v = setup.values
     dial = Dial(v["host"], v["port"], v["family"], v["local_ip"], v["local_port"])
     sock = connect_udp(dial)
-    remote = sock.getpeername()
-    env = variables("UDP", sock.getsockname(), remote)
-    setup.drop_privileges()
-    fd = sock.detach()
-    return setup.serve_connection(
-        fd,
-        fd,
-        app_fds=setup.cfg.options.app_fds,
-        peer=peer_address(env["UDPREMOTEIP"], remote[1]),
-        extra_env=env,
-    )
+    return setup.serve_connected(sock, variables("UDP", sock.getsockname(), sock.getpeername()))
 
 
 PROGRAM = Program(

@@ -30,13 +30,16 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from . import __version__, options
-from .cli import Log, run_main
+from .cli import Log, peer_address, run_main
 from .config import Options, Role, TlsConfig, no_tickets_conf
 from .errors import AppNotExecutable, AppNotFound
 from .options import Operand, Opt
 from .privileges import Ids, check_ids, drop_privileges, ids_from_config, ids_from_options
+from .ucspi import unmap
 
 if TYPE_CHECKING:
+    import socket
+
     from OpenSSL import SSL
 
     from .context import Contexts
@@ -153,6 +156,19 @@ class Setup:
             extra_env=extra_env,
             on_handshake=on_handshake,
             hello=hello,
+        )
+
+    def serve_connected(self, sock: "socket.socket", extra_env: Mapping[str, str]) -> int:
+        """A client's connected socket: drop privileges, then serve it, prog on -6/-7."""
+        remote = sock.getpeername()
+        self.drop_privileges()
+        fd = sock.detach()
+        return self.serve_connection(
+            fd,
+            fd,
+            app_fds=self.cfg.options.app_fds,
+            peer=peer_address(unmap(remote[0]), remote[1]),
+            extra_env=extra_env,
         )
 
 

@@ -11,7 +11,6 @@ from collections.abc import Sequence
 from typing import Any, NoReturn
 
 from . import options
-from .cli import peer_address
 from .dialer import OPTIONS, connect, dial_from_values, local_names
 from .options import Operand, Opt
 from .program import Program, Setup
@@ -38,8 +37,7 @@ def serve(setup: Setup) -> int:
     if v["ident"]:
         setup.log.warn("-r: s6tls does no IDENT look-up, TCPREMOTEINFO stays unset")
     sock = connect(dial_from_values(v))
-    remote = sock.getpeername()
-    env = variables("TCP", sock.getsockname(), remote)
+    env = variables("TCP", sock.getsockname(), sock.getpeername())
     names = local_names(
         SystemResolver(),
         env["TCPLOCALIP"],
@@ -47,15 +45,7 @@ def serve(setup: Setup) -> int:
         dns=v["dns"],
         localname=v["localname"],
     )
-    setup.drop_privileges()
-    fd = sock.detach()
-    return setup.serve_connection(
-        fd,
-        fd,
-        app_fds=setup.cfg.options.app_fds,
-        peer=peer_address(env["TCPREMOTEIP"], remote[1]),
-        extra_env={**env, **names},
-    )
+    return setup.serve_connected(sock, {**env, **names})
 
 
 PROGRAM = Program(

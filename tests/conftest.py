@@ -140,14 +140,14 @@ def reap() -> Iterator[list[subprocess.Popen]]:
 
 @pytest.fixture
 def dtls_server(server_env: dict[str, str], reap: list[subprocess.Popen]):
-    """Start ``s6-dtlsserver -v -1 args 127.0.0.1 0 prog`` (env: ``server_env``): (process, port).
+    """Start ``s6-dtlsserver -v -1 args host 0 prog`` (env: ``server_env``): (process, port).
 
     The process is killed and reaped after the test.
     """
-    from dtls_peer import start_dtls_server
+    from server_helpers import start_server
 
-    def start(args, prog, env=None):
-        proc, port = start_dtls_server(["-v", *args], prog, env or server_env)
+    def start(args, prog, env=None, host="127.0.0.1"):
+        proc, port = start_server(["-v", *args], prog, env or server_env, host, "s6-dtlsserver")
         reap.append(proc)
         return proc, port
 

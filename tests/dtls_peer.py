@@ -1,13 +1,11 @@
-"""DTLS peers for the tests, and s6-dtlsserver as a process.
+"""DTLS peers for the tests, and what the tests of s6-dtlsserver share.
 
 ``DtlsClient`` is a DTLS client on pyOpenSSL itself (not s6tls's code):
 a connected UDP socket, the handshake with OpenSSL's own retransmission
 timer, then one record per datagram each way.  ``step()`` advances its
 handshake without blocking, so a test can drive a hundred at once.
 ``client_hello()`` is the first datagram a DTLS client sends (no cookie
-yet), for a test that forges one.  ``start_dtls_server`` runs
-``s6-dtlsserver -1`` and returns it with its port.  ``bench.dtls`` uses
-``DtlsClient`` too.
+yet), for a test that forges one.  ``bench.dtls`` uses ``DtlsClient`` too.
 """
 
 import contextlib
@@ -18,7 +16,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator
 
 from OpenSSL import SSL
 
@@ -123,27 +121,6 @@ def next_flight(conn: SSL.Connection, answer: bytes = b"") -> bytes:
 def client_hello() -> bytes:
     """The first datagram of a DTLS client: a ClientHello with an empty cookie."""
     return next_flight(memory_client())
-
-
-def start_dtls_server(
-    args: Sequence[str], prog: Sequence[str], env: Mapping[str, str]
-) -> tuple[subprocess.Popen, int]:
-    """Start ``s6-dtlsserver -1 args 127.0.0.1 0 prog``; return it and its port."""
-    from conftest import program  # the tests' own; bench/ imports this module without them
-
-    proc = subprocess.Popen(
-        [*program("s6-dtlsserver"), "-1", *args, "127.0.0.1", "0", *prog],
-        env=dict(env),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    if not line.endswith(b"\n") or not line[:-1].isdigit():
-        proc.kill()
-        _out, err = proc.communicate(timeout=10)
-        raise AssertionError(f"s6-dtlsserver did not start: {line!r} {err.decode()}")
-    return proc, int(line)
 
 
 def lines_until(proc: subprocess.Popen, needle: str, limit: int = 10_000) -> list[str]:

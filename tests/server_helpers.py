@@ -22,11 +22,18 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def start_server(
-    args: Sequence[str], prog: Sequence[str], env: Mapping[str, str], host: str = "127.0.0.1"
+    args: Sequence[str],
+    prog: Sequence[str],
+    env: Mapping[str, str],
+    host: str = "127.0.0.1",
+    name: str = "s6-tlsserver",
 ) -> tuple[subprocess.Popen, int]:
-    """Start ``s6-tlsserver -1 args host 0 prog``; return it and the port it wrote once bound."""
+    """Start ``name -1 args host 0 prog``; return it and the port it wrote once bound.
+
+    ``name``: s6-tlsserver, or s6-dtlsserver.
+    """
     proc = subprocess.Popen(
-        [*program("s6-tlsserver"), "-1", *args, host, "0", *prog],
+        [*program(name), "-1", *args, host, "0", *prog],
         env=dict(env),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -36,7 +43,7 @@ def start_server(
     if not line.endswith(b"\n") or not line[:-1].isdigit():
         proc.kill()
         _out, err = proc.communicate(timeout=10)
-        raise AssertionError(f"s6-tlsserver did not start: {line!r} {err.decode()}")
+        raise AssertionError(f"{name} did not start: {line!r} {err.decode()}")
     return proc, int(line)
 
 

@@ -89,6 +89,19 @@ def test_s6_dtlsclient_refuses_a_server_whose_name_does_not_match(dtls_server, p
     )
 
 
+@pytest.mark.parametrize(
+    ("listen", "reach"), [("0.0.0.0", "127.0.0.1"), ("::", "127.0.0.1"), ("::", "::1")]
+)
+def test_a_wildcard_listener_serves_from_the_address_it_was_reached_at(
+    listen, reach, dtls_server, client_env
+):
+    _proc, port = dtls_server([], ["sh", "-c", 'echo "$UDPLOCALIP $UDPREMOTEIP"'], host=listen)
+    res = subprocess.run([*program("s6-dtlsclient"), "-k", "localhost", reach, str(port),
+                          "sh", "-c", "head -n 1 <&6"], env=client_env, capture_output=True,
+                         text=True, timeout=30)  # fmt: skip
+    assert (res.returncode, res.stdout, res.stderr) == (0, f"{reach} {reach}\n", "")
+
+
 # -- PSK -------------------------------------------------------------------------
 
 
