@@ -7,8 +7,9 @@ from . import __version__
 
 HELP = """usage: s6tls demo | s6tls --help | s6tls --version
 
-The TLS tools of s6-networking in Python: s6-tlsd, s6-tlsc, s6-tlsserver and
-s6-tlsclient (each has its own --help and manual page).
+The TLS tools of s6-networking in Python: s6-tlsd, s6-tlsc, s6-tlsserver,
+s6-tlsclient, s6-ucspitlsd, s6-ucspitlsc, and for datagrams (DTLS) s6-dtlsserver
+and s6-dtlsclient (each has its own --help and manual page).
 
   demo        run a TLS service on loopback with a throw-away certificate and a
               client talking to it; exit 0 if the whole exchange worked
