@@ -237,6 +237,19 @@ def test_an_idle_association_is_closed_both_ways(dtls_server, pki):
     client.close()
 
 
+def test_a_peer_whose_port_closed_ends_the_association_at_the_next_datagram(dtls_server, pki):
+    """UDP's only news of a vanished peer: ICMP port unreachable, on the connected socket."""
+    prog = ["sh", "-c", "head -n 1 >/dev/null; echo one; sleep 0.2; echo two; cat >/dev/null"]
+    proc, port = dtls_server([], prog)
+    client = DtlsClient(port, pki["ca"])
+    client.handshake()
+    client.send(b"go\n")
+    assert client.recv() == b"one\n"
+    client.close()  # gone, without a close_notify
+    lines = lines_until(proc, "status 98")
+    assert any(line.endswith(": connection broken: Connection refused") for line in lines), lines
+
+
 def test_a_peer_that_vanishes_mid_handshake_is_dropped_at_the_K_limit(dtls_server, pki):
     proc, port = dtls_server(["-K", "1500"], ["true"])
     client = DtlsClient(port, pki["ca"])
