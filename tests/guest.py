@@ -20,7 +20,7 @@ import threading
 from dataclasses import dataclass, field
 
 import pytest
-from uml import GuestUnavailable, guest_run
+from uml import GUEST_TMP, GuestUnavailable, guest_run
 
 IN_GUEST = os.environ.get("S6TLS_GUEST") == "1"
 SLOW = os.environ.get("S6TLS_SLOW") == "1"
@@ -91,7 +91,7 @@ class GuestRun:
             "S6TLS_SLOW": os.environ.get("S6TLS_SLOW", ""),
         }
         command = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q"]
-        command += ["--basetemp=/tmp/pytest", "-o", f"faulthandler_timeout={HANG}"]
+        command += [f"--basetemp={GUEST_TMP}/pytest", "-o", f"faulthandler_timeout={HANG}"]
         try:
             with guest_run(command + self.nodeids, env, TIMEOUT, self._started) as result:
                 report = result.folder / "report.jsonl"

@@ -24,12 +24,12 @@ from pathlib import Path
 
 import pytest
 from conftest import program
-from ktls_helpers import keys_of, one_connection, stop, watched, watched_contexts
+from ktls_helpers import keys_of, one_connection, stop, wait_for, watched, watched_contexts
 from OpenSSL import SSL
 from server_helpers import start_server
 from uml import build_preload
 
-from s6tls import ktls_keys
+from s6tls import ktls_keys, ktls_socket
 from s6tls.ktls_socket import FATAL, KernelTls
 
 pytestmark = pytest.mark.guest
@@ -179,6 +179,14 @@ def test_a_fatal_alert_from_the_peer_is_98_with_its_name(env, pki, tmp_path, rea
     ktls = peer.kernel()  # OpenSSL must not have sent anything: the sequence starts at 0
     ktls.sock.sendall(b"before\n")
     ktls.send_alert(FATAL, 40)
+    ktls.shutdown_write()
+    # Read to the server's end before closing: closing with its tickets unread
+    # would send a RST, which may reach it before the alert.
+    buf = memoryview(bytearray(ktls_socket.MAX_RECORD))
+    while True:
+        wait_for(ktls.fd, select.POLLIN)
+        if ktls.read_record(buf) == (0, 0):
+            break
     ktls.close()
     err = stop(server)
     assert child_status(err) == 98

@@ -6,7 +6,8 @@ unpacks that package and ``kmod`` into ``.uml/root`` (nothing is installed
 system-wide).  ``guest_run`` boots it with the machine's own root file
 system (hostfs, read-write), so the guest sees this checkout, its venv and
 the Python that runs them; an init script mounts what a system needs
-(tmpfs on /tmp, /run and /dev/shm), brings ``lo`` up, loads the ``tls``
+(tmpfs on /run and /dev/shm, and TMPDIR in /run: the host's /tmp, where a
+checkout may be, stays visible), brings ``lo`` up, loads the ``tls``
 module, runs the command and powers off.  Boot and power-off take about
 two seconds.  The guest has one CPU.
 
@@ -41,6 +42,7 @@ BOOT_ARGS = [
     "con0=null,fd:1",
 ]
 PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+GUEST_TMP = "/run/tmp"  # TMPDIR in the guest: a tmpfs of its own
 
 
 class GuestUnavailable(Exception):
@@ -98,7 +100,8 @@ mount -t sysfs sys /sys
 mountpoint -q /dev || mount -t devtmpfs dev /dev
 mkdir -p /dev/pts /dev/shm
 mount -t devpts devpts /dev/pts
-for d in /dev/shm /run /tmp; do mount -t tmpfs tmpfs $d; done
+for d in /dev/shm /run; do mount -t tmpfs tmpfs $d; done
+mkdir -p {GUEST_TMP}
 ip link set lo up
 echo {run}/modprobe >/proc/sys/kernel/modprobe
 {run}/modprobe tls
@@ -154,7 +157,7 @@ def guest_run(
     """Boot the guest, run ``command`` there with exactly ``env`` (plus PATH), power off.
 
     ``command`` runs in this checkout; ``$S6TLS_GUEST_DIR`` names the run
-    folder, visible from both sides (not under /tmp, a tmpfs in the guest),
+    folder, visible from both sides,
     where it may leave files for the caller.  The guest is killed after
     ``timeout`` seconds.  ``started`` gets the UML process (to kill it from
     another thread).  Yields the result; the folder is removed afterwards.
@@ -165,7 +168,8 @@ def guest_run(
     uml = uml_root()
     run = Path(tempfile.mkdtemp(prefix="s6tls-guest-", dir="/var/tmp"))
     try:
-        _prepare(run, uml, command, {"PATH": PATH, **env, "S6TLS_GUEST_DIR": str(run)})
+        env = {"PATH": PATH, "TMPDIR": GUEST_TMP, **env, "S6TLS_GUEST_DIR": str(run)}
+        _prepare(run, uml, command, env)
         with open(run / "console.log", "wb") as console:
             proc = subprocess.Popen(
                 [str(uml / "usr/bin/linux.uml"), *BOOT_ARGS, f"uml_dir={run}", f"init={run}/init"],
