@@ -194,6 +194,37 @@ def test_a_fatal_alert_from_the_peer_is_98_with_its_name(env, pki, tmp_path, rea
     assert (tmp_path / "got").read_bytes() == b"before\n"
 
 
+def test_a_tls12_renegotiation_is_refused_as_in_userspace(env, pki, tmp_path, reap):
+    """The kernel hands over the renegotiating ClientHello; s6tls answers as OpenSSL does.
+
+    A no_renegotiation warning; OpenSSL's client then gives up with a fatal
+    handshake_failure alert, and the connection ends with 98.
+    """
+    server, port = start_server(["-v", "--ktls"], ["sh", "-c", f'cat >"{tmp_path}/got"'], env)
+    reap.append(server)
+    ctx = SSL.Context(SSL.TLS_METHOD)
+    ctx.set_max_proto_version(SSL.TLS1_2_VERSION)
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.settimeout(None)  # OpenSSL blocks; the server's end bounds every wait
+    tls = SSL.Connection(ctx, sock)
+    tls.set_connect_state()
+    tls.do_handshake()
+    tls.sendall(b"before\n")
+    assert tls.renegotiate()
+    with pytest.raises(SSL.Error, match="no renegotiation"):
+        tls.do_handshake()
+        tls.recv(100)  # the refusal may only show on the next read
+    sock.settimeout(TIMEOUT)
+    while sock.recv(65536):  # to the server's end: our close must not reset it first
+        pass
+    sock.close()
+    err = stop(server)
+    assert child_status(err) == 98, err
+    # The kernel path's words (OpenSSL's own: "tls alert handshake failure").
+    assert "peer sent a fatal alert: handshake_failure" in err, err
+    assert (tmp_path / "got").read_bytes() == b"before\n"
+
+
 @pytest.mark.parametrize(("strict", "status"), [("-j", 0), ("-J", 98)])
 def test_a_bare_fin(env, pki, tmp_path, reap, strict, status):
     server, port = start_server(
