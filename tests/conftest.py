@@ -1,6 +1,7 @@
 """Shared fixtures: certificates from a throw-away CA, and how to run the programs."""
 
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -139,19 +140,31 @@ def reap() -> Iterator[list[subprocess.Popen]]:
 
 
 @pytest.fixture
-def dtls_server(server_env: dict[str, str], reap: list[subprocess.Popen]):
+def dtls_server(server_env: dict[str, str]) -> Iterator:
     """Start ``s6-dtlsserver -v -1 args host 0 prog`` (env: ``server_env``): (process, port).
 
-    The process is killed and reaped after the test.
+    After the test, each server still running gets SIGQUIT, which ends its
+    associations too (their children and progs, which a SIGKILL of the server
+    alone would orphan), and is reaped; SIGKILL if it takes too long.
     """
     from server_helpers import start_server
 
+    started: list[subprocess.Popen] = []
+
     def start(args, prog, env=None, host="127.0.0.1"):
         proc, port = start_server(["-v", *args], prog, env or server_env, host, "s6-dtlsserver")
-        reap.append(proc)
+        started.append(proc)
         return proc, port
 
-    return start
+    yield start
+    for proc in started:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGQUIT)
+        try:
+            proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate(timeout=30)
 
 
 PSK_KEY = "00112233445566778899aabbccddeeff0011223344556677"  # alice's, in ``pskfile``
