@@ -9,6 +9,7 @@ application (``SSL_PROTOCOL``, ``SSL_CIPHER``, ...).
 import math
 import select
 import time
+from collections.abc import Callable
 
 from OpenSSL import SSL
 
@@ -19,7 +20,9 @@ from .ossl import session_reused
 from .peer import certificate_facts
 
 
-def handshake(link: Link, timeout_ms: int = 0) -> None:
+def handshake(
+    link: Link, timeout_ms: int = 0, clock: Callable[[], float] = time.monotonic
+) -> None:
     """Perform the handshake of ``link.conn`` (in connect or accept state).
 
     Every check of the peer configured in the context (chain, name) runs
@@ -29,8 +32,11 @@ def handshake(link: Link, timeout_ms: int = 0) -> None:
         link: from ``link.new_link``, with ``set_accept_state()`` or
             ``set_connect_state()`` already called on its ``conn``.
         timeout_ms: the -K limit; 0 means none.  It is checked before every
-            step, so a peer that trickles bytes cannot stretch it.  A step
-            also comes at the link's ``wakeup`` time (a DTLS retransmission).
+            step (one call into OpenSSL, which reads at most what is there,
+            or one pipe's worth), so a peer whose bytes never stop coming
+            cannot stretch it.  A step also comes at the link's ``wakeup``
+            time (a DTLS retransmission).
+        clock: the monotonic clock it is measured with (``link.wakeup``'s).
 
     Raises:
         HandshakeTimeout: the limit passed (exit 98).
@@ -40,10 +46,10 @@ def handshake(link: Link, timeout_ms: int = 0) -> None:
     Returns once the handshake is complete and everything it produced has
     been written.  Closes nothing.
     """
-    deadline = time.monotonic() + timeout_ms / 1000 if timeout_ms else None
+    deadline = clock() + timeout_ms / 1000 if timeout_ms else None
     poller = select.poll()
     while True:
-        if deadline is not None and time.monotonic() >= deadline:
+        if deadline is not None and clock() >= deadline:
             raise HandshakeTimeout("handshake timed out")
         wait: WouldBlock | None = None
         try:
@@ -68,7 +74,7 @@ def handshake(link: Link, timeout_ms: int = 0) -> None:
         timeout = None
         until = min((t for t in (deadline, link.wakeup()) if t is not None), default=None)
         if until is not None:
-            timeout = max(0, math.ceil((until - time.monotonic()) * 1000))
+            timeout = max(0, math.ceil((until - clock()) * 1000))
         poller.register(wait.fd, wait.events)
         poller.poll(timeout)
         poller.unregister(wait.fd)

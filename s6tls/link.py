@@ -303,13 +303,24 @@ class BioLink(Link):
         self._notify_sent = False
 
     def _tls(self, op: Callable[..., T], *args: object) -> T:
-        while True:
-            try:
-                return op(*args)
-            except SSL.WantReadError:
-                if self._eof:
-                    raise
-                self._fill()
+        """``op`` with at most one read of ``rfd`` in between two tries.
+
+        So one call does a bounded amount of work even against a peer whose
+        bytes never stop coming: the caller gets ``WouldBlock`` back, and
+        checks its deadlines, between two reads.
+        """
+        try:
+            return op(*args)
+        except SSL.WantReadError:
+            if self._eof:
+                raise
+        self._fill()
+        try:
+            return op(*args)
+        except SSL.WantReadError:
+            if self._eof:
+                raise
+            raise WouldBlock(self.rfd, select.POLLIN) from None
 
     def _fill(self) -> None:
         """Move ciphertext from ``rfd`` into the TLS object."""
