@@ -20,9 +20,7 @@ from .ossl import session_reused
 from .peer import certificate_facts
 
 
-def handshake(
-    link: Link, timeout_ms: int = 0, clock: Callable[[], float] = time.monotonic
-) -> None:
+def handshake(link: Link, timeout_ms: int = 0, clock: Callable[[], float] = time.monotonic) -> None:
     """Perform the handshake of ``link.conn`` (in connect or accept state).
 
     Every check of the peer configured in the context (chain, name) runs

@@ -40,8 +40,8 @@ Rules (s6-networking's -s/-S, -j/-J, and ours where it is silent):
   input is closed.  An EOF without close_notify is an error under -J (while
   the application still reads).  Under TLS 1.2 with -S a close_notify ends
   both directions at once (RFC 5246 7.2.1): the application's unsent output
-  is dropped, except a record OpenSSL has already started to write, which is
-  finished first; then our close_notify goes out.  That close is bounded by
+  is dropped, except what OpenSSL has already started to write, which is
+  finished first (OpenSSL requires it); then our close_notify goes out.  That close is bounded by
   ``LINGER`` seconds, after which our write side is shut without it, and a
   failure while it lasts (the peer hung up, a reset) is no error: the
   application's status is the result.
@@ -292,8 +292,9 @@ class Lifetime:
         self.app_output_open = True
         self.app_input_open = True
         self.net_open = True
-        # a TLS record OpenSSL started to write and must finish (socket link)
-        self.write_pending = False
+        # bytes of outbound.data() a TLS write took before it had to wait: it
+        # must be retried with them (at least) before anything else (socket link)
+        self.write_pending = 0
         self._drop_after_send = False
         self._signals: list[int] = []
         self._control: tuple[Op, ...] | None = None  # control_ops(), until the state changes
@@ -475,7 +476,7 @@ class Lifetime:
         self.outbound.consumed(n)
         self.stats.to_peer += n
         self.moved = True
-        self.write_pending = False
+        self.write_pending = 0
         if self._drop_after_send:
             self._drop_after_send = False
             self.outbound.truncate(0)
@@ -483,9 +484,9 @@ class Lifetime:
             self._advance()
 
     def send_blocked(self) -> None:
-        """SEND must wait, with a TLS record started: it must be finished first."""
+        """SEND must wait, with records of ``outbound.data()`` started: it must be retried."""
         self._expect(self.out in (Out.OPEN, Out.DRAINING), "send_blocked")
-        self.write_pending = True
+        self.write_pending = len(self.outbound)
 
     def notified(self) -> None:
         """NOTIFY: our close_notify is written."""
@@ -510,7 +511,7 @@ class Lifetime:
         self.out = Out.CLOSED
         self.close_by = None
         self.outbound.truncate(0)
-        self.write_pending = False
+        self.write_pending = 0
         self._advance()
 
     def app_output_closed(self) -> None:
@@ -665,8 +666,8 @@ class Lifetime:
         if self.out in (Out.DRAINING, Out.NOTIFYING, Out.SHUTTING):
             if self.close_by is None:
                 self.close_by = self.now + LINGER
-            if self.write_pending:
-                self.outbound.truncate(RECORD)
+            if self.write_pending:  # OpenSSL wants the same bytes again
+                self.outbound.truncate(self.write_pending)
                 self._drop_after_send = True
             else:
                 self.outbound.truncate(0)
@@ -677,7 +678,7 @@ class Lifetime:
         if self.out in (Out.DRAINING, Out.NOTIFYING, Out.SHUTTING):
             self.out = Out.ABANDONING
             self.outbound.truncate(0)
-            self.write_pending = False
+            self.write_pending = 0
             self._drop_after_send = False
 
     def _stop_lingering(self) -> None:
@@ -702,7 +703,7 @@ class Lifetime:
         self.out = Out.CLOSED
         self.close_by = self.idle_at = self.linger_until = None
         self.outbound.truncate(0)
-        self.write_pending = False
+        self.write_pending = 0
         if self.in_ in (In.OPEN, In.DRAINING):
             self.in_ = In.HELD if self._our_side_over_at_error else In.DRAINING
         elif self.in_ is In.DISCARDING:
@@ -733,7 +734,7 @@ class Lifetime:
         """Stop every transfer now: drop the buffers, shut what is open."""
         self.outbound.truncate(0)
         self.inbound.truncate(0)
-        self.write_pending = False
+        self.write_pending = 0
         if self.out is not Out.CLOSED:
             self.out = Out.CLOSED
         self.in_ = In.CLOSED

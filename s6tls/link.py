@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 _ALERT_CLOSE_NOTIFY = 0
+_WAITS = (SSL.WantReadError, SSL.WantWriteError, SSL.SysCallError)
 _DRAIN_LIMIT = 64  # reads of what is pending when the socket is closed
 
 
@@ -146,7 +147,8 @@ class Link:
         # SSL_CB_READ_ALERT is two bits (alert | read): testing either one
         # alone would also count the close_notify we send ourselves under -S.
         def on_info(conn: SSL.Connection, where: int, ret: int) -> None:
-            if where & SSL.SSL_CB_READ_ALERT == SSL.SSL_CB_READ_ALERT and ret & 0xFF == 0:
+            read_alert = where & SSL.SSL_CB_READ_ALERT == SSL.SSL_CB_READ_ALERT
+            if read_alert and ret & 0xFF == _ALERT_CLOSE_NOTIFY:
                 self.close_notify_received = True
             if self.handshake_watch is not None:
                 self.handshake_watch.on_info(conn, where, ret)
@@ -224,41 +226,33 @@ class SocketLink(Link):
     def _tls(self, op: Callable[..., T], *args: object) -> T:
         try:
             return op(*args)
-        except SSL.WantReadError:
-            raise WouldBlock(self.rfd, select.POLLIN) from None
-        except SSL.WantWriteError:
-            raise WouldBlock(self.wfd, select.POLLOUT) from None
-        except SSL.SysCallError as exc:
-            if exc.args and exc.args[0] == errno.EPIPE:
-                raise PeerGone from None
-            raise
+        except _WAITS as exc:
+            raise self._translated(exc) from None
+
+    def _translated(self, exc: SSL.Error, pending: bool = False) -> Exception:
+        """What a pyOpenSSL exception means here: wait for a descriptor, the peer
+        hung up (EPIPE), or the exception itself."""
+        if isinstance(exc, SSL.WantReadError):
+            return WouldBlock(self.rfd, select.POLLIN, pending)
+        if isinstance(exc, SSL.WantWriteError):
+            return WouldBlock(self.wfd, select.POLLOUT, pending)
+        if exc.args and exc.args[0] == errno.EPIPE:
+            return PeerGone()
+        return exc
 
     def recv(self, view: memoryview) -> int:
         try:
             return recv_into(self.conn, view, RECORD)
         except SSL.ZeroReturnError:
             return 0
-        except SSL.WantReadError:
-            raise WouldBlock(self.rfd, select.POLLIN) from None
-        except SSL.WantWriteError:
-            raise WouldBlock(self.wfd, select.POLLOUT) from None
-        except SSL.SysCallError as exc:
-            if exc.args and exc.args[0] == errno.EPIPE:
-                raise PeerGone from None
-            raise
+        except _WAITS as exc:
+            raise self._translated(exc) from None
 
     def send(self, view: memoryview) -> int:
         try:
             return self.conn.send(view)
-        # A write that must wait leaves a record half-written in OpenSSL.
-        except SSL.WantWriteError:
-            raise WouldBlock(self.wfd, select.POLLOUT, True) from None
-        except SSL.WantReadError:
-            raise WouldBlock(self.rfd, select.POLLIN, True) from None
-        except SSL.SysCallError as exc:
-            if exc.args and exc.args[0] == errno.EPIPE:
-                raise PeerGone from None
-            raise
+        except _WAITS as exc:  # waiting leaves a record half-written in OpenSSL
+            raise self._translated(exc, pending=True) from None
 
     def notify(self) -> None:
         self._tls(self.conn.shutdown)

@@ -26,7 +26,7 @@ from engine_harness import Stream, contexts, start_engine, transport
 from OpenSSL import SSL
 from server_helpers import start_server
 from tls_peer import TlsPeer, client_context, connection_reset, server_context
-from ucspi_helpers import LineReader, spawn_tlsd, tcp_pair
+from ucspi_helpers import LineReader, spawn_tlsc, spawn_tlsd, tcp_pair
 
 from s6tls.lifetime import GRACE, LINGER
 
@@ -77,6 +77,28 @@ def accept_peer(pki, conn: socket.socket) -> TlsPeer:
     """A TLS server with the test certificate on the accepted ``conn``."""
     ctx = server_context(pki["server_cert"], pki["server_key"])
     return TlsPeer.on_socket(ctx, conn, server=True)
+
+
+def client_with_peer(prog: str, app: list[str], env, pki) -> tuple[subprocess.Popen, TlsPeer]:
+    """s6-tlsc (the socket on its fds 6 and 7) or s6-tlsclient, against a TlsPeer server.
+
+    The handshake is done when it returns.
+    """
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        port = listener.getsockname()[1]
+        if prog == "s6-tlsclient":
+            argv = [*program(prog), "-k", "localhost", "127.0.0.1", str(port), *app]
+            proc = subprocess.Popen(
+                argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+            )
+            conn, _ = listener.accept()
+        else:
+            c = socket.create_connection(("127.0.0.1", port))
+            conn, _ = listener.accept()
+            proc = spawn_tlsc(["-k", "localhost"], app, env, c)
+    peer = accept_peer(pki, conn)
+    peer.handshake()
+    return proc, peer
 
 
 def tlsd_with_peer(args, app, env, max_version=None, pki=None):
@@ -156,7 +178,9 @@ def test_a_tls12_peer_that_sends_close_notify_mid_download_gets_the_applications
             peer.handshake()
             assert len(peer.recv_until_end(limit=1 << 20)) >= 1 << 20  # the download runs
             peer.close_notify()  # the client aborts, while a record of ours is half-written
-            if then == "reads on":
+            if then == "reads on":  # with room now: what is left arrives within the bound
+                with socket.fromfd(peer.fd, socket.AF_INET, socket.SOCK_STREAM) as sock:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
                 with contextlib.suppress(SSL.Error):  # its records after our close_notify
                     peer.recv_until_end()
             code, _cpu = wait_rusage(proc, LINGER + MARGIN)
@@ -203,31 +227,20 @@ def test_s6_tlsd_ends_within_the_linger_bound_when_the_application_exits_and_the
 def test_s6_tlsclient_ends_within_the_linger_bound_when_the_application_exits_and_the_peer_sends(
     pace, client_env, pki
 ):
-    listener = socket.create_server(("127.0.0.1", 0))
-    port = listener.getsockname()[1]
-    app = ["sh", "-c", "echo hi >&7; exit 4"]
-    proc = subprocess.Popen(
-        [*program("s6-tlsclient"), "-k", "localhost", "127.0.0.1", str(port), *app],
-        env=client_env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    conn, _addr = listener.accept()
-    listener.close()
-    peer = TlsPeer.on_socket(
-        server_context(pki["server_cert"], pki["server_key"]), conn, server=True
+    proc, peer = client_with_peer(
+        "s6-tlsclient", ["sh", "-c", "echo hi >&7; exit 4"], client_env, pki
     )
     stop = threading.Event()
+    sender = threading.Thread(target=_keep_sending, args=(peer, pace, stop), daemon=True)
+    started = time.monotonic()
+    sender.start()
     try:
-        peer.handshake()
-        sender = threading.Thread(target=_keep_sending, args=(peer, pace, stop), daemon=True)
-        started = time.monotonic()
-        sender.start()
         code, _cpu = wait_rusage(proc, LINGER + MARGIN)
-        assert time.monotonic() - started < LINGER + MARGIN
     finally:
         stop.set()
+        sender.join(10)
         peer.close()
+    assert time.monotonic() - started < LINGER + MARGIN
     assert (code, stderr_of(proc)) == (4, "")
 
 
@@ -255,9 +268,7 @@ def test_a_bad_record_after_the_handshake_keeps_the_slot_until_the_application_i
     server, port = start_server(["-v", "-c", "1"], [*PY, SIGTERM_APP, str(log)], env)
     errors = LineReader(server.stderr)
     try:
-        first = TlsPeer.on_socket(
-            client_context(pki["ca"]), socket.create_connection(("127.0.0.1", port))
-        )
+        first = connect_peer(pki, port)
         first.handshake()
         deadline = time.monotonic() + 20
         first.write_raw(b"\x17\x03\x03\x00\x20" + os.urandom(32), deadline)  # a bad record
@@ -266,9 +277,7 @@ def test_a_bad_record_after_the_handshake_keeps_the_slot_until_the_application_i
             if " end pid " in line or line.startswith("s6-tlsserver: info: end pid"):
                 break
         first.close()
-        second = TlsPeer.on_socket(
-            client_context(pki["ca"]), socket.create_connection(("127.0.0.1", port))
-        )
+        second = connect_peer(pki, port)
         second.handshake()
         assert second.recv() == b"ready\n"  # its application has started
         second.close()
@@ -286,9 +295,9 @@ def _pid_line(data: bytes) -> int:
     return int(data.split(b"\n", 1)[0])
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
-def test_a_signal_to_s6_tlsd_reaches_the_application_and_its_status_is_ours(sig, tlsd_env, pki):
-    proc, peer = tlsd_with_peer([], ["sh", "-c", "echo $$; exec sleep 600"], tlsd_env, pki=pki)
+def signal_reaches_the_application(proc: subprocess.Popen, peer: TlsPeer, sig: int) -> None:
+    """The application sends its pid first; ``sig`` to ``proc`` must end it, and ``proc``
+    must exit with its status, saying nothing."""
     try:
         app = _pid_line(peer.recv())
         proc.send_signal(sig)
@@ -300,42 +309,18 @@ def test_a_signal_to_s6_tlsd_reaches_the_application_and_its_status_is_ours(sig,
     assert gone(app)
 
 
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
+def test_a_signal_to_s6_tlsd_reaches_the_application_and_its_status_is_ours(sig, tlsd_env, pki):
+    proc, peer = tlsd_with_peer([], ["sh", "-c", "echo $$; exec sleep 600"], tlsd_env, pki=pki)
+    signal_reaches_the_application(proc, peer, sig)
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 @pytest.mark.parametrize("prog", ["s6-tlsc", "s6-tlsclient"])
 def test_a_signal_to_the_client_programs_reaches_the_application(sig, prog, client_env, pki):
-    listener = socket.create_server(("127.0.0.1", 0))
-    port = listener.getsockname()[1]
     app = ["sh", "-c", "echo $$ >&7; exec sleep 600"]
-    if prog == "s6-tlsclient":
-        argv = [*program(prog), "-k", "localhost", "127.0.0.1", str(port), *app]
-        proc = subprocess.Popen(argv, env=client_env, stderr=subprocess.PIPE)
-        conn, _ = listener.accept()
-    else:
-        c = socket.create_connection(listener.getsockname())
-        conn, _ = listener.accept()
-        fd = c.fileno()
-        proc = subprocess.Popen(
-            [*program(prog), "-k", "localhost", "--", *app],
-            env=client_env,
-            stderr=subprocess.PIPE,
-            preexec_fn=lambda: (os.dup2(fd, 6), os.dup2(fd, 7)),
-            close_fds=False,
-        )
-        c.close()
-    listener.close()
-    peer = TlsPeer.on_socket(
-        server_context(pki["server_cert"], pki["server_key"]), conn, server=True
-    )
-    try:
-        peer.handshake()
-        app_pid = _pid_line(peer.recv())
-        proc.send_signal(sig)
-        code, _cpu = wait_rusage(proc, MARGIN)
-    finally:
-        peer.close()
-    assert code == 128 + sig
-    assert stderr_of(proc) == ""
-    assert gone(app_pid)
+    proc, peer = client_with_peer(prog, app, client_env, pki)
+    signal_reaches_the_application(proc, peer, sig)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
@@ -344,9 +329,7 @@ def test_a_signal_to_an_s6_tlsserver_child_reaches_the_application(sig, server_e
     server, port = start_server(["-v"], ["sh", "-c", "echo $$; exec sleep 600"], env)
     errors = LineReader(server.stderr)
     try:
-        peer = TlsPeer.on_socket(
-            client_context(pki["ca"]), socket.create_connection(("127.0.0.1", port))
-        )
+        peer = connect_peer(pki, port)
         peer.handshake()
         app = _pid_line(peer.recv())
         child = int(Path(f"/proc/{app}/stat").read_text().rsplit(")", 1)[1].split()[1])

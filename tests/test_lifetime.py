@@ -443,16 +443,18 @@ def test_tls13_close_notify_under_S_keeps_our_direction_open():
     assert m.out is Out.OPEN and m.wants(Op.SEND) and m.wants(Op.READ_APP)
 
 
-def test_tls12_close_notify_under_S_finishes_a_started_record_then_answers():
+def test_tls12_close_notify_under_S_finishes_a_started_write_then_answers():
     """Case 2 of the lifetime issue: no 98, the application's status."""
     m = Lifetime(close_notify=True, tls12=True)
     m.outbound.space()[: 3 * RECORD] = bytes(3 * RECORD)
     m.app_read(3 * RECORD)
-    m.send_blocked()  # OpenSSL holds a half-written record
+    m.send_blocked()  # OpenSSL started on these 48 KiB and must be given them again
+    m.outbound.space()[:100] = bytes(100)
+    m.app_read(100)  # more came from the application meanwhile
     m.peer_closed(close_notify=True)
-    assert m.out is Out.DRAINING and len(m.outbound) == RECORD  # the started record stays
+    assert m.out is Out.DRAINING and len(m.outbound) == 3 * RECORD  # the started write stays
     assert m.wants(Op.SEND) and not m.wants(Op.NOTIFY) and not m.wants(Op.READ_APP)
-    m.sent(RECORD)
+    m.sent(RECORD)  # it finished one record: the rest is given up
     assert m.out is Out.NOTIFYING and len(m.outbound) == 0
     m.notified()
     m.shut()
