@@ -204,11 +204,8 @@ def _keep_sending(peer: TlsPeer, pace: float | None, stop: threading.Event) -> N
                 stop.wait(pace)
 
 
-@pytest.mark.parametrize("pace", [0.05, None], ids=["chatty", "endless"])
-def test_s6_tlsd_ends_within_the_linger_bound_when_the_application_exits_and_the_peer_sends(
-    pace, tlsd_env, pki
-):
-    proc, peer = tlsd_with_peer([], ["sh", "-c", "echo bye; exit 4"], tlsd_env, pki=pki)
+def ends_within_the_linger_bound(proc: subprocess.Popen, peer: TlsPeer, pace: float | None):
+    """``peer`` keeps sending; ``proc``, whose application exits 4, must end all the same."""
     stop = threading.Event()
     sender = threading.Thread(target=_keep_sending, args=(peer, pace, stop), daemon=True)
     started = time.monotonic()
@@ -221,6 +218,14 @@ def test_s6_tlsd_ends_within_the_linger_bound_when_the_application_exits_and_the
         peer.close()
     assert time.monotonic() - started < LINGER + MARGIN
     assert (code, stderr_of(proc)) == (4, "")
+
+
+@pytest.mark.parametrize("pace", [0.05, None], ids=["chatty", "endless"])
+def test_s6_tlsd_ends_within_the_linger_bound_when_the_application_exits_and_the_peer_sends(
+    pace, tlsd_env, pki
+):
+    proc, peer = tlsd_with_peer([], ["sh", "-c", "echo bye; exit 4"], tlsd_env, pki=pki)
+    ends_within_the_linger_bound(proc, peer, pace)
 
 
 @pytest.mark.parametrize("pace", [0.05, None], ids=["chatty", "endless"])
@@ -230,18 +235,7 @@ def test_s6_tlsclient_ends_within_the_linger_bound_when_the_application_exits_an
     proc, peer = client_with_peer(
         "s6-tlsclient", ["sh", "-c", "echo hi >&7; exit 4"], client_env, pki
     )
-    stop = threading.Event()
-    sender = threading.Thread(target=_keep_sending, args=(peer, pace, stop), daemon=True)
-    started = time.monotonic()
-    sender.start()
-    try:
-        code, _cpu = wait_rusage(proc, LINGER + MARGIN)
-    finally:
-        stop.set()
-        sender.join(10)
-        peer.close()
-    assert time.monotonic() - started < LINGER + MARGIN
-    assert (code, stderr_of(proc)) == (4, "")
+    ends_within_the_linger_bound(proc, peer, pace)
 
 
 # -- 4. an error after the handshake, under s6-tlsserver -c 1 ------------------

@@ -46,6 +46,13 @@ def fill(buf: Buffer, data: bytes) -> None:
     buf.produced(len(data))
 
 
+def close_descriptors(m: Lifetime) -> None:
+    """Perform the three closes the machine wants at its end."""
+    m.app_output_closed()
+    m.app_input_closed()
+    m.net_closed()
+
+
 def exited(code: int) -> int:
     """The wait status of a process that exited with ``code``."""
     return code << 8
@@ -458,9 +465,7 @@ def test_tls12_close_notify_under_S_finishes_a_started_write_then_answers():
     assert m.out is Out.NOTIFYING and len(m.outbound) == 0
     m.notified()
     m.shut()
-    m.app_output_closed()
-    m.app_input_closed()
-    m.net_closed()
+    close_descriptors(m)
     m.app_exited(exited(3))
     assert m.finished and m.result() == exited(3)
 
@@ -474,9 +479,7 @@ def test_a_failure_during_the_tls12_close_is_no_error():
     m.send_failed("connection broken: Connection reset by peer")  # it hung up
     assert m.error is None and m.out is Out.CLOSED
     m.app_exited(exited(3))
-    m.app_output_closed()
-    m.app_input_closed()
-    m.net_closed()
+    close_descriptors(m)
     assert m.result() == exited(3)
 
 
@@ -520,9 +523,7 @@ def test_a_dead_application_output_is_still_sent_then_the_peer_is_drained_with_a
         now += 0.01
         m.tick(now)
     assert now <= LINGER + 0.02
-    m.app_output_closed()
-    m.app_input_closed()
-    m.net_closed()
+    close_descriptors(m)
     assert m.finished and m.result() == exited(7)
 
 
@@ -585,9 +586,7 @@ def test_an_error_closes_the_pipes_then_sigterm_then_sigkill_and_waits():
     assert m.out is Out.CLOSED and m.in_ is In.CLOSED
     assert m.wants(Op.CLOSE_APP_OUTPUT) and m.wants(Op.CLOSE_APP_INPUT) and m.wants(Op.CLOSE_NET)
     assert m.deadline() == GRACE
-    m.app_output_closed()
-    m.app_input_closed()
-    m.net_closed()
+    close_descriptors(m)
     m.tick(GRACE)
     assert m.take_signals() == [signal.SIGTERM] and m.app is App.TERMINATED
     m.tick(2 * GRACE)
@@ -616,9 +615,7 @@ def test_an_error_after_our_end_is_the_end_if_the_application_exits_by_itself():
     m.peer_failed("TLS error: decode error")  # a peer answering our bare EOF
     assert m.in_ is In.HELD and not m.wants(Op.CLOSE_APP_INPUT)  # no clean EOF handed over
     m.app_exited(exited(0))
-    m.app_output_closed()
-    m.app_input_closed()
-    m.net_closed()
+    close_descriptors(m)
     assert m.result() == exited(0)
 
 
@@ -630,9 +627,7 @@ def test_an_error_after_our_end_still_stands_when_the_application_had_to_be_kill
     m.tick(GRACE)
     assert m.take_signals() == [signal.SIGTERM] and m.wants(Op.CLOSE_APP_INPUT)
     m.app_exited(signal.SIGTERM)
-    m.app_output_closed()
-    m.app_input_closed()
-    m.net_closed()
+    close_descriptors(m)
     with pytest.raises(TlsRuntimeError):
         m.result()
 
@@ -651,18 +646,14 @@ def test_a_signal_after_the_application_died_ends_the_close_at_once():
     m = Lifetime()
     m.app_exited(exited(5))
     m.signal(signal.SIGTERM)
-    m.app_output_closed()
-    m.app_input_closed()
-    m.net_closed()
+    close_descriptors(m)
     assert m.finished and m.result() == exited(5)
 
 
 def test_without_an_application_a_signal_ends_the_tunnel_as_if_it_killed_it():
     m = Lifetime(app=False)
     m.signal(signal.SIGTERM)
-    m.app_output_closed()
-    m.app_input_closed()
-    m.net_closed()
+    close_descriptors(m)
     assert m.finished and m.result() == signal.SIGTERM
 
 
