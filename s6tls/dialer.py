@@ -1,8 +1,8 @@
 """s6-tlsclient's TCP side, as s6-tcpclient does it: connect, then name both ends.
 
 ``connect`` resolves the host (IP literals are taken as they are), then
-tries every address in turn with the first timeout of ``-T x+y``; the
-addresses that timed out are tried again with the second.  With a single
+tries every address in turn with the first timeout of ``-T x+y``; when
+all failed, they are tried again with the second.  With a single
 address, it gets both timeouts at once.  ``-t`` puts one deadline on all
 of it.  ``local_names`` then fills TCPLOCALHOST and TCPREMOTEHOST from the
 resolver, unless -H (or -l for the local name).
@@ -53,15 +53,12 @@ def connect(dial: Dial) -> socket.socket:
     if len(addrs) == 1:
         first, second = (first and first + second), 0.0
     last = "no address"
-    retry: list[tuple[int, tuple]] = []
-    for timeout, round_addrs in ((first, addrs), (second, retry)):
-        for af, addr in list(round_addrs):
-            sock, reason = _try(dial, af, addr, timeout)
+    # A second round comes only when every address failed the first.
+    for timeout in (first, second) if second else (first,):
+        for af, addr in addrs:
+            sock, last = _try(dial, af, addr, timeout)
             if sock is not None:
                 return sock
-            last = reason
-            if round_addrs is addrs and second:
-                retry.append((af, addr))
     raise SystemFailure(f"unable to connect to {dial.host} port {dial.port}: {last}")
 
 
