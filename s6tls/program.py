@@ -218,7 +218,7 @@ def start(program: Program, argv: Sequence[str], log: Log) -> int:
     if cfg.dtls:
         from . import dtlslink  # noqa: F401  (the link of every association)
 
-    announce(cfg, log)
+    announce(cfg, values, log)
     contexts = Contexts(cfg, log.warn, tickets=program.issues_tickets)
     if conf:
         del os.environ["OPENSSL_CONF"]  # ours, not the application's
@@ -235,15 +235,18 @@ def _asked_ids(values: Mapping[str, Any], cfg: TlsConfig) -> Ids:
     return ids_from_options(uid, gid, from_env, os.environ, groups)
 
 
-def announce(cfg: TlsConfig, log: Log) -> None:
+def announce(cfg: TlsConfig, values: Mapping[str, Any], log: Log) -> None:
     """The start-up warnings about a configuration that works, but maybe not as meant.
 
-    The configuration's own (``TlsConfig.warnings``) are printed here, once
-    per start; those about the files (an expired certificate, a key others
-    can read) come from ``Contexts``, at start and at each reload.
+    The configuration's own (``TlsConfig.warnings``) and the options' are
+    printed here, once per start; those about the files (an expired
+    certificate, a key others can read) come from ``Contexts``, at start and
+    at each reload.
     """
     for line in cfg.warnings:
         log.warn(line)
+    if values.get("ident"):  # -r, of UCSPI_TCP
+        log.warn("-r: s6tls does no IDENT look-up, TCPREMOTEINFO stays unset")
 
 
 def check_app(name: str) -> None:

@@ -34,8 +34,6 @@ def adjust(values: dict[str, Any]) -> None:
 def serve(setup: Setup) -> int:
     """Connect, then the connection's socket for both ciphertext fds, prog on 6 and 7."""
     v = setup.values
-    if v["ident"]:
-        setup.log.warn("-r: s6tls does no IDENT look-up, TCPREMOTEINFO stays unset")
     sock = connect(dial_from_values(v))
     env = variables("TCP", sock.getsockname(), sock.getpeername())
     names = local_names(

@@ -72,8 +72,6 @@ def serve(setup: Setup) -> int:
     v = setup.values
     listeners = systemd.listening_sockets(os.environ)
     before_tls = gate.Gate.from_values(v)
-    if v["ident"]:
-        setup.log.warn("-r: s6tls does no IDENT look-up, TCPREMOTEINFO stays unset")
     server = Server(setup, listeners, before_tls)
     if not listeners:
         server.listeners = [listen(v["ip"], v["port"], v["family"], v["backlog"])]
