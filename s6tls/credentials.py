@@ -110,8 +110,8 @@ def is_pem(data: bytes) -> bool:
     return _PEM_BEGIN in data
 
 
-def _load_certificates(what: str, path: str) -> tuple[x509.Certificate, ...]:
-    data = _read(what, path)
+def _parse_certificates(what: str, path: str, data: bytes) -> tuple[x509.Certificate, ...]:
+    """The certificates in ``data``, read from ``path``; ``ConfigError`` (96) if none."""
     try:
         if is_pem(data):
             return tuple(x509.load_pem_x509_certificates(data))
@@ -143,7 +143,7 @@ def _load_key(path: str, password: bytes | None, warnings: list[str]) -> Private
 def _load_keypair(
     pair: Keypair, password: bytes | None, now: datetime.datetime, warnings: list[str]
 ) -> LoadedKeypair:
-    chain = _load_certificates("CERTFILE", pair.certfile)
+    chain = _parse_certificates("CERTFILE", pair.certfile, _read("CERTFILE", pair.certfile))
     key = _load_key(pair.keyfile, password, warnings)
     if chain[0].public_key() != key.public_key():
         raise ConfigError(
@@ -170,8 +170,9 @@ def timestamp(when: datetime.datetime) -> str:
 
 
 def _load_cas(path: str, warnings: list[str]) -> tuple[x509.Certificate, ...]:
-    cas = _load_certificates("CAFILE", path)
-    if _PEM_CRL.search(_read("CAFILE", path)):
+    data = _read("CAFILE", path)
+    cas = _parse_certificates("CAFILE", path, data)
+    if _PEM_CRL.search(data):
         warnings.append(f"CAFILE {path} holds CRLs, which are not checked there: use CRLFILE")
     return cas
 
