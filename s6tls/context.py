@@ -25,6 +25,7 @@ and leaves its reason in the connection's ``VerifyNotes``.
 """
 
 import datetime
+import functools
 import os
 import time
 from collections.abc import Callable
@@ -70,8 +71,12 @@ class VerifyNotes:
     sessions: SessionStore | None = None  # a client with TLS_SESSION_DIR
 
 
+@functools.cache
 def default_groups() -> str:
-    """The hybrid post-quantum group first where this OpenSSL has it, then X25519, P-256, P-384."""
+    """The hybrid post-quantum group first where this OpenSSL has it, then X25519, P-256, P-384.
+
+    Probed once per process: the OpenSSL in use does not change.
+    """
     if ossl.has_group(ossl.HYBRID_GROUP):
         return f"{ossl.HYBRID_GROUP}:{DEFAULT_GROUPS}"
     return DEFAULT_GROUPS
@@ -99,9 +104,7 @@ class Contexts:
         self.cfg = cfg
         self.warn = warn
         self.tickets = tickets
-        self.creds = self._load()
-        self.context = make_context(cfg, self.creds, tickets=tickets)
-        self.born = time.monotonic()
+        self._install(self._load())
 
     def _load(self) -> Credentials:
         creds = load_credentials(self.cfg)
@@ -110,12 +113,14 @@ class Contexts:
                 self.warn(line)
         return creds
 
+    def _install(self, creds: Credentials) -> None:
+        """Build the context from ``creds`` and make it current; on error keep the old one."""
+        context = make_context(self.cfg, creds, tickets=self.tickets)
+        self.creds, self.context, self.born = creds, context, time.monotonic()
+
     def reload(self) -> None:
         """Read the files again and build a new context, or raise and keep the old one."""
-        creds = self._load()
-        self.context = make_context(self.cfg, creds, tickets=self.tickets)
-        self.creds = creds
-        self.born = time.monotonic()
+        self._install(self._load())
 
     def seconds_to_rotation(self) -> float:
         """How long until the ticket key must be replaced (0 when it is due)."""
@@ -125,8 +130,7 @@ class Contexts:
         """Replace the ticket key if it is old enough; True if it was replaced."""
         if not self.tickets or self.seconds_to_rotation() > 0:
             return False
-        self.context = make_context(self.cfg, self.creds, tickets=True)
-        self.born = time.monotonic()
+        self._install(self.creds)
         return True
 
 
@@ -148,7 +152,7 @@ def make_context(cfg: TlsConfig, creds: Credentials, *, tickets: bool = False) -
     """
     if cfg.role == "client":
         ctx = _base_context(cfg, creds)
-        if cfg.options.client_cert and creds.keypair:
+        if creds.keypair:  # read only with -y
             _use_keypair(ctx, creds.keypair)
         return ctx
     named = {}
@@ -338,7 +342,7 @@ def sni_lookup(names: dict[str, SSL.Context], servername: str) -> SSL.Context | 
 
     A wildcard stands for exactly one label, as in certificates.
     """
-    servername = servername.lower().rstrip(".")
+    servername = servername.lower()  # a host name: no trailing dot
     if servername in names:
         return names[servername]
     _label, dot, parent = servername.partition(".")
