@@ -24,6 +24,7 @@ from OpenSSL import SSL
 from .errors import TlsRuntimeError
 from .lifetime import DATA_OPS, In, Lifetime, Op, Out, Stats
 from .link import Link, PeerGone, WouldBlock, error_reason
+from .selfpipe import read_signals
 
 if TYPE_CHECKING:
     from .ktls_path import KernelPath
@@ -101,7 +102,6 @@ def run(
     """
     cread, cwrite, selfpipe = fds
     link.conn.set_options(SSL.OP_IGNORE_UNEXPECTED_EOF)  # -J is the machine's
-    stats = stats if stats is not None else Stats()
     machine = Lifetime(
         close_notify=close_notify,
         strict_close_notify=strict_close_notify,
@@ -112,7 +112,7 @@ def run(
         stats=stats,
         max_datagram=link.max_datagram,
     )
-    path = _kernel_path(link, (cread, cwrite), machine, stats) if ktls else None
+    path = _kernel_path(link, (cread, cwrite), machine) if ktls else None
     if path is None:
         loop = _Loop(machine, link, cread, cwrite, selfpipe, pid)
     else:
@@ -127,16 +127,16 @@ def run(
     return machine.result()
 
 
-def _kernel_path(
-    link: Link, app: tuple[int, int], machine: Lifetime, stats: Stats
-) -> "KernelPath | None":
-    """The kernel path for ``link``, or None: ``stats.path`` says which, and why.
+def _kernel_path(link: Link, app: tuple[int, int], machine: Lifetime) -> "KernelPath | None":
+    """The kernel path for ``link``, or None: ``machine.stats.path`` says which, and why.
 
     ``app`` are the application's descriptors: pipes, or splice cannot
     move the data.  When the kernel took one direction only, the machine
     is told that the connection failed (98).
     """
     from .ktls_path import HalfInstalled, take_over  # only then: it costs start-up time
+
+    stats = machine.stats
 
     if not all(stat.S_ISFIFO(os.fstat(fd).st_mode) for fd in app):
         stats.path = "userspace (kernel TLS: the application's descriptors are not pipes)"
@@ -267,11 +267,7 @@ class _Loop:
 
     def _read_selfpipe(self) -> None:
         """Report the application's exit and the signals the selfpipe delivered."""
-        data = b""
-        with contextlib.suppress(BlockingIOError):
-            while chunk := os.read(self.selfpipe, 256):
-                data += chunk
-        for sig in dict.fromkeys(data):
+        for sig in read_signals(self.selfpipe):
             if sig != signal.SIGCHLD and not self.m.finished:
                 self.m.signal(sig)
         if self.pid is not None and self.m.status is None:

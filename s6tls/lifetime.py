@@ -287,7 +287,6 @@ class Lifetime:
         self.app = App.RUNNING if app else App.ABSENT
         self.status: int | None = None  # the application's wait status, once it exited
         self.error: TlsRuntimeError | None = None
-        self.ending = ""
         # facts about descriptors the loop still has to close
         self.app_output_open = True
         self.app_input_open = True
@@ -295,14 +294,12 @@ class Lifetime:
         # bytes of outbound.data() a TLS write took before it had to wait: it
         # must be retried with them (at least) before anything else (socket link)
         self.write_pending = 0
-        self._drop_after_send = False
         self._signals: list[int] = []
         self._control: tuple[Op, ...] | None = None  # control_ops(), until the state changes
         self._our_side_over_at_error = False
         # time
         self.now = now
         self.moved = False  # application data moved since the last tick
-        self.last_activity = now
         self.idle_at = now + idle_timeout if idle_timeout is not None else None
         self.close_by: float | None = None  # the bound of a forced close of our side
         self.linger_until: float | None = None
@@ -363,6 +360,11 @@ class Lifetime:
         return op is Op.WAIT_APP and self.wanted() == (Op.WAIT_APP,)
 
     @property
+    def ending(self) -> str:
+        """The first reason the tunnel started to end ("" while it has none): ``stats.ending``."""
+        return self.stats.ending
+
+    @property
     def finished(self) -> bool:
         """True when nothing is left to do: ``result()`` may be called."""
         return (
@@ -405,7 +407,6 @@ class Lifetime:
         self.now = now
         if self.moved:
             self.moved = False
-            self.last_activity = now
             if self.idle_at is not None and self.idle_timeout is not None:
                 self.idle_at = now + self.idle_timeout
         idle_at, close_by = self.idle_at, self.close_by
@@ -477,8 +478,7 @@ class Lifetime:
         self.stats.to_peer += n
         self.moved = True
         self.write_pending = 0
-        if self._drop_after_send:
-            self._drop_after_send = False
+        if self.close_by is not None:  # a forced close: that was the retried write
             self.outbound.truncate(0)
         if out is _OUT_DRAINING and not self.outbound.end:
             self._advance()
@@ -539,8 +539,7 @@ class Lifetime:
         """RECV found the peer's end: its close_notify, or a bare EOF."""
         self._expect(self.in_ in (In.OPEN, In.DISCARDING), "peer_closed")
         if self.in_ is In.DISCARDING:  # nobody reads any more: no truncation to report
-            self.in_ = In.CLOSED
-            self.linger_until = None
+            self._stop_lingering()
         elif not close_notify and self.strict_close_notify:
             self._fail(TlsRuntimeError("peer closed the connection without close_notify"))
             return
@@ -556,8 +555,7 @@ class Lifetime:
         self._expect(self.in_ in (In.OPEN, In.DISCARDING), "peer_failed")
         if self.in_ is In.DISCARDING and self.out is Out.CLOSED:
             # Nobody reads any more and we sent everything: only the linger ends.
-            self.in_ = In.CLOSED
-            self.linger_until = None
+            self._stop_lingering()
             self._advance()
             return
         self._fail(TlsRuntimeError(reason))
@@ -615,7 +613,7 @@ class Lifetime:
         self._signals.clear()
         if self.error is not None and self._our_side_over_at_error and by_itself:
             self.error = None  # the peer was only answering the end of our side
-            self.ending = self.stats.ending = "application exited"
+            self.stats.ending = "application exited"
         self._end("application exited")
         self._close_app_input()
         self._advance()
@@ -647,8 +645,7 @@ class Lifetime:
 
     def _end(self, why: str) -> None:
         """Record the first reason the tunnel started to end."""
-        if not self.ending:
-            self.ending = why
+        if not self.stats.ending:
             self.stats.ending = why
 
     def _close_app_input(self) -> None:
@@ -666,9 +663,8 @@ class Lifetime:
         if self.out in (Out.DRAINING, Out.NOTIFYING, Out.SHUTTING):
             if self.close_by is None:
                 self.close_by = self.now + LINGER
-            if self.write_pending:  # OpenSSL wants the same bytes again
+            if self.write_pending:  # OpenSSL wants the same bytes again; sent() drops them
                 self.outbound.truncate(self.write_pending)
-                self._drop_after_send = True
             else:
                 self.outbound.truncate(0)
 
@@ -679,7 +675,6 @@ class Lifetime:
             self.out = Out.ABANDONING
             self.outbound.truncate(0)
             self.write_pending = 0
-            self._drop_after_send = False
 
     def _stop_lingering(self) -> None:
         if self.in_ is In.DISCARDING:
@@ -720,9 +715,7 @@ class Lifetime:
             self.app = App.TERMINATED
             self._signals.append(signal.SIGTERM)
             self.grace_until = self.now + GRACE
-            self.inbound.truncate(0)
-            if self.in_ is not In.CLOSED:
-                self.in_ = In.CLOSED
+            self._close_app_input()
         elif self.app is App.TERMINATED:
             self.app = App.KILLED
             self._signals.append(signal.SIGKILL)
@@ -735,8 +728,7 @@ class Lifetime:
         self.outbound.truncate(0)
         self.inbound.truncate(0)
         self.write_pending = 0
-        if self.out is not Out.CLOSED:
-            self.out = Out.CLOSED
+        self.out = Out.CLOSED
         self.in_ = In.CLOSED
         self.idle_at = self.close_by = self.linger_until = self.grace_until = None
 

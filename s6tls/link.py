@@ -25,7 +25,6 @@ from typing import TYPE_CHECKING, TypeVar
 
 from OpenSSL import SSL
 
-from .errors import TlsRuntimeError
 from .lifetime import BUFSIZE, RECORD
 from .ossl import pending_output, recv_into
 
@@ -77,11 +76,6 @@ def new_link(ctx: SSL.Context, rfd: int, wfd: int) -> "Link":
     if same_socket(rfd, wfd):
         return SocketLink(ctx, rfd, wfd)
     return BioLink(ctx, rfd, wfd)
-
-
-def runtime_error(exc: SSL.Error) -> TlsRuntimeError:
-    """A TLS-level failure on an established connection, as a ``TlsRuntimeError``."""
-    return TlsRuntimeError(error_reason(exc))
 
 
 def error_reason(exc: SSL.Error) -> str:

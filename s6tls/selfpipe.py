@@ -27,6 +27,20 @@ def _ignore(signum: int, frame: FrameType | None) -> None:
     """The Python-level handler: the byte on the pipe is all the work there is."""
 
 
+def read_signals(fd: int) -> list[int]:
+    """The signals pending on the selfpipe's read end ``fd``, each once, oldest first.
+
+    ``fd`` is non-blocking: never blocks; an empty list when nothing is pending.
+    """
+    data = b""
+    try:
+        while chunk := os.read(fd, 256):
+            data += chunk
+    except BlockingIOError:
+        pass
+    return list(dict.fromkeys(data))
+
+
 class SelfPipe:
     """A context manager that delivers the given signals as bytes on a pipe."""
 
@@ -62,10 +76,4 @@ class SelfPipe:
 
         Never blocks; returns an empty list when nothing is pending.
         """
-        data = b""
-        try:
-            while chunk := os.read(self._rfd, 256):
-                data += chunk
-        except BlockingIOError:
-            pass
-        return list(dict.fromkeys(data))
+        return read_signals(self._rfd)

@@ -35,7 +35,7 @@ from faultproxy import Fault, FaultProxy, set_rst_on_close
 from OpenSSL import SSL
 from server_helpers import free_port, start_server
 
-from s6tls.link import runtime_error
+from s6tls.link import error_reason
 
 MiB = 1 << 20
 
@@ -574,7 +574,7 @@ def test_every_failure_after_a_reset_is_reported_as_a_broken_connection(pki):
     for op in (server.shutdown, lambda: server.send(b"more")):
         with pytest.raises(SSL.Error) as info:
             op()
-        messages.append(str(runtime_error(info.value)))
+        messages.append(error_reason(info.value))
     theirs.close()
     assert all(m.startswith("connection broken: ") for m in messages), messages
     assert all(not m.endswith(": ") for m in messages), messages
