@@ -142,7 +142,7 @@ def _kernel_path(link: Link, app: tuple[int, int], machine: Lifetime) -> "Kernel
         stats.path = "userspace (kernel TLS: the application's descriptors are not pipes)"
         return None
     try:
-        path = take_over(link.conn, link.rfd, link.handshake_watch, link)
+        path = take_over(link.conn, link.rfd, link.wfd, link.handshake_watch, link)
     except HalfInstalled as exc:
         stats.path = "none"
         machine.send_failed(str(exc))

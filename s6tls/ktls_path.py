@@ -45,9 +45,13 @@ __all__ = ["PEER_CLOSE_NOTIFY", "HalfInstalled", "KernelPath", "take_over"]
 
 
 def take_over(
-    conn: SSL.Connection, fd: int, watch: HandshakeWatch | None, base: Link | None = None
+    conn: SSL.Connection,
+    rfd: int,
+    wfd: int,
+    watch: HandshakeWatch | None,
+    base: Link | None = None,
 ) -> "KernelPath | str":
-    """Give ``conn``'s record layer to the kernel, on the TCP socket ``fd``.
+    """Give ``conn``'s record layer to the kernel, on the TCP socket ``rfd`` = ``wfd``.
 
     ``conn``'s handshake is done and nothing was sent or received through it
     since; ``watch`` saw that handshake (None: nobody watched it).  ``base`` is the link the path
@@ -56,7 +60,7 @@ def take_over(
     in userspace).  Raises ``HalfInstalled`` (98) when the kernel took one
     direction only.
     """
-    reason = tcp_socket(fd, fd)
+    reason = tcp_socket(rfd, wfd)
     if reason is not None:
         return reason
     if conn.pending():
@@ -65,7 +69,7 @@ def take_over(
         return "the handshake was not watched"
     try:
         keys = connection_keys(conn, watch)
-        ktls = KernelTls.install(fd, keys)
+        ktls = KernelTls.install(rfd, keys)
     except (KeysUnavailable, Unavailable) as exc:
         return str(exc)
     return KernelPath(ktls, f"{conn.get_protocol_version_name()} {keys.suite.name}", base)

@@ -34,7 +34,7 @@ def pair_factory(pki):
 
 def path_of(pair, side):
     conn, sock = (pair.server, pair.ssock) if side == "server" else (pair.client, pair.csock)
-    path = ktls_path.take_over(conn, sock.fileno(), conn.get_app_data())
+    path = ktls_path.take_over(conn, sock.fileno(), sock.fileno(), conn.get_app_data())
     assert isinstance(path, ktls_path.KernelPath), path
     pair.opened.append(path.ktls)
     return path
@@ -54,14 +54,22 @@ def test_take_over_describes_the_suite(pair_factory):
 def test_take_over_refuses_what_the_kernel_cannot_take(pair_factory, pki):
     pair = pair_factory(TLS13, "TLS_AES_128_CCM_SHA256")
     conn = pair.server
-    assert ktls_path.take_over(conn, pair.ssock.fileno(), conn.get_app_data()) == (
+    assert ktls_path.take_over(conn, *[pair.ssock.fileno()] * 2, conn.get_app_data()) == (
         "TLSv1.3 TLS_AES_128_CCM_SHA256 is not a suite kernel TLS takes"
     )
     a, b = socket.socketpair()
     with a, b:
-        assert ktls_path.take_over(conn, a.fileno(), conn.get_app_data()) == (
+        assert ktls_path.take_over(conn, a.fileno(), a.fileno(), conn.get_app_data()) == (
             "the ciphertext descriptor is not a TCP socket"
         )
+    r, w = os.pipe()
+    try:  # records would go to the socket, not to the descriptor written to
+        assert ktls_path.take_over(conn, pair.ssock.fileno(), w, conn.get_app_data()) == (
+            "the ciphertext descriptors are not one socket"
+        )
+    finally:
+        os.close(r)
+        os.close(w)
 
 
 def queued(fd: int) -> int:
