@@ -129,7 +129,6 @@ class Server(ForkServer):
     def serve_child(self, env: dict[str, str], fd: int, channel: socket.socket) -> int:
         hello = base64.b64decode(env.pop(_HELLO))
         peer = peer_address(env["UDPREMOTEIP"], env["UDPREMOTEPORT"])
-        self.setup.drop_privileges()
         return self.setup.serve_connection(
             fd,
             fd,

@@ -19,7 +19,6 @@ port written on stdout, and ``READY=1`` to systemd's ``NOTIFY_SOCKET``.
 """
 
 import contextlib
-import dataclasses
 import errno
 import gc
 import json
@@ -293,7 +292,6 @@ class ForkServer:
         except S6tlsError as exc:
             self.log.warn(f"unable to reload the keypairs, keeping the old ones: {exc}")
             return
-        self.setup = dataclasses.replace(self.setup, ctx=self.setup.contexts.context)
         self.log.info("reloaded the keypairs")
         if self.listeners:
             self._retire_spare()  # it holds the old contexts
@@ -366,11 +364,9 @@ class ForkServer:
 
     def _rotate_if_due(self) -> None:
         """A new session ticket key every 12 hours: new children get a new context."""
-        if self.setup.contexts.rotate_if_due():
-            self.setup = dataclasses.replace(self.setup, ctx=self.setup.contexts.context)
-            if self.listeners:
-                self._retire_spare()  # it holds the old key
-                self._fork_spare()
+        if self.setup.contexts.rotate_if_due() and self.listeners:
+            self._retire_spare()  # it holds the old key
+            self._fork_spare()
 
     def _resume_if_due(self) -> None:
         if self.paused_until is not None and time.monotonic() >= self.paused_until:

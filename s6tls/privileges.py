@@ -102,15 +102,15 @@ def _show(value: int | None) -> str:
     return "-" if value is None else str(value)
 
 
-def drop_privileges(ids: Ids, cfg: TlsConfig) -> None:
+def drop_privileges(ids: Ids) -> None:
     """Become ``ids`` (checked by ``check_ids``): groups, then gid, then uid.
 
     Called after the keys are read and before the handshake.  The
     supplementary groups are always replaced (by ``ids.groups``, usually
     none).  Raises ``SystemFailure`` (111) if the kernel refuses.
 
-    Everything a connection needs is imported by then (``context`` sees to
-    it while it builds the contexts): the new user may not be allowed to
+    Everything a connection needs is imported by then (``program.start``
+    sees to it before it builds the contexts): the new user may not be allowed to
     read the Python installation (one under a 0700 home, for instance).
     """
     if not ids.wanted:

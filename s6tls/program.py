@@ -12,9 +12,8 @@ network is touched:
    (127 when not found, 126 when not executable);
 4. build the TLS context, once (``context``), and print the start-up
    warnings (``announce``);
-5. call the program's ``serve`` with a ``Setup``, which drops privileges
-   (``Setup.drop_privileges``) and serves connections
-   (``Setup.serve_connection``).
+5. call the program's ``serve`` with a ``Setup``, whose
+   ``serve_connection`` drops privileges, then serves a connection.
 
 The application's environment is the caller's: what Python adds to its own
 (``LC_CTYPE``, when it coerces the C locale) is taken back first.
@@ -112,23 +111,23 @@ def _wrap_synopsis(text: str, width: int = 79) -> list[str]:
 
 @dataclass(frozen=True)
 class Setup:
-    """Everything a program's network side needs, checked and built.
+    """Everything a program's network side needs, checked and built."""
 
-    ``ctx`` is ``contexts.context`` as it was when the Setup was made.
-    """
-
-    program: Program
     log: Log
     cfg: TlsConfig
-    ctx: "SSL.Context"
     app: tuple[str, ...]
     values: Mapping[str, Any]
     ids: Ids
     contexts: "Contexts"
 
+    @property
+    def ctx(self) -> "SSL.Context":
+        """The current context: ``contexts.context`` (a reload or a rotation replaces it)."""
+        return self.contexts.context
+
     def drop_privileges(self) -> None:
         """Become the ids asked for (checked at start); after the keys, before a handshake."""
-        drop_privileges(self.ids, self.cfg)
+        drop_privileges(self.ids)
 
     def serve_connection(
         self,
@@ -141,9 +140,13 @@ class Setup:
         on_handshake: Callable[[], None] | None = None,
         hello: bytes | None = None,
     ) -> int:
-        """``tunnel.serve_connection`` for this program, logging as ``peer IP:PORT pid N``."""
+        """Drop privileges, then ``tunnel.serve_connection`` for this program.
+
+        Its lines are logged as ``peer IP:PORT pid N``.
+        """
         from .tunnel import serve_connection
 
+        self.drop_privileges()
         return serve_connection(
             self.cfg,
             self.ctx,
@@ -159,9 +162,8 @@ class Setup:
         )
 
     def serve_connected(self, sock: "socket.socket", extra_env: Mapping[str, str]) -> int:
-        """A client's connected socket: drop privileges, then serve it, prog on -6/-7."""
+        """A client's connected socket: serve it (``serve_connection``), prog on -6/-7."""
         remote = sock.getpeername()
-        self.drop_privileges()
         fd = sock.detach()
         return self.serve_connection(
             fd,
@@ -222,7 +224,7 @@ def start(program: Program, argv: Sequence[str], log: Log) -> int:
     contexts = Contexts(cfg, log.warn, tickets=program.issues_tickets)
     if conf:
         del os.environ["OPENSSL_CONF"]  # ours, not the application's
-    setup = Setup(program, log, cfg, contexts.context, app, values, ids, contexts)
+    setup = Setup(log, cfg, app, values, ids, contexts)
     return program.serve(setup)
 
 

@@ -49,7 +49,6 @@ def adjust(values: dict[str, Any]) -> None:
 def serve(setup: Setup) -> int:
     """The connection on fds 6 and 7, prog on the cleartext."""
     check_fds((6, 7), "unable to check network fds")
-    setup.drop_privileges()
     peer = peer_of(os.environ) or peer_of(tcp_variables(6))
     return setup.serve_connection(6, 7, app_fds=setup.cfg.options.app_fds, peer=peer)
 

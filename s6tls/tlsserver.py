@@ -107,7 +107,6 @@ class Server(ForkServer):
     def serve_child(self, env: dict[str, str], fd: int, channel: socket.socket) -> int:
         setup = self._admit(fd, env)
         peer = peer_address(env["TCPREMOTEIP"], env["TCPREMOTEPORT"])
-        setup.drop_privileges()
         return setup.serve_connection(
             fd, fd, app_fds=(0, 1), peer=peer, on_handshake=lambda: report_handshake(channel)
         )
