@@ -21,18 +21,15 @@ from typing import NoReturn
 from . import options
 from .cli import peer_address
 from .cookie import verify_hello
-from .errors import SystemFailure
 from .forkserver import (
     FAMILY,
     IDS,
     LIMITS,
     NOTIFY,
     PAUSING_ERRORS,
-    Child,
     ForkServer,
-    check_family,
+    bound_socket,
     ip_address,
-    report_handshake,
 )
 from .options import Operand
 from .program import Program, Setup
@@ -69,17 +66,18 @@ _ANCILLARY = socket.CMSG_SPACE(64)
 def serve(setup: Setup) -> int:
     """Bind the UDP port, then serve peers until told to stop."""
     v = setup.values
-    server = Server(setup, [bind(v["ip"], v["port"], v["family"])])
-    server.bound = True
-    return server.serve(v["notify"])
+    sock = bound_socket(
+        v["ip"],
+        v["port"],
+        v["family"],
+        socket.SOCK_DGRAM,
+        prepare=lambda s: s.setsockopt(*_RECV_PKTINFO[s.family], 1),  # each datagram's destination
+    )
+    return Server(setup, [sock], True).serve(v["notify"])
 
 
 class Server(ForkServer):
     """s6-dtlsserver's ``ForkServer``: datagrams, cookies, one connected socket per peer."""
-
-    def __init__(self, setup: Setup, listeners: list[socket.socket]) -> None:
-        super().__init__(setup, listeners)
-        self.serving: set[str] = set()  # the peers a child serves, as ip:port
 
     def on_listener(self, listener: socket.socket) -> None:
         for _ in range(BURST):
@@ -115,29 +113,12 @@ class Server(ForkServer):
             self.trouble_with("unable to prepare a socket", exc, exc.errno in PAUSING_ERRORS)
             return
         self.trouble_over()
-        env = {
-            **variables("UDP", local, addr),
-            "UDPCONNNUM": str(self.per_ip[ip]),
-            _HELLO: base64.b64encode(hello).decode(),
-        }
-        if self.start_child(sock, env, ip, addr[1]):
-            self.serving.add(peer_address(ip, addr[1]))
-
-    def ended(self, pid: int, child: Child) -> None:
-        self.serving.discard(child.peer)
+        env = {**variables("UDP", local, addr), _HELLO: base64.b64encode(hello).decode()}
+        self.start_child(sock, env, ip, addr[1])
 
     def serve_child(self, env: dict[str, str], fd: int, channel: socket.socket) -> int:
         hello = base64.b64decode(env.pop(_HELLO))
-        peer = peer_address(env["UDPREMOTEIP"], env["UDPREMOTEPORT"])
-        return self.setup.serve_connection(
-            fd,
-            fd,
-            app_fds=(0, 1),
-            peer=peer,
-            extra_env=env,
-            on_handshake=lambda: report_handshake(channel),
-            hello=hello,
-        )
+        return self.serve_peer(self.setup, env, fd, channel, extra_env=env, hello=hello)
 
 
 def _destination(listener: socket.socket, ancillary: list) -> str:
@@ -171,28 +152,6 @@ def connected(family: int, local: tuple, remote: tuple) -> socket.socket:
     except OSError:
         sock.close()
         raise
-
-
-def bind(ip: str, port: int, family: int | None) -> socket.socket:
-    """The listening UDP socket on ``ip``:``port``, telling each datagram's destination.
-
-    Raises ``UsageError`` for an address of the wrong family,
-    ``SystemFailure`` if the bind fails.
-    """
-    v6 = check_family(ip, family)
-    af = socket.AF_INET6 if v6 else socket.AF_INET
-    sock = socket.socket(af, socket.SOCK_DGRAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(*_RECV_PKTINFO[af], 1)
-    if v6:
-        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, int(family == 6))
-    try:
-        sock.bind((ip, port))
-    except OSError as exc:
-        sock.close()
-        raise SystemFailure(f"unable to bind {ip} port {port}: {exc.strerror}") from None
-    sock.setblocking(False)
-    return sock
 
 
 PROGRAM = Program(

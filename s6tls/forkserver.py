@@ -28,8 +28,9 @@ import signal
 import socket
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from OpenSSL import SSL
 
@@ -38,12 +39,12 @@ from .access import Denied
 from .app import exit_code
 from .cli import Log, peer_address, plural
 from .config import is_ip
-from .errors import ExitCode, S6tlsError, UsageError
+from .errors import ExitCode, S6tlsError, SystemFailure, UsageError
 from .lifetime import Lifetime
 from .options import Opt
 from .program import Setup
 from .selfpipe import SelfPipe
-from .ucspi import unmap
+from .ucspi import peer_of, unmap
 
 FAMILY = (
     Opt("family", ("-4",), "ip must be an IPv4 address", value=4, default=None),
@@ -134,14 +135,15 @@ class ForkServer:
     A subclass implements ``on_listener`` and ``serve_child``.
     """
 
-    def __init__(self, setup: Setup, listeners: list[socket.socket]) -> None:
+    def __init__(self, setup: Setup, listeners: list[socket.socket], bound: bool) -> None:
         self.setup = setup
         self.log = setup.log
         self.listeners = listeners
-        self.bound = False  # True: we bound the listeners; False: systemd's, shared with it
+        self.bound = bound  # True: we bound the listeners; False: systemd's, shared with it
         self.maxconn: int = setup.values["maxconn"]
         self.localmaxconn = min(setup.values["localmaxconn"], self.maxconn)
         self.children: dict[int, Child] = {}
+        self.serving: set[str] = set()  # the children's peers, IP:PORT
         self.per_ip: Counter[str] = Counter()
         self.spare: tuple[int, socket.socket] | None = None  # pid, our end of its channel
         self.poller = select.poll()
@@ -161,9 +163,6 @@ class ForkServer:
         raise; ``env`` may be updated in place (its peer names the log lines).
         """
         raise NotImplementedError
-
-    def ended(self, pid: int, child: Child) -> None:
-        """A child was reaped (after the bookkeeping of ``ForkServer``)."""
 
     # -- the loop ----------------------------------------------------------
 
@@ -277,10 +276,10 @@ class ForkServer:
                 continue
             if child.channel is not None:
                 child.channel.close()
+            self.serving.discard(child.peer)
             self.per_ip[child.ip] -= 1
             if not self.per_ip[child.ip]:
                 del self.per_ip[child.ip]
-            self.ended(pid, child)
             code = exit_code(status)
             if child.dropped:
                 self.log.info(f"peer {child.peer} pid {pid}: dropped in the handshake")
@@ -316,25 +315,27 @@ class ForkServer:
             return False
         return True
 
-    def start_child(self, sock: socket.socket, env: dict[str, str], ip: str, port: int) -> bool:
+    def start_child(self, sock: socket.socket, env: dict[str, str], ip: str, port: int) -> None:
         """Hand ``sock`` and ``env`` to the spare, which serves the peer; close ``sock`` here.
 
-        The next spare is forked once ``sock`` is closed, so that it holds no
-        copy.  False (and a warning) if no child could take it.
+        ``env`` gets ``PROTOCONNNUM`` (TCPCONNNUM...): the children already
+        serving ``ip``.  The next spare is forked once ``sock`` is closed, so
+        that it holds no copy.  A warning if no child could take it.
         """
         peer = peer_address(ip, port)
+        env[f"{env['PROTO']}CONNNUM"] = str(self.per_ip[ip])
         with sock:
             handed = self._hand_over(sock.fileno(), env)
         if handed is None:
             self.log.warn(f"peer {peer}: refused: unable to start a child")
-            return False
+            return
         pid, channel = handed
         self.children[pid] = Child(peer, ip, channel)
+        self.serving.add(peer)
         self.per_ip[ip] += 1
         count = f"{len(self.children)}/{self.maxconn}"
         self.log.info(f"allow {ip} port {port} pid {pid} count {count}")
         self._fork_spare()
-        return True
 
     def trouble_with(self, what: str, exc: OSError, pause: bool) -> None:
         """A warning for an error of the loop, once until ``trouble_over``.
@@ -451,13 +452,26 @@ class ForkServer:
             log.traceback()
         return _exit(code)
 
+    def serve_peer(
+        self, setup: Setup, env: dict[str, str], fd: int, channel: socket.socket, **extra: Any
+    ) -> int:
+        """In the child: serve the peer of ``env`` on ``fd``, prog on 0 and 1; the exit code.
+
+        ``extra``: more arguments of ``Setup.serve_connection``.
+        """
+        return setup.serve_connection(
+            fd,
+            fd,
+            app_fds=(0, 1),
+            peer=peer_of(env, env["PROTO"]),
+            on_handshake=lambda: report_handshake(channel),
+            **extra,
+        )
+
     def log_for(self, env: dict[str, str]) -> Log:
         """The logger of the peer whose variables are ``env`` (``PROTO``, ``TCPREMOTEIP``...)."""
-        proto = env.get("PROTO", "")
-        ip, port = env.get(f"{proto}REMOTEIP"), env.get(f"{proto}REMOTEPORT")
-        if ip is None or port is None:
-            return self.log
-        return self.log.about(peer_address(ip, port), os.getpid())
+        peer = peer_of(env, env.get("PROTO", "TCP"))
+        return self.log.about(peer, os.getpid()) if peer else self.log
 
 
 def _exit(code: int) -> NoReturn:
@@ -505,6 +519,39 @@ def ip_address(text: str, name: str) -> str:
     if not is_ip(text):
         raise UsageError(f"{text} is not an IP address")
     return text
+
+
+def bound_socket(
+    ip: str,
+    port: int,
+    family: int | None,
+    kind: int,
+    *,
+    prepare: Callable[[socket.socket], None] | None = None,
+    backlog: int | None = None,
+) -> socket.socket:
+    """A non-blocking socket of ``kind`` bound to ``ip``:``port``, listening if ``backlog``.
+
+    ``family`` 4 or 6 checks the address; ``prepare(sock)`` sets the
+    caller's options before the bind.  Raises ``UsageError`` for an address
+    of the wrong family, ``SystemFailure`` if the bind fails.
+    """
+    v6 = check_family(ip, family)
+    sock = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET, kind)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if prepare is not None:
+        prepare(sock)
+    if v6:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, int(family == 6))
+    try:
+        sock.bind((ip, port))
+        if backlog is not None:
+            sock.listen(backlog)
+    except OSError as exc:
+        sock.close()
+        raise SystemFailure(f"unable to bind {ip} port {port}: {exc.strerror}") from None
+    sock.setblocking(False)
+    return sock
 
 
 def check_family(ip: str, family: int | None) -> bool:

@@ -19,7 +19,6 @@ from typing import NoReturn
 
 from . import gate, options, systemd
 from .cli import peer_address
-from .errors import SystemFailure
 from .forkserver import (
     FAMILY,
     IDS,
@@ -27,9 +26,8 @@ from .forkserver import (
     NOTIFY,
     PAUSING_ERRORS,
     ForkServer,
-    check_family,
+    bound_socket,
     ip_address,
-    report_handshake,
 )
 from .options import Operand, Opt
 from .program import Program, Setup
@@ -72,18 +70,20 @@ def serve(setup: Setup) -> int:
     v = setup.values
     listeners = systemd.listening_sockets(os.environ)
     before_tls = gate.Gate.from_values(v)
-    server = Server(setup, listeners, before_tls)
-    if not listeners:
-        server.listeners = [listen(v["ip"], v["port"], v["family"], v["backlog"])]
-        server.bound = True
-    return server.serve(v["notify"])
+    bound = not listeners
+    if bound:
+        ip, port, family = v["ip"], v["port"], v["family"]
+        listeners = [bound_socket(ip, port, family, socket.SOCK_STREAM, backlog=v["backlog"])]
+    return Server(setup, listeners, bound, before_tls).serve(v["notify"])
 
 
 class Server(ForkServer):
     """s6-tlsserver's ``ForkServer``: accept, then what comes before TLS, then TLS."""
 
-    def __init__(self, setup: Setup, listeners: list[socket.socket], before_tls: gate.Gate) -> None:
-        super().__init__(setup, listeners)
+    def __init__(
+        self, setup: Setup, listeners: list[socket.socket], bound: bool, before_tls: gate.Gate
+    ) -> None:
+        super().__init__(setup, listeners, bound)
         self.gate = before_tls
 
     def on_listener(self, listener: socket.socket) -> None:
@@ -101,15 +101,10 @@ class Server(ForkServer):
         if not self.admits(ip, peer_address(ip, addr[1])):
             conn.close()
             return
-        env = {**variables("TCP", conn.getsockname(), addr), "TCPCONNNUM": str(self.per_ip[ip])}
-        self.start_child(conn, env, ip, addr[1])
+        self.start_child(conn, variables("TCP", conn.getsockname(), addr), ip, addr[1])
 
     def serve_child(self, env: dict[str, str], fd: int, channel: socket.socket) -> int:
-        setup = self._admit(fd, env)
-        peer = peer_address(env["TCPREMOTEIP"], env["TCPREMOTEPORT"])
-        return setup.serve_connection(
-            fd, fd, app_fds=(0, 1), peer=peer, on_handshake=lambda: report_handshake(channel)
-        )
+        return self.serve_peer(self._admit(fd, env), env, fd, channel)
 
     def _admit(self, fd: int, env: dict[str, str]) -> Setup:
         """Before TLS, in the child: banner, PROXY header, rules (``gate``).
@@ -130,27 +125,6 @@ class Server(ForkServer):
         if admission.exec is None:
             return self.setup
         return dataclasses.replace(self.setup, app=("execlineb", "-c", admission.exec))
-
-
-def listen(ip: str, port: int, family: int | None, backlog: int) -> socket.socket:
-    """A listening TCP socket on ``ip``:``port``; ``family`` 4 or 6 checks the address.
-
-    Raises ``UsageError`` for an address of the wrong family,
-    ``SystemFailure`` if the bind fails.
-    """
-    v6 = check_family(ip, family)
-    sock = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    if v6:
-        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, int(family == 6))
-    try:
-        sock.bind((ip, port))
-        sock.listen(backlog)
-    except OSError as exc:
-        sock.close()
-        raise SystemFailure(f"unable to bind {ip} port {port}: {exc.strerror}") from None
-    sock.setblocking(False)
-    return sock
 
 
 PROGRAM = Program(

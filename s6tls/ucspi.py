@@ -68,7 +68,7 @@ def variables(proto: str, local: tuple, remote: tuple) -> dict[str, str]:
     }
 
 
-def peer_of(environ: Mapping[str, str]) -> str:
-    """``IP:PORT`` of the peer from the UCSPI variables; '' when they are not set."""
-    ip = environ.get("TCPREMOTEIP", "")
-    return peer_address(ip, environ.get("TCPREMOTEPORT", "?")) if ip else ""
+def peer_of(environ: Mapping[str, str], proto: str = "TCP") -> str:
+    """``IP:PORT`` of the peer from the UCSPI variables of ``proto``; '' when they are not set."""
+    ip = environ.get(f"{proto}REMOTEIP", "")
+    return peer_address(ip, environ.get(f"{proto}REMOTEPORT", "?")) if ip else ""
