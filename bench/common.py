@@ -76,16 +76,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def is_listening(port: int) -> bool:
+def is_listening(port: int, *, udp: bool = False) -> bool:
     """Whether something listens on 127.0.0.1:``port``, read from /proc/net/tcp.
 
-    Probing with connect() would use up the single accept of ``socat
-    OPENSSL-LISTEN`` without ``fork``; the kernel's table costs nothing.
+    With ``udp``, whether a UDP socket is bound there, read from
+    /proc/net/udp (UDP has no LISTEN state).  Probing with connect() would
+    use up the single accept of ``socat OPENSSL-LISTEN`` without ``fork``;
+    the kernel's table costs nothing.
     """
     wanted = f"0100007F:{port:04X}"
-    with open("/proc/net/tcp") as table:
+    with open("/proc/net/udp" if udp else "/proc/net/tcp") as table:
         next(table)
-        return any(fields[1] == wanted and fields[3] == "0A" for fields in map(str.split, table))
+        return any(
+            fields[1] == wanted and (udp or fields[3] == "0A") for fields in map(str.split, table)
+        )
 
 
 class Processes:
@@ -180,10 +184,15 @@ def has_exited(proc: subprocess.Popen[bytes]) -> bool:
     return os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
 
 
-def wait_listening(port: int, proc: subprocess.Popen[bytes], timeout: float = 20) -> None:
-    """Wait until ``proc`` listens on ``port``; raise ``BenchError`` if it dies or is slow."""
+def wait_listening(
+    port: int, proc: subprocess.Popen[bytes], timeout: float = 20, *, udp: bool = False
+) -> None:
+    """Wait until ``proc`` listens on ``port`` (UDP with ``udp``: see :func:`is_listening`).
+
+    Raises ``BenchError`` if it dies or is slow; never reaps it.
+    """
     deadline = time.monotonic() + timeout
-    while not is_listening(port):
+    while not is_listening(port, udp=udp):
         if has_exited(proc):
             raise BenchError(f"{Path(str(proc.args[0])).name} exited before listening")
         if time.monotonic() > deadline:

@@ -28,7 +28,6 @@ s6-dtlsserver / s_server; exits 1 if a run of s6-dtlsserver failed.
 
 import argparse
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -45,11 +44,12 @@ from .common import (
     program,
     scratch,
     summary,
+    wait_listening,
 )
 from .handshakes import server_cpu
 
 sys.path.insert(0, str(ROOT / "tests"))
-from dtls_peer import DtlsClient
+from dtls_peer import DtlsClient, free_udp_port
 
 WINDOW = 64  # datagrams sent and not yet delivered, at most
 SERVERS = ("s6-dtlsserver", "openssl-s_server")
@@ -85,34 +85,16 @@ def start_servers(procs: Processes, pki: Pki) -> dict[str, tuple[int, int, Deliv
     assert ours.stdout is not None and ours.stderr is not None
     port = int(ours.stdout.readline())
     servers = {"s6-dtlsserver": (port, ours.pid, Delivered(ours.stderr.fileno()))}
-    port = _free_udp_port()
+    port = free_udp_port()
     theirs = procs.start(
         ["openssl", "s_server", "-dtls", "-quiet", "-accept", f"127.0.0.1:{port}",
          "-cert", pki.cert, "-key", pki.key],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     assert theirs.stdout is not None
-    deadline = time.monotonic() + 20
-    while not _udp_bound(port):
-        if time.monotonic() > deadline or theirs.poll() is not None:
-            raise BenchError("openssl s_server -dtls did not start")
-        time.sleep(0.005)
+    wait_listening(port, theirs, udp=True)
     servers["openssl-s_server"] = (port, theirs.pid, Delivered(theirs.stdout.fileno()))
     return servers
-
-
-def _udp_bound(port: int) -> bool:
-    """Whether a UDP socket is bound to 127.0.0.1:``port``, from /proc/net/udp."""
-    wanted = f"0100007F:{port:04X}"
-    with open("/proc/net/udp") as table:
-        next(table)
-        return any(fields[1] == wanted for fields in map(str.split, table))
-
-
-def _free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def handshakes(port: int, cafile: str, seconds: float) -> tuple[float, int]:
