@@ -14,8 +14,8 @@ import time
 from dataclasses import dataclass
 
 from .access import Resolver
-from .config import is_ip
 from .errors import SystemFailure, UsageError
+from .names import is_ip
 from .options import UCSPI_TCP, Opt, port_number, switches, unsigned
 from .resolver import LookupFailed, SystemResolver
 

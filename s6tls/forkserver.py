@@ -38,9 +38,9 @@ from . import options, systemd
 from .access import Denied
 from .app import exit_code
 from .cli import Log, peer_address, plural
-from .config import is_ip
 from .errors import ExitCode, S6tlsError, SystemFailure, UsageError
 from .lifetime import Lifetime
+from .names import is_ip
 from .options import Opt
 from .program import Setup
 from .selfpipe import SelfPipe
