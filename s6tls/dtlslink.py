@@ -100,12 +100,9 @@ class DatagramLink(SocketLink):
         self.sock = socket.socket(fileno=fd)
         self.sock.setblocking(False)
         self.rfd = self.wfd = fd
-        self._extra_fd = -1
-        self._write_shut = False
         self._hello = hello
         self._mtu = mtu
         self.timer = timer
-        self.done = False
         # A server starts on memory BIOs, for DTLSv1_listen; a client on its socket.
         self.conn = SSL.Connection(ctx, None if hello is not None else self.sock)
         self.conn.set_ciphertext_mtu(mtu)
@@ -123,7 +120,6 @@ class DatagramLink(SocketLink):
             self._tls(self.conn.do_handshake)
         finally:
             self.timer.observe(time.monotonic(), self.conn.DTLSv1_get_timeout())
-        self.done = True
         self.max_datagram = min(self.conn.get_cleartext_mtu(), RECORD)
 
     def _listen(self) -> None:
@@ -141,7 +137,7 @@ class DatagramLink(SocketLink):
         self.conn.set_ciphertext_mtu(self._mtu)
 
     def wakeup(self) -> float | None:
-        return None if self.done else self.timer.at()
+        return None if self.max_datagram is not None else self.timer.at()
 
     def recv(self, view: memoryview) -> int:
         self._skip_empty()
