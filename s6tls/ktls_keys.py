@@ -223,16 +223,17 @@ def watch_context(ctx: SSL.Context) -> None:
 class HandshakeWatch:
     """What one connection's info callback sees that OpenSSL does not keep.
 
-    Its role, and the TLS 1.3 session tickets it wrote after its Finished
-    (each moves the sequence number of what it sends).  ``on_info`` must be
-    called from the connection's info callback during the handshake (a
-    ``link.Link`` does it when its ``handshake_watch`` is set).
+    Its role (``server``: None until the handshake's first callback), and
+    the TLS 1.3 session tickets it wrote after its Finished (each moves the
+    sequence number of what it sends).  ``on_info`` must be called from the
+    connection's info callback during the handshake (a ``link.Link`` does it
+    when its ``handshake_watch`` is set).
     """
 
     __slots__ = ("server", "tickets")
 
-    def __init__(self, server: bool | None = None) -> None:
-        self.server = server  # None: learnt from the handshake
+    def __init__(self) -> None:
+        self.server: bool | None = None
         self.tickets = 0
 
     def on_info(self, conn: SSL.Connection, where: int, _ret: int) -> None:
@@ -242,22 +243,23 @@ class HandshakeWatch:
             self.tickets += 1
 
 
-def connection_keys(conn: SSL.Connection, watch: HandshakeWatch) -> ConnectionKeys:
+def connection_keys(conn: SSL.Connection, watch: HandshakeWatch | None) -> ConnectionKeys:
     """The kernel's view of ``conn``, whose handshake ``watch`` saw; forgets its secrets.
 
-    Raises ``KeysUnavailable`` when the version or the cipher is not one the
-    kernel takes, or when what it needs was not seen: the handshake not
-    watched, the traffic secrets not logged (``watch_context``).
+    Raises ``KeysUnavailable`` when what it needs was not seen: the
+    handshake not watched (``watch`` None, or it saw no handshake), checked
+    first; when the version or the cipher is not one the kernel takes; when
+    the traffic secrets were not logged (``watch_context``).
     """
     secrets = _SECRETS.pop(conn, {})
+    if watch is None or watch.server is None:
+        raise KeysUnavailable("the handshake was not watched")
     version_name = conn.get_protocol_version_name()
     version = _VERSIONS.get(version_name)
     cipher = conn.get_cipher_name() or "none"
     suite = suite_of(cipher)
     if version is None or suite is None:
         raise KeysUnavailable(f"{version_name} {cipher} is not a suite kernel TLS takes")
-    if watch.server is None:
-        raise KeysUnavailable("the handshake was not watched")
     if version == TLS_1_2_VERSION:
         randoms = conn.client_random(), conn.server_random()
         client, server = key_block(conn.master_key(), *randoms, suite)

@@ -65,8 +65,6 @@ def take_over(
         return reason
     if conn.pending():
         return "OpenSSL already holds received data"
-    if watch is None:
-        return "the handshake was not watched"
     try:
         keys = connection_keys(conn, watch)
         ktls = KernelTls.install(rfd, keys)

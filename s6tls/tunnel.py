@@ -52,7 +52,7 @@ def establish(
     if cfg.options.ktls:
         from .ktls_keys import HandshakeWatch  # only then: it costs start-up time
 
-        link.handshake_watch = HandshakeWatch(server=cfg.role == "server")
+        link.handshake_watch = HandshakeWatch()
     try:
         handshake(link, cfg.options.handshake_timeout_ms)
     except S6tlsError as exc:
