@@ -41,7 +41,6 @@ from .credentials import Credentials, LoadedKeypair, load_credentials
 from .errors import ConfigError, UsageError
 from .link import ssl_error_text
 from .names import is_host_name
-from .ocsp import check_stapled
 from .peer import PeerPolicy
 from .sessions import SessionStore
 
@@ -250,7 +249,7 @@ def _set_verification(ctx: SSL.Context, cfg: TlsConfig, creds: Credentials) -> N
         mode |= SSL.VERIFY_FAIL_IF_NO_PEER_CERT
     ctx.set_verify(mode, _verify_callback(policy, check_chain))
     if cfg.ocsp == "require":
-        ctx.set_ocsp_client_callback(_check_staple)
+        ctx.set_ocsp_client_callback(_staple_checker())
 
 
 def _load_trust(ctx: SSL.Context, cfg: TlsConfig, creds: Credentials) -> None:
@@ -403,19 +402,30 @@ def _staple(_conn: SSL.Connection, response: bytes) -> bytes:
     return response
 
 
-def _check_staple(conn: SSL.Connection, response: bytes, _data: object) -> bool:
-    """TLS_OCSP=require: a good, current response for the server's certificate."""
-    if ossl.session_reused(conn):
-        return True  # checked in the handshake that made the session
-    chain = conn.get_verified_chain(as_cryptography=True) or []
-    if len(chain) < 2:
-        reason: str | None = "no issuer to check the OCSP response against"
-    else:
-        reason = check_stapled(response, chain[0], chain[1], datetime.datetime.now(datetime.UTC))
-    if reason:
-        _note(conn, reason)
-        return False
-    return True
+def _staple_checker() -> Callable[[SSL.Connection, bytes, object], bool]:
+    """TLS_OCSP=require's callback: a good, current response for the server's certificate.
+
+    ``ocsp`` is imported here, as the context is built (before any privilege
+    drop), and only then: the callback runs mid-handshake, where no import
+    may happen.
+    """
+    from .ocsp import check_stapled
+
+    def check(conn: SSL.Connection, response: bytes, _data: object) -> bool:
+        if ossl.session_reused(conn):
+            return True  # checked in the handshake that made the session
+        chain = conn.get_verified_chain(as_cryptography=True) or []
+        if len(chain) < 2:
+            reason: str | None = "no issuer to check the OCSP response against"
+        else:
+            now = datetime.datetime.now(datetime.UTC)
+            reason = check_stapled(response, chain[0], chain[1], now)
+        if reason:
+            _note(conn, reason)
+            return False
+        return True
+
+    return check
 
 
 def prepare_connection(cfg: TlsConfig, conn: SSL.Connection) -> VerifyNotes:

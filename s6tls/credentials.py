@@ -29,7 +29,6 @@ from cryptography.hazmat.primitives.serialization import (
 
 from .config import Keypair, TlsConfig
 from .errors import ConfigError
-from .ocsp import response_for, status_problem
 from .sessions import check_directory
 
 _PEM_BEGIN = b"-----BEGIN "
@@ -194,6 +193,8 @@ def _load_ocsp(
     path: str, leaf: x509.Certificate, now: datetime.datetime, warnings: list[str]
 ) -> bytes:
     """The DER response to staple: it must be one for ``leaf``; a stale one is a warning."""
+    from .ocsp import response_for, status_problem  # only then: its imports cost start-up time
+
     data = _read("OCSPFILE", path)
     try:
         response = response_for(data, leaf)
