@@ -23,7 +23,7 @@ from OpenSSL import SSL
 
 from .errors import TlsRuntimeError
 from .lifetime import DATA_OPS, In, Lifetime, Op, Out, Stats
-from .link import Link, PeerGone, WouldBlock, error_reason
+from .link import Link, PeerGone, WouldBlock, error_reason, poll_now
 from .selfpipe import read_signals
 
 if TYPE_CHECKING:
@@ -330,7 +330,8 @@ class _Loop:
         n = self._read_app()
         if n:
             self.m.app_datagram(n)
-        elif n == 0 and _shut(self.cread):  # else an empty datagram: nothing to carry
+        # 0: the other end shut its output, or it sent an empty datagram (nothing to carry)
+        elif n == 0 and poll_now(self.cread, select.POLLIN | select.POLLRDHUP) & _PEER_SHUT:
             self.m.app_eof()
 
     def _op_close_app_output(self) -> None:
@@ -468,10 +469,3 @@ class _KernelLoop(_Loop):
                     m.app_written(n)
             else:  # 0: a bare EOF; negative: the peer's close_notify
                 m.peer_closed(n < 0)
-
-
-def _shut(fd: int) -> bool:
-    """True when the socket ``fd`` reads 0 because its other end shut its output."""
-    poller = select.poll()
-    poller.register(fd, select.POLLIN | select.POLLRDHUP)
-    return any(ev & _PEER_SHUT for _fd, ev in poller.poll(0))

@@ -35,7 +35,7 @@ from .ktls_socket import (
     Unavailable,
     tcp_socket,
 )
-from .link import Link, PeerGone, WouldBlock
+from .link import Link, PeerGone, WouldBlock, poll_now
 
 SPLICE = 65536  # bytes one splice moves at most: a pipe's default capacity
 PEER_CLOSE_NOTIFY = -1  # move_in: the peer's close_notify (the only negative answer)
@@ -73,19 +73,6 @@ def take_over(
     return KernelPath(ktls, f"{conn.get_protocol_version_name()} {keys.suite.name}", base)
 
 
-def _readable(fd: int) -> bool:
-    """True when a read on ``fd`` would not block now."""
-    poller = select.poll()
-    poller.register(fd, select.POLLIN)
-    return bool(poller.poll(0))
-
-
-def _writable(fd: int) -> bool:
-    poller = select.poll()
-    poller.register(fd, select.POLLOUT)
-    return bool(poller.poll(0))
-
-
 class KernelPath:
     """A connection whose records the kernel runs; see the module docstring.
 
@@ -114,7 +101,7 @@ class KernelPath:
         try:
             return self.ktls.splice_out(cread, SPLICE)
         except BlockingIOError:
-            if _readable(cread):
+            if poll_now(cread, select.POLLIN):
                 raise WouldBlock(self.fd, select.POLLOUT) from None
             raise WouldBlock(cread, select.POLLIN) from None
         except (BrokenPipeError, ConnectionResetError):
@@ -146,7 +133,7 @@ class KernelPath:
                 ktls.send_alert(FATAL, BAD_RECORD_MAC)
             raise
         except BlockingIOError:
-            if cwrite is not None and not _writable(cwrite):
+            if cwrite is not None and not poll_now(cwrite, select.POLLOUT):
                 raise WouldBlock(cwrite, select.POLLOUT) from None
             ktls.await_record()
             raise WouldBlock(self.fd, select.POLLIN) from None

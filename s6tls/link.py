@@ -56,6 +56,18 @@ class WouldBlock(Exception):
         self.pending = pending
 
 
+def poll_now(fd: int, events: int) -> int:
+    """What ``fd`` is ready for now, without waiting: its poll ``revents``, 0 for nothing.
+
+    Among ``events`` (poll flags), and POLLERR, POLLHUP, POLLNVAL, which poll
+    always reports.
+    """
+    poller = select.poll()
+    poller.register(fd, events)
+    ready = poller.poll(0)
+    return ready[0][1] if ready else 0
+
+
 def same_socket(fd1: int, fd2: int) -> bool:
     """True when both descriptors refer to one and the same socket."""
     st1 = os.fstat(fd1)
