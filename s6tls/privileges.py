@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from .config import TlsConfig
 from .errors import SystemFailure, UsageError
+from .options import gid_list
 
 
 @dataclass(frozen=True)
@@ -46,15 +47,8 @@ def ids_from_options(
         if groups and gid is None:
             raise UsageError("-G needs -g: the supplementary groups go with a gid")
         return Ids(uid, gid, groups, names=("-u", "-g"))
-    groups = environ.get("GIDLIST", "")
-    if groups and not all(g.isascii() and g.isdigit() for g in groups.split(",")):
-        raise UsageError(f"-U: GIDLIST must be a comma-separated list of gids, not {groups!r}")
-    return Ids(
-        _env_id(environ, "UID"),
-        _env_id(environ, "GID"),
-        tuple(int(g) for g in groups.split(",")) if groups else (),
-        names=("UID", "GID"),
-    )
+    groups = gid_list(environ.get("GIDLIST", ""), "-U: GIDLIST")  # checked first, as ever
+    return Ids(_env_id(environ, "UID"), _env_id(environ, "GID"), groups, names=("UID", "GID"))
 
 
 def _env_id(environ: Mapping[str, str], name: str) -> int:
