@@ -22,14 +22,11 @@ from typing import NoReturn
 
 from .app import application_env
 from .cli import Log
-from .context import keep_session
-from .engine import run
 from .errors import ExitCode, S6tlsError, SystemFailure
 from .handshake import connection_facts
-from .lifetime import Stats
 from .program import Setup
 from .selfpipe import SelfPipe
-from .tunnel import establish
+from .tunnel import establish, pump, summary
 from .ucspitls import Command, encode_notification, parse_command
 
 
@@ -120,24 +117,9 @@ def engine(
         except OSError as exc:
             raise SystemFailure(f"unable to write the notification block: {exc.strerror}") from None
         ctl.close()
-    stats = Stats()
     with SelfPipe() as selfpipe:
-        run(
-            link,
-            (app[0], app[1], selfpipe.fileno()),
-            None,
-            close_notify=cfg.options.close_notify,
-            strict_close_notify=cfg.options.strict_close_notify,
-            idle_timeout=cfg.options.idle_timeout,
-            stats=stats,
-            ktls=cfg.options.ktls,
-        )
-    keep_session(link.conn, log.warn)
-    sni = facts.get("SSL_TLS_SNI_SERVERNAME", "-")
-    log.info(
-        f"sni {sni} {facts['SSL_PROTOCOL']} {facts['SSL_CIPHER']}"
-        f" in {stats.to_app} out {stats.to_peer} closed by {stats.ending} path {stats.path}"
-    )
+        _status, stats = pump(cfg, link, (app[0], app[1], selfpipe.fileno()), None, log)
+    log.info(summary(facts, stats))
     return 0
 
 

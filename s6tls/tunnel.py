@@ -107,7 +107,6 @@ def serve_connection(
     if link.max_datagram is not None:
         facts["SSL_DTLS_MAX_DATAGRAM"] = str(link.max_datagram)
     env = application_env(environ, facts, keep_secrets=opts.keep_env, extra=extra_env)
-    stats = Stats()
     with SelfPipe(PASSED_SIGNALS) as selfpipe:
         ours, theirs = _application_channel(link.max_datagram is not None)
         try:
@@ -119,32 +118,52 @@ def serve_connection(
             raise SystemFailure(f"unable to spawn {prog[0]}: {exc.strerror}") from None
         for fd in theirs:
             os.close(fd)
-        status = run(
-            link,
-            (*ours, selfpipe.fileno()),
-            pid,
-            close_notify=opts.close_notify,
-            strict_close_notify=opts.strict_close_notify,
-            idle_timeout=opts.idle_timeout,
-            stats=stats,
-            ktls=opts.ktls,
-        )
+        status, stats = pump(cfg, link, (*ours, selfpipe.fileno()), pid, log)
     assert status is not None
-    keep_session(link.conn, log.warn)
     code = exit_code(status)
-    sni = facts.get("SSL_TLS_SNI_SERVERNAME", "-")
     refused = f" refused {stats.refused}" if link.max_datagram is not None else ""
     if stats.refused:
         log.warn(
             f"refused {stats.refused} datagram(s) of prog larger than"
             f" SSL_DTLS_MAX_DATAGRAM {link.max_datagram} (DTLS_MTU {cfg.dtls_mtu})"
         )
-    log.info(
+    log.info(summary(facts, stats, refused=refused, status=f" status {code}"))
+    return code
+
+
+def pump(
+    cfg: TlsConfig, link: Link, fds: tuple[int, int, int], pid: int | None, log: Log
+) -> tuple[int | None, Stats]:
+    """``engine.run`` with ``cfg``'s options: -s/-S, -j/-J, the idle timeout, kernel TLS.
+
+    Then a client keeps its session (TLS_SESSION_DIR).  ``fds``: (read from
+    the application, write to it, selfpipe).  Returns
+    ``run``'s status and the tunnel's ``Stats``; raises what ``run`` raises.
+    """
+    opts = cfg.options
+    stats = Stats()
+    status = run(
+        link,
+        fds,
+        pid,
+        close_notify=opts.close_notify,
+        strict_close_notify=opts.strict_close_notify,
+        idle_timeout=opts.idle_timeout,
+        stats=stats,
+        ktls=opts.ktls,
+    )
+    keep_session(link.conn, log.warn)
+    return status, stats
+
+
+def summary(facts: Mapping[str, str], stats: Stats, *, refused: str = "", status: str = "") -> str:
+    """The -v 2 line of a tunnel that ended: its facts, bytes, ending and data path."""
+    sni = facts.get("SSL_TLS_SNI_SERVERNAME", "-")
+    return (
         f"sni {sni} {facts['SSL_PROTOCOL']} {facts['SSL_CIPHER']}"
-        f" in {stats.to_app} out {stats.to_peer}{refused} closed by {stats.ending} status {code}"
+        f" in {stats.to_app} out {stats.to_peer}{refused} closed by {stats.ending}{status}"
         f" path {stats.path}"
     )
-    return code
 
 
 def _application_channel(datagram: bool) -> tuple[tuple[int, int], tuple[int, int]]:
