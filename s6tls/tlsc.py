@@ -5,7 +5,6 @@ the handshake, prog runs with cleartext on its fds 6 and 7 (or -6/-7) and the
 TLS facts in its environment.  See man/s6-tlsc.1.
 """
 
-import os
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
@@ -13,7 +12,7 @@ from . import options
 from .options import Opt
 from .program import Program, Setup
 from .program import main as run
-from .ucspi import check_fds, peer_of, tcp_variables
+from .ucspi import network_peer
 
 ENVIRONMENT = (
     ("CAFILE, CADIR", "trust anchors to verify the server (one is needed)"),
@@ -48,8 +47,7 @@ def adjust(values: dict[str, Any]) -> None:
 
 def serve(setup: Setup) -> int:
     """The connection on fds 6 and 7, prog on the cleartext."""
-    check_fds((6, 7), "unable to check network fds")
-    peer = peer_of(os.environ) or peer_of(tcp_variables(6))
+    peer = network_peer((6, 7))
     return setup.serve_connection(6, 7, app_fds=setup.cfg.options.app_fds, peer=peer)
 
 

@@ -27,7 +27,7 @@ ENVIRONMENT = (
 
 def serve(setup: Setup) -> int:
     """The connection on fds 0 and 1, prog on the cleartext."""
-    check_fds((0, 1), "unable to check network fds")
+    check_fds((0, 1))
     extra = {} if "PROTO" in os.environ else tcp_variables(0)
     peer = peer_of({**os.environ, **extra})
     return setup.serve_connection(0, 1, app_fds=(0, 1), peer=peer, extra_env=extra)

@@ -14,8 +14,8 @@ from .cli import peer_address
 from .errors import SystemFailure
 
 
-def check_fds(fds: Sequence[int], what: str) -> None:
-    """Raise ``SystemFailure`` (111) unless every fd in ``fds`` is open.
+def check_fds(fds: Sequence[int]) -> None:
+    """Raise ``SystemFailure`` (111) unless every network fd in ``fds`` is open.
 
     111, not 100: the contract is silent here, and skarnet's s6-tlsc dies
     with 111 ("unable to check network fds") in this case.
@@ -24,7 +24,19 @@ def check_fds(fds: Sequence[int], what: str) -> None:
         try:
             os.fstat(fd)
         except OSError as exc:
-            raise SystemFailure(f"{what}: descriptor {fd}: {exc.strerror}") from None
+            raise SystemFailure(
+                f"unable to check network fds: descriptor {fd}: {exc.strerror}"
+            ) from None
+
+
+def network_peer(net: tuple[int, int]) -> str:
+    """``IP:PORT`` of the peer on the network fds ``net``, checked open (``check_fds``).
+
+    From the UCSPI variables (TCPREMOTEIP...), else from the socket on
+    ``net[0]``; '' when neither says.
+    """
+    check_fds(net)
+    return peer_of(os.environ) or peer_of(tcp_variables(net[0]))
 
 
 def unmap(ip: str) -> str:

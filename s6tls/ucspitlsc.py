@@ -7,16 +7,14 @@ SSLREADFD/SSLWRITEFD.  See man/s6-ucspitlsc.1.
 """
 
 import dataclasses
-import os
 from collections.abc import Sequence
 from typing import NoReturn
 
 from . import options
 from .program import Program, Setup
 from .program import main as run
-from .starttls import start
 from .tlsc import APP_FDS, ENVIRONMENT, adjust
-from .ucspi import check_fds, peer_of, tcp_variables
+from .ucspi import network_peer
 
 # -6 and -7 name the network's fds here (prog's too, before TLS), as in s6-networking.
 NET_FDS = (
@@ -27,9 +25,10 @@ NET_FDS = (
 
 def serve(setup: Setup) -> int:
     """Fork the engine, exec prog with the connection still on its fds."""
+    from .starttls import start  # only now: a usage error does not pay for the TLS modules
+
     net = setup.cfg.options.app_fds
-    check_fds(net, "unable to check network fds")
-    start(setup, net, peer_of(os.environ) or peer_of(tcp_variables(net[0])))
+    start(setup, net, network_peer(net))
 
 
 PROGRAM = Program(

@@ -6,22 +6,21 @@ on the same connection and prog goes on through SSLREADFD/SSLWRITEFD.
 See man/s6-ucspitlsd.1.
 """
 
-import os
 from collections.abc import Sequence
 from typing import NoReturn
 
 from . import options
 from .program import Program, Setup
 from .program import main as run
-from .starttls import start
 from .tlsd import ENVIRONMENT
-from .ucspi import check_fds, peer_of, tcp_variables
+from .ucspi import network_peer
 
 
 def serve(setup: Setup) -> int:
     """Fork the engine, exec prog with the connection still on fds 0 and 1."""
-    check_fds((0, 1), "unable to check network fds")
-    start(setup, (0, 1), peer_of(os.environ) or peer_of(tcp_variables(0)))
+    from .starttls import start  # only now: a usage error does not pay for the TLS modules
+
+    start(setup, (0, 1), network_peer((0, 1)))
 
 
 PROGRAM = Program(
