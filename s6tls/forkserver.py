@@ -30,9 +30,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, NoReturn
-
-from OpenSSL import SSL
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from . import options, systemd
 from .access import Denied
@@ -45,6 +43,9 @@ from .options import Opt
 from .program import Setup
 from .selfpipe import SelfPipe
 from .ucspi import peer_of, unmap
+
+if TYPE_CHECKING:
+    from OpenSSL import SSL
 
 FAMILY = (
     Opt("family", ("-4",), "ip must be an IPv4 address", value=4, default=None),
@@ -501,7 +502,7 @@ def _in_handshake(child: Child) -> bool:
     return report not in (HANDSHAKE_DONE, b"")
 
 
-def warm_up(ctx: SSL.Context) -> None:
+def warm_up(ctx: "SSL.Context") -> None:
     """Touch, ahead of the peer, the memory a connection first writes to.
 
     A freshly forked child shares its pages with the server until it writes
@@ -510,6 +511,8 @@ def warm_up(ctx: SSL.Context) -> None:
     in-memory handshake would warm more but costs more CPU than it saves
     under load (measured: 1.5x stunnel's rate with 4 clients became 1.25x).
     """
+    from OpenSSL import SSL  # loaded by now (program.start): a usage error does not pay for it
+
     SSL.Connection(ctx, None).set_accept_state()
     Lifetime()
 
