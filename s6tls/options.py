@@ -308,11 +308,15 @@ def defaults(opts: Iterable[Opt]) -> dict[str, Any]:
 
 
 def build_command(
-    name: str, opts: Sequence[Opt], operands: Sequence[Operand], texts: Mapping[str, str]
+    name: str,
+    opts: Sequence[Opt],
+    operands: Sequence[Operand],
+    texts: Mapping[str, Callable[[], str]],
 ) -> click.Command:
     """The click command that tokenises a program's arguments.
 
-    ``texts`` holds what ``--help`` and ``--version`` print.  Parsing stops
+    ``texts`` makes what ``--help`` and ``--version`` print, only when they
+    are given (the help takes a while to build).  Parsing stops
     at the first operand, as in skarnet's programs: what follows is prog's.
     """
     params: list[click.Parameter] = []
@@ -361,10 +365,10 @@ def _our_words(
     return BadUsage(f"{name} {synopsis(opts, operands)}")
 
 
-def _show(text: str) -> Callable[[click.Context, click.Parameter, bool], None]:
+def _show(text: Callable[[], str]) -> Callable[[click.Context, click.Parameter, bool], None]:
     def callback(_ctx: click.Context, _param: click.Parameter, given: bool) -> None:
         if given:
-            raise ShowText(text)
+            raise ShowText(text())
 
     return callback
 

@@ -187,8 +187,8 @@ def parse(program: Program, argv: Sequence[str]) -> tuple[dict[str, Any], tuple[
     Raises ``UsageError`` (100), or ``ShowText`` for --help and --version.
     """
     texts = {
-        options.HELP: program.help(),
-        options.VERSION: f"{program.name} (s6tls) {__version__}\n",
+        options.HELP: program.help,
+        options.VERSION: lambda: f"{program.name} (s6tls) {__version__}\n",
     }
     command = options.build_command(program.name, program.options, program.operands, texts)
     values, app = options.parse(command, argv, program.options, program.operands)
