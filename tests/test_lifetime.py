@@ -395,6 +395,12 @@ test_random_event_sequences_keep_every_rule = Tunnel.TestCase
 # -- one test per rule -------------------------------------------------------
 
 
+def written(m: Lifetime, data: bytes) -> None:
+    """READ_APP: the application wrote ``data``, which goes to the machine's buffer."""
+    m.outbound.space()[: len(data)] = data
+    m.app_read(len(data))
+
+
 def test_a_full_side_is_not_read_backpressure():
     m = Lifetime()
     fill(m.outbound, bytes(BUFSIZE))
@@ -405,8 +411,7 @@ def test_a_full_side_is_not_read_backpressure():
 
 def test_application_eof_closes_our_side_once_its_data_is_sent_then_the_other_way_flows():
     m = Lifetime()
-    m.outbound.space()[:10] = b"last words"
-    m.app_read(10)
+    written(m, b"last words")
     m.app_eof()
     assert m.out is Out.DRAINING and m.wants(Op.SEND) and not m.wants(Op.SHUT_WRITE)
     m.sent(10)
@@ -444,8 +449,7 @@ def test_eof_without_close_notify_is_an_error_only_under_J(strict):
 
 def test_tls13_close_notify_under_S_keeps_our_direction_open():
     m = Lifetime(close_notify=True, tls12=False)
-    m.outbound.space()[:5] = b"going"
-    m.app_read(5)
+    written(m, b"going")
     m.peer_closed(close_notify=True)
     assert m.out is Out.OPEN and m.wants(Op.SEND) and m.wants(Op.READ_APP)
 
@@ -453,11 +457,9 @@ def test_tls13_close_notify_under_S_keeps_our_direction_open():
 def test_tls12_close_notify_under_S_finishes_a_started_write_then_answers():
     """Case 2 of the lifetime issue: no 98, the application's status."""
     m = Lifetime(close_notify=True, tls12=True)
-    m.outbound.space()[: 3 * RECORD] = bytes(3 * RECORD)
-    m.app_read(3 * RECORD)
+    written(m, bytes(3 * RECORD))
     m.send_blocked()  # OpenSSL started on these 48 KiB and must be given them again
-    m.outbound.space()[:100] = bytes(100)
-    m.app_read(100)  # more came from the application meanwhile
+    written(m, bytes(100))  # more came from the application meanwhile
     m.peer_closed(close_notify=True)
     assert m.out is Out.DRAINING and len(m.outbound) == 3 * RECORD  # the started write stays
     assert m.wants(Op.SEND) and not m.wants(Op.NOTIFY) and not m.wants(Op.READ_APP)
@@ -472,8 +474,7 @@ def test_tls12_close_notify_under_S_finishes_a_started_write_then_answers():
 
 def test_a_failure_during_the_tls12_close_is_no_error():
     m = Lifetime(close_notify=True, tls12=True)
-    m.outbound.space()[:100] = bytes(100)
-    m.app_read(100)
+    written(m, bytes(100))
     m.send_blocked()
     m.peer_closed(close_notify=True)
     m.send_failed("connection broken: Connection reset by peer")  # it hung up
@@ -485,8 +486,7 @@ def test_a_failure_during_the_tls12_close_is_no_error():
 
 def test_tls12_close_is_bounded_then_abandoned_without_close_notify():
     m = Lifetime(close_notify=True, tls12=True)
-    m.outbound.space()[:100] = bytes(100)
-    m.app_read(100)
+    written(m, bytes(100))
     m.send_blocked()
     m.peer_closed(close_notify=True)
     assert m.deadline() == LINGER
@@ -496,8 +496,7 @@ def test_tls12_close_is_bounded_then_abandoned_without_close_notify():
 
 def test_a_peer_that_stopped_reading_closes_our_side_and_drops_what_is_left():
     m = Lifetime()
-    m.outbound.space()[:4] = b"lost"
-    m.app_read(4)
+    written(m, b"lost")
     m.peer_gone()
     assert m.out is Out.CLOSED and len(m.outbound) == 0
     assert m.wants(Op.CLOSE_APP_OUTPUT) and m.wants(Op.RECV) and not m.wants(Op.CLOSE_NET)
@@ -506,8 +505,7 @@ def test_a_peer_that_stopped_reading_closes_our_side_and_drops_what_is_left():
 def test_a_dead_application_output_is_still_sent_then_the_peer_is_drained_with_a_bound():
     """Case 3: an endless peer cannot keep the tunnel alive after the application died."""
     m = Lifetime(strict_close_notify=True)
-    m.outbound.space()[:14] = b"its last bytes"
-    m.app_read(14)
+    written(m, b"its last bytes")
     m.inbound.space()[:6] = b"unread"
     m.peer_data(6)
     m.app_exited(exited(7))
@@ -550,8 +548,7 @@ def test_no_error_while_lingering():
 def test_the_idle_timeout_fires_once_and_its_close_is_bounded():
     """Case 1: a peer that stopped reading, with an idle timeout: no busy loop, an end."""
     m = Lifetime(close_notify=True, idle_timeout=1.0)
-    m.outbound.space()[:BUFSIZE] = bytes(BUFSIZE)
-    m.app_read(BUFSIZE)
+    written(m, bytes(BUFSIZE))
     m.send_blocked()  # the peer reads nothing
     m.tick(0.0)
     assert m.deadline() == 1.0
@@ -573,8 +570,7 @@ def test_the_idle_timeout_fires_once_and_its_close_is_bounded():
 
 def test_activity_moves_the_idle_deadline():
     m = Lifetime(idle_timeout=1.0)
-    m.outbound.space()[:1] = b"x"
-    m.app_read(1)
+    written(m, b"x")
     m.tick(0.9)
     assert m.deadline() == pytest.approx(1.9)
 
