@@ -23,7 +23,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from s6tls.pki import make_pki
+from s6tls.tls.pki import make_pki
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable

@@ -2,8 +2,7 @@
 
 The public names are imported lazily (PEP 562), so that ``s6-tlsd``, started
 once per connection, pays only for the modules it uses.  The handshake
-function is ``s6tls.handshake.handshake`` (the name ``handshake`` here is
-its module).
+function is ``s6tls.tls.handshake.handshake``.
 """
 
 from importlib import import_module
@@ -36,11 +35,11 @@ _HOMES = {
     "S6tlsError": "errors",
     "TlsRuntimeError": "errors",
     "UsageError": "errors",
-    "Options": "config",
-    "TlsConfig": "config",
+    "Options": "tls.config",
+    "TlsConfig": "tls.config",
     "SelfPipe": "selfpipe",
-    "build_context": "context",
-    "connection_facts": "handshake",
+    "build_context": "tls.context",
+    "connection_facts": "tls.handshake",
     "new_link": "link",
     "run": "engine",
 }

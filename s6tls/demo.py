@@ -43,7 +43,7 @@ def _program(module: str) -> list[str]:
 
 def run() -> int:
     """Run the demo; return 0 on success, 1 otherwise."""
-    from .pki import make_pki
+    from .tls.pki import make_pki
 
     with tempfile.TemporaryDirectory(prefix="s6tls-demo-") as tmp:
         pki = make_pki(tmp, ["localhost", "127.0.0.1"])

@@ -11,13 +11,13 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from . import options
-from .dialer import LOCAL, Dial, connect_udp
+from .net.dialer import LOCAL, Dial, connect_udp
+from .net.ucspi import variables
 from .options import Operand
 from .program import Program, Setup
 from .program import main as run
 from .tlsc import ENVIRONMENT as TLSC_ENVIRONMENT
 from .tlsclient import FAMILY, adjust
-from .ucspi import variables
 
 ENVIRONMENT = (
     *TLSC_ENVIRONMENT,

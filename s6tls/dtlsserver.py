@@ -20,8 +20,12 @@ from typing import NoReturn
 
 from . import options
 from .cli import peer_address
-from .cookie import verify_hello
-from .forkserver import (
+from .dtls.cookie import verify_hello
+from .net.ucspi import unmap, variables
+from .options import Operand
+from .program import Program, Setup
+from .program import main as run
+from .serve.forkserver import (
     FAMILY,
     IDS,
     LIMITS,
@@ -31,11 +35,7 @@ from .forkserver import (
     bound_socket,
     ip_address,
 )
-from .options import Operand
-from .program import Program, Setup
-from .program import main as run
 from .tlsd import ENVIRONMENT as TLSD_ENVIRONMENT
-from .ucspi import unmap, variables
 
 ENVIRONMENT = (
     *TLSD_ENVIRONMENT[:-1],

@@ -27,7 +27,7 @@ from .link import Link, PeerGone, WouldBlock, error_reason, poll_now
 from .selfpipe import read_signals
 
 if TYPE_CHECKING:
-    from .ktls_path import KernelPath
+    from .ktls.path import KernelPath
 
 _HANGUP = select.POLLHUP | select.POLLERR | select.POLLNVAL
 _PEER_SHUT = select.POLLRDHUP | select.POLLHUP  # a socket whose other end shut its output
@@ -134,7 +134,7 @@ def _kernel_path(link: Link, app: tuple[int, int], machine: Lifetime) -> "Kernel
     move the data.  When the kernel took one direction only, the machine
     is told that the connection failed (98).
     """
-    from .ktls_path import HalfInstalled, take_over  # only then: it costs start-up time
+    from .ktls.path import HalfInstalled, take_over  # only then: it costs start-up time
 
     stats = machine.stats
 

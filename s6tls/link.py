@@ -26,10 +26,10 @@ from typing import TYPE_CHECKING, TypeVar
 from OpenSSL import SSL
 
 from .lifetime import BUFSIZE, RECORD
-from .ossl import pending_output, recv_into
+from .tls.ossl import pending_output, recv_into
 
 if TYPE_CHECKING:
-    from .ktls_keys import HandshakeWatch
+    from .ktls.keys import HandshakeWatch
 
 T = TypeVar("T")
 

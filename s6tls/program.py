@@ -30,18 +30,18 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 from . import __version__, options
 from .cli import Log, peer_address, run_main
-from .config import Options, Role, TlsConfig, no_tickets_conf
 from .errors import AppNotExecutable, AppNotFound
+from .net.ucspi import unmap
 from .options import Operand, Opt
-from .privileges import Ids, check_ids, drop_privileges, ids_from_config, ids_from_options
-from .ucspi import unmap
+from .serve.privileges import Ids, check_ids, drop_privileges, ids_from_config, ids_from_options
+from .tls.config import Options, Role, TlsConfig, no_tickets_conf
 
 if TYPE_CHECKING:
     import socket
 
     from OpenSSL import SSL
 
-    from .context import Contexts
+    from .tls.context import Contexts
 
 _TLS_FIELDS = frozenset(f.name for f in dataclasses.fields(Options))
 
@@ -144,7 +144,7 @@ class Setup:
 
         Its lines are logged as ``peer IP:PORT pid N``.
         """
-        from .tunnel import serve_connection
+        from .serve.tunnel import serve_connection
 
         self.drop_privileges()
         return serve_connection(
@@ -212,13 +212,13 @@ def start(program: Program, argv: Sequence[str], log: Log) -> int:
     # The TLS modules are half the start-up: a usage error does not pay for them.
     # Everything a connection needs is imported here, before privileges are
     # dropped: the new user may not be able to read the installation.
-    from . import tunnel  # noqa: F401
-    from .context import Contexts
+    from .serve import tunnel  # noqa: F401
+    from .tls.context import Contexts
 
     if cfg.options.ktls:
-        from . import ktls_path  # noqa: F401  (the engine's, once the handshake is done)
+        from .ktls import path as ktls_path  # noqa: F401  (the engine's, once the handshake is done)
     if cfg.dtls:
-        from . import dtlslink  # noqa: F401  (the link of every association)
+        from .dtls import link as dtlslink  # noqa: F401  (the link of every association)
 
     announce(cfg, values, log)
     contexts = Contexts(cfg, log.warn, tickets=program.issues_tickets)

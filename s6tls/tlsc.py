@@ -9,10 +9,10 @@ from collections.abc import Sequence
 from typing import Any, NoReturn
 
 from . import options
+from .net.ucspi import network_peer
 from .options import Opt
 from .program import Program, Setup
 from .program import main as run
-from .ucspi import network_peer
 
 ENVIRONMENT = (
     ("CAFILE, CADIR", "trust anchors to verify the server (one is needed)"),

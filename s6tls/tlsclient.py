@@ -11,13 +11,13 @@ from collections.abc import Sequence
 from typing import Any, NoReturn
 
 from . import options
-from .dialer import OPTIONS, connect, dial_from_values, local_names
+from .net.dialer import OPTIONS, connect, dial_from_values, local_names
+from .net.resolver import SystemResolver
+from .net.ucspi import variables
 from .options import Operand, Opt
 from .program import Program, Setup
 from .program import main as run
-from .resolver import SystemResolver
 from .tlsc import ENVIRONMENT
-from .ucspi import variables
 
 FAMILY = (
     Opt("family", ("-4", "--ipv4"), "connect over IPv4 only", value=4, default=None),

@@ -11,9 +11,9 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from . import options
+from .net.ucspi import check_fds, peer_of, tcp_variables
 from .program import Program, Setup
 from .program import main as run
-from .ucspi import check_fds, peer_of, tcp_variables
 
 ENVIRONMENT = (
     ("CERTFILE, KEYFILE", "certificate chain and private key (PEM or DER)"),

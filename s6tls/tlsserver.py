@@ -17,9 +17,15 @@ import socket
 from collections.abc import Sequence
 from typing import NoReturn
 
-from . import gate, options, systemd
+from . import options
 from .cli import peer_address
-from .forkserver import (
+from .net import gate, systemd
+from .net.rules import apply_env
+from .net.ucspi import unmap, variables
+from .options import Operand, Opt
+from .program import Program, Setup
+from .program import main as run
+from .serve.forkserver import (
     FAMILY,
     IDS,
     LIMITS,
@@ -29,12 +35,7 @@ from .forkserver import (
     bound_socket,
     ip_address,
 )
-from .options import Operand, Opt
-from .program import Program, Setup
-from .program import main as run
-from .rules import apply_env
 from .tlsd import ENVIRONMENT as TLSD_ENVIRONMENT
-from .ucspi import unmap, variables
 
 SERVER = (
     NOTIFY,

@@ -11,10 +11,10 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from . import options
+from .net.ucspi import network_peer
 from .program import Program, Setup
 from .program import main as run
 from .tlsc import APP_FDS, ENVIRONMENT, adjust
-from .ucspi import network_peer
 
 # -6 and -7 name the network's fds here (prog's too, before TLS), as in s6-networking.
 NET_FDS = (
@@ -25,7 +25,7 @@ NET_FDS = (
 
 def serve(setup: Setup) -> int:
     """Fork the engine, exec prog with the connection still on its fds."""
-    from .starttls import start  # only now: a usage error does not pay for the TLS modules
+    from .starttls.engine import start  # only now: a usage error does not pay for the TLS modules
 
     net = setup.cfg.options.app_fds
     start(setup, net, network_peer(net))

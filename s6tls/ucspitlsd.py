@@ -10,15 +10,15 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from . import options
+from .net.ucspi import network_peer
 from .program import Program, Setup
 from .program import main as run
 from .tlsd import ENVIRONMENT
-from .ucspi import network_peer
 
 
 def serve(setup: Setup) -> int:
     """Fork the engine, exec prog with the connection still on fds 0 and 1."""
-    from .starttls import start  # only now: a usage error does not pay for the TLS modules
+    from .starttls.engine import start  # only now: a usage error does not pay for the TLS modules
 
     start(setup, (0, 1), network_peer((0, 1)))
 

@@ -19,12 +19,12 @@ from dataclasses import dataclass, field
 
 from OpenSSL import SSL
 
-from s6tls.app import spawn
 from s6tls.engine import run
 from s6tls.errors import TlsRuntimeError
-from s6tls.handshake import handshake
 from s6tls.link import new_link
 from s6tls.selfpipe import SelfPipe
+from s6tls.serve.app import spawn
+from s6tls.tls.handshake import handshake
 
 
 def contexts(

@@ -10,8 +10,8 @@ from conftest import program
 from OpenSSL import SSL
 from server_helpers import start_server
 
-from s6tls import ktls_keys
-from s6tls.ktls_socket import KernelTls
+from s6tls.ktls import keys as ktls_keys
+from s6tls.ktls.sockopts import KernelTls
 
 TLS13_SUITES = ["TLS_AES_128_GCM_SHA256", "TLS_AES_256_GCM_SHA384", "TLS_CHACHA20_POLY1305_SHA256"]
 # trustme's certificates have ECDSA keys.

@@ -10,10 +10,10 @@ import time
 import pytest
 from test_rules import write_rules
 
-from s6tls.access import AccessPolicy, admit
 from s6tls.errors import ExitCode, Refused
-from s6tls.resolver import LookupFailed, SystemResolver
-from s6tls.rules import RulesDirectory
+from s6tls.net.access import AccessPolicy, admit
+from s6tls.net.resolver import LookupFailed, SystemResolver
+from s6tls.net.rules import RulesDirectory
 
 
 class FakeResolver:

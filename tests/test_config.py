@@ -2,9 +2,9 @@
 
 import pytest
 
-from s6tls.app import application_env
-from s6tls.config import VARIABLES, Options, TlsConfig
 from s6tls.errors import ConfigError, UsageError
+from s6tls.serve.app import application_env
+from s6tls.tls.config import VARIABLES, Options, TlsConfig
 
 SERVER = {"CERTFILE": "c.pem", "KEYFILE": "k.pem"}
 CLIENT = {"CAFILE": "ca.pem"}

@@ -6,9 +6,10 @@ from pathlib import Path
 import pytest
 from tls_pair import connections, exchange, handshake
 
-from s6tls import context, ossl
-from s6tls.config import Options, TlsConfig
-from s6tls.context import Contexts, build_context
+from s6tls.tls import context as context
+from s6tls.tls import ossl as ossl
+from s6tls.tls.config import Options, TlsConfig
+from s6tls.tls.context import Contexts, build_context
 
 
 def server_cfg(pki, **env: str) -> TlsConfig:

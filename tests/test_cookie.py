@@ -3,9 +3,9 @@
 from dtls_peer import client_hello, memory_client, next_flight
 from OpenSSL import SSL
 
-from s6tls.config import Options, TlsConfig
-from s6tls.context import Contexts
-from s6tls.cookie import GENERATION, Cookies, verify_hello
+from s6tls.dtls.cookie import GENERATION, Cookies, verify_hello
+from s6tls.tls.config import Options, TlsConfig
+from s6tls.tls.context import Contexts
 
 PEER = ("192.0.2.7", 40000)
 

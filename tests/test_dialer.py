@@ -7,8 +7,8 @@ import pytest
 from server_helpers import full_listener
 from test_access import FakeResolver
 
-from s6tls.dialer import Dial, connect, local_names, parse_timeouts
 from s6tls.errors import SystemFailure, UsageError
+from s6tls.net.dialer import Dial, connect, local_names, parse_timeouts
 
 
 @pytest.fixture
@@ -87,7 +87,7 @@ def test_names_of_both_ends():
 
 
 def test_a_failed_name_lookup_is_no_name():
-    from s6tls.resolver import LookupFailed
+    from s6tls.net.resolver import LookupFailed
 
     resolver = FakeResolver({"192.0.2.5": LookupFailed("timed out")})
     assert local_names(resolver, "192.0.2.9", "192.0.2.5", dns=True, localname=None) == {}

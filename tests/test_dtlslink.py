@@ -7,12 +7,12 @@ import threading
 import pytest
 from dtls_peer import DtlsClient
 
-from s6tls.config import Options, TlsConfig
-from s6tls.context import Contexts, prepare_connection
-from s6tls.cookie import verify_hello
-from s6tls.dtlslink import Retransmission, datagram_link
-from s6tls.handshake import handshake
+from s6tls.dtls.cookie import verify_hello
+from s6tls.dtls.link import Retransmission, datagram_link
 from s6tls.link import WouldBlock
+from s6tls.tls.config import Options, TlsConfig
+from s6tls.tls.context import Contexts, prepare_connection
+from s6tls.tls.handshake import handshake
 
 
 class OpenSslTimer:

@@ -8,9 +8,9 @@ from test_proxyproto import CLIENT_HELLO, inet4, v2
 from test_rules import write_rules
 from ucspi_helpers import tcp_pair
 
-from s6tls.access import AccessPolicy
 from s6tls.errors import ExitCode, HandshakeTimeout, Refused
-from s6tls.gate import Gate, read_proxy_header
+from s6tls.net.access import AccessPolicy
+from s6tls.net.gate import Gate, read_proxy_header
 
 DIRECT = {
     "TCPREMOTEIP": "127.0.0.1",

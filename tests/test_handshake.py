@@ -6,8 +6,8 @@ import pytest
 from engine_harness import contexts
 
 from s6tls.errors import HandshakeTimeout
-from s6tls.handshake import handshake
 from s6tls.link import new_link
+from s6tls.tls.handshake import handshake
 
 # A handshake record of 16 KiB that starts a ClientHello announced as 128 KiB long.
 STREAM = b"\x16\x03\x01\x40\x00" + b"\x01" + (131000).to_bytes(3, "big") + bytes(16380)

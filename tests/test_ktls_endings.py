@@ -29,8 +29,9 @@ from OpenSSL import SSL
 from server_helpers import start_server
 from uml import build_preload
 
-from s6tls import ktls_keys, ktls_socket
-from s6tls.ktls_socket import FATAL, KernelTls
+from s6tls.ktls import keys as ktls_keys
+from s6tls.ktls import sockopts as ktls_socket
+from s6tls.ktls.sockopts import FATAL, KernelTls
 
 pytestmark = pytest.mark.guest
 

@@ -18,8 +18,8 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 from ktls_helpers import TLS12_CIPHERS, TLS13_SUITES, keys_of, watched, watched_contexts
 from OpenSSL import SSL
 
-from s6tls import ktls_keys
-from s6tls.ktls_keys import (
+from s6tls.ktls import keys as ktls_keys
+from s6tls.ktls.keys import (
     AES_128_GCM,
     AES_256_GCM,
     CHACHA20_POLY1305,

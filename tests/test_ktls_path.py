@@ -17,8 +17,10 @@ import time
 import pytest
 from ktls_helpers import keys_of, pairs, wait_for
 
-from s6tls import ktls_keys, ktls_path, ktls_socket
 from s6tls.errors import TlsRuntimeError
+from s6tls.ktls import keys as ktls_keys
+from s6tls.ktls import path as ktls_path
+from s6tls.ktls import sockopts as ktls_socket
 from s6tls.link import WouldBlock
 
 pytestmark = pytest.mark.guest

@@ -17,13 +17,14 @@ from ktls_helpers import watched_contexts
 from OpenSSL import SSL
 from server_helpers import start_server
 
-from s6tls import ktls_keys, ktls_socket
 from s6tls.engine import run
-from s6tls.handshake import handshake
-from s6tls.ktls_socket import ALERT, FATAL, HANDSHAKE, WARNING, KernelTls, Records, Unavailable
+from s6tls.ktls import keys as ktls_keys
+from s6tls.ktls import sockopts as ktls_socket
+from s6tls.ktls.sockopts import ALERT, FATAL, HANDSHAKE, WARNING, KernelTls, Records, Unavailable
 from s6tls.lifetime import Stats
 from s6tls.link import new_link
 from s6tls.selfpipe import SelfPipe
+from s6tls.tls.handshake import handshake
 
 TLS12, TLS13 = ktls_keys.TLS_1_2_VERSION, ktls_keys.TLS_1_3_VERSION
 

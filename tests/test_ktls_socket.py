@@ -18,9 +18,10 @@ import pytest
 from ktls_helpers import CASES, IDS, pairs, wait_for
 from OpenSSL import SSL
 
-from s6tls import ktls_keys, ktls_socket
 from s6tls.errors import TlsRuntimeError
-from s6tls.ktls_socket import ALERT, FATAL, HANDSHAKE, KernelTls
+from s6tls.ktls import keys as ktls_keys
+from s6tls.ktls import sockopts as ktls_socket
+from s6tls.ktls.sockopts import ALERT, FATAL, HANDSHAKE, KernelTls
 
 pytestmark = pytest.mark.guest
 

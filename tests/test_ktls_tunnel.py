@@ -31,7 +31,7 @@ from test_faults import s_server
 from test_starttls import s_client, smtp_server
 from ucspi_helpers import direct_pair
 
-from s6tls import ktls_keys
+from s6tls.ktls import keys as ktls_keys
 
 pytestmark = pytest.mark.guest
 

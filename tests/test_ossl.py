@@ -8,7 +8,7 @@ from OpenSSL import SSL
 from OpenSSL.crypto import X509
 from tls_pair import connections, exchange, handshake
 
-from s6tls import ossl
+from s6tls.tls import ossl as ossl
 
 KEY = bytes.fromhex("00112233445566778899aabbccddeeff")
 

@@ -17,8 +17,8 @@ from openssl_peer import s_client
 from server_helpers import serving
 from ucspi_helpers import LineReader, TcpServer, fatal, tcpclient, touch_then
 
-from s6tls import ossl
-from s6tls.context import default_groups
+from s6tls.tls import ossl as ossl
+from s6tls.tls.context import default_groups
 
 SHOW = ["sh", "-c", 'echo "alpn=${SSL_ALPN_PROTOCOL-unset} resumed=$SSL_SESSION_RESUMED"']
 

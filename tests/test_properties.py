@@ -48,9 +48,10 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from OpenSSL import SSL
 
+import s6tls.serve.tunnel
+
 # Imported once here, so that each forked child does not import them again.
 import s6tls.tlsd
-import s6tls.tunnel
 
 SLOW = os.environ.get("S6TLS_SLOW") == "1"
 EXAMPLES = 250 if SLOW else 12  # per -s/-S, -j/-J combination, plus the explicit examples

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from s6tls.errors import ExitCode
-from s6tls.proxyproto import (
+from s6tls.net.proxyproto import (
     V2_SIGNATURE,
     HeaderReader,
     ProxyHeader,

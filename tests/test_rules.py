@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from s6tls.errors import SystemFailure
-from s6tls.rules import (
+from s6tls.net.rules import (
     Decision,
     Rule,
     RulesDirectory,

@@ -23,7 +23,7 @@ import pytest
 from conftest import ROOT
 from server_helpers import serving, start_server, tls_connect
 
-from s6tls.pki import make_pki
+from s6tls.tls.pki import make_pki
 
 SCANNER = ROOT / ".venv-scan" / "bin" / "python"
 SCANS = [

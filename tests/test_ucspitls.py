@@ -3,7 +3,7 @@
 import pytest
 
 from s6tls.errors import ExitCode, UsageError
-from s6tls.ucspitls import Command, encode_notification, parse_command
+from s6tls.starttls.control import Command, encode_notification, parse_command
 
 
 @pytest.mark.parametrize(

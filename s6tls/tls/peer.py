@@ -21,8 +21,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from OpenSSL.crypto import FILETYPE_ASN1, X509, dump_publickey
 
+from ..net.names import is_ip
 from .credentials import timestamp
-from .names import is_ip
 from .ossl import subject_oneline
 
 # SAN kinds exported to the application: variable suffix -> cryptography type.

@@ -32,17 +32,18 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from . import options, systemd
-from .access import Denied
+from .. import options
+from ..cli import Log, peer_address, plural
+from ..errors import ExitCode, S6tlsError, SystemFailure, UsageError
+from ..lifetime import Lifetime
+from ..net import systemd
+from ..net.access import Denied
+from ..net.names import is_ip
+from ..net.ucspi import peer_of, unmap
+from ..options import Opt
+from ..program import Setup
+from ..selfpipe import SelfPipe
 from .app import exit_code
-from .cli import Log, peer_address, plural
-from .errors import ExitCode, S6tlsError, SystemFailure, UsageError
-from .lifetime import Lifetime
-from .names import is_ip
-from .options import Opt
-from .program import Setup
-from .selfpipe import SelfPipe
-from .ucspi import peer_of, unmap
 
 if TYPE_CHECKING:
     from OpenSSL import SSL

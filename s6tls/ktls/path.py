@@ -21,9 +21,10 @@ import select
 
 from OpenSSL import SSL
 
-from .errors import TlsRuntimeError
-from .ktls_keys import HandshakeWatch, KeysUnavailable, connection_keys
-from .ktls_socket import (
+from ..errors import TlsRuntimeError
+from ..link import Link, PeerGone, WouldBlock, poll_now
+from .keys import HandshakeWatch, KeysUnavailable, connection_keys
+from .sockopts import (
     APPLICATION_DATA,
     BAD_RECORD_MAC,
     CLOSE_NOTIFY,
@@ -35,7 +36,6 @@ from .ktls_socket import (
     Unavailable,
     tcp_socket,
 )
-from .link import Link, PeerGone, WouldBlock, poll_now
 
 SPLICE = 65536  # bytes one splice moves at most: a pipe's default capacity
 PEER_CLOSE_NOTIFY = -1  # move_in: the peer's close_notify (the only negative answer)

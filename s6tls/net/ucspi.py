@@ -10,8 +10,8 @@ import os
 import socket
 from collections.abc import Mapping, Sequence
 
-from .cli import peer_address
-from .errors import SystemFailure
+from ..cli import peer_address
+from ..errors import SystemFailure
 
 
 def check_fds(fds: Sequence[int]) -> None:

@@ -26,9 +26,9 @@ from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..errors import HandshakeTimeout, Refused, UsageError
+from ..options import UCSPI_TCP, Opt, nonempty, switches, unsigned
 from .access import AccessPolicy, Admission, admit
-from .errors import HandshakeTimeout, Refused, UsageError
-from .options import UCSPI_TCP, Opt, nonempty, switches, unsigned
 from .proxyproto import HeaderReader, ProxyHeader
 from .resolver import SystemResolver
 

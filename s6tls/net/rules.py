@@ -32,7 +32,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from .errors import SystemFailure
+from ..errors import SystemFailure
 
 ENV_VALUE_MAX = 4095  # skalibs' envdir reads at most this much of each file
 EXEC_MAX = 4096  # and s6 at most this much of an exec file

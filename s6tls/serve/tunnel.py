@@ -16,16 +16,16 @@ from collections.abc import Callable, Mapping, Sequence
 
 from OpenSSL import SSL
 
+from ..cli import Log
+from ..engine import run
+from ..errors import HandshakeError, S6tlsError, SystemFailure
+from ..lifetime import Stats
+from ..link import Link, new_link
+from ..selfpipe import SelfPipe
+from ..tls.config import TlsConfig
+from ..tls.context import keep_session, prepare_connection
+from ..tls.handshake import connection_facts, handshake
 from .app import application_env, exit_code, spawn
-from .cli import Log
-from .config import TlsConfig
-from .context import keep_session, prepare_connection
-from .engine import run
-from .errors import HandshakeError, S6tlsError, SystemFailure
-from .handshake import connection_facts, handshake
-from .lifetime import Stats
-from .link import Link, new_link
-from .selfpipe import SelfPipe
 
 # Signals passed on to the application while it runs; SIGCHLD reports its exit.
 PASSED_SIGNALS = (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
@@ -43,14 +43,14 @@ def establish(
     socket and ``hello`` the ClientHello a server's listener verified.
     """
     if cfg.dtls:
-        from .dtlslink import datagram_link
+        from ..dtls.link import datagram_link
 
         link: Link = datagram_link(cfg, ctx, rfd, hello)
     else:
         link = new_link(ctx, rfd, wfd)
     notes = prepare_connection(cfg, link.conn)
     if cfg.options.ktls:
-        from .ktls_keys import HandshakeWatch  # only then: it costs start-up time
+        from ..ktls.keys import HandshakeWatch  # only then: it costs start-up time
 
         link.handshake_watch = HandshakeWatch()
     try:

@@ -5,7 +5,7 @@ import os
 import signal
 from collections.abc import Mapping, Sequence
 
-from .config import is_secret_variable
+from ..tls.config import is_secret_variable
 
 # Variables s6tls writes for the application; stale copies are always removed.
 TLS_FACTS = (

@@ -20,14 +20,14 @@ import os
 import socket
 from typing import NoReturn
 
-from .app import application_env
-from .cli import Log
-from .errors import ExitCode, S6tlsError, SystemFailure
-from .handshake import connection_facts
-from .program import Setup
-from .selfpipe import SelfPipe
-from .tunnel import establish, pump, summary
-from .ucspitls import Command, encode_notification, parse_command
+from ..cli import Log
+from ..errors import ExitCode, S6tlsError, SystemFailure
+from ..program import Setup
+from ..selfpipe import SelfPipe
+from ..serve.app import application_env
+from ..serve.tunnel import establish, pump, summary
+from ..tls.handshake import connection_facts
+from .control import Command, encode_notification, parse_command
 
 
 def start(setup: Setup, net: tuple[int, int], peer: str) -> NoReturn:

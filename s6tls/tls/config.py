@@ -32,8 +32,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
-from .errors import ConfigError, UsageError
-from .names import encode_host_name, is_ip
+from ..errors import ConfigError, UsageError
+from ..net.names import encode_host_name, is_ip
 
 Role = Literal["server", "client"]
 Verify = Literal["none", "optional", "required"]

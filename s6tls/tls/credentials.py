@@ -27,8 +27,8 @@ from cryptography.hazmat.primitives.serialization import (
     load_pem_private_key,
 )
 
+from ..errors import ConfigError
 from .config import Keypair, TlsConfig
-from .errors import ConfigError
 from .sessions import check_directory
 
 _PEM_BEGIN = b"-----BEGIN "

@@ -17,7 +17,7 @@ that is unset; then one more NUL.  Any other command byte is a usage error
 import enum
 from collections.abc import Mapping
 
-from .errors import UsageError
+from ..errors import UsageError
 
 # The facts of the notification block, in the order they are sent.
 NOTIFIED_FACTS = (

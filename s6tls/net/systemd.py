@@ -11,7 +11,7 @@ import os
 import socket
 from collections.abc import MutableMapping
 
-from .errors import UsageError
+from ..errors import UsageError
 
 FIRST_FD = 3  # SD_LISTEN_FDS_START
 

@@ -19,9 +19,9 @@ import tempfile
 
 from OpenSSL import SSL
 
+from ..errors import ConfigError
 from . import ossl
 from .config import TlsConfig
-from .errors import ConfigError
 
 MAGIC = b"s6tls-session 1 "
 

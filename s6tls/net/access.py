@@ -26,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
-from .errors import Refused, SystemFailure
+from ..errors import Refused, SystemFailure
 from .resolver import LookupFailed
 from .rules import (
     Decision,

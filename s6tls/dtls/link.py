@@ -27,11 +27,11 @@ import time
 
 from OpenSSL import SSL
 
+from ..lifetime import RECORD
+from ..link import SocketLink
+from ..tls.config import TlsConfig
+from ..tls.ossl import use_socket
 from . import cookie
-from .config import TlsConfig
-from .lifetime import RECORD
-from .link import SocketLink
-from .ossl import use_socket
 
 _SLACK = 0.05  # seconds: OpenSSL's timer reads rounded (to 0 under 15 ms)
 

@@ -27,8 +27,8 @@ import struct
 import termios
 from dataclasses import dataclass, replace
 
-from .errors import TlsRuntimeError
-from .ktls_keys import (
+from ..errors import TlsRuntimeError
+from .keys import (
     TLS_1_3_VERSION,
     ConnectionKeys,
     crypto_info,

@@ -34,13 +34,13 @@ from dataclasses import dataclass, field
 from OpenSSL import SSL
 from OpenSSL.crypto import X509, X509StoreFlags
 
+from ..dtls.cookie import Cookies
+from ..errors import ConfigError, UsageError
+from ..link import ssl_error_text
+from ..net.names import is_host_name
 from . import ossl
 from .config import TlsConfig
-from .cookie import Cookies
 from .credentials import Credentials, LoadedKeypair, load_credentials
-from .errors import ConfigError, UsageError
-from .link import ssl_error_text
-from .names import is_host_name
 from .peer import PeerPolicy
 from .sessions import SessionStore
 
@@ -195,7 +195,7 @@ def _base_context(cfg: TlsConfig, creds: Credentials) -> SSL.Context:
     if creds.psks:
         _set_psk(ctx, cfg, creds)
     if cfg.options.ktls:
-        from .ktls_keys import watch_context  # only then: its imports cost start-up time
+        from ..ktls.keys import watch_context  # only then: its imports cost start-up time
 
         watch_context(ctx)  # kernel TLS needs the TLS 1.3 traffic secrets
     return ctx

@@ -12,9 +12,9 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from .config import TlsConfig
-from .errors import SystemFailure, UsageError
-from .options import gid_list
+from ..errors import SystemFailure, UsageError
+from ..options import gid_list
+from ..tls.config import TlsConfig
 
 
 @dataclass(frozen=True)

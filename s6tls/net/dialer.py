@@ -13,10 +13,10 @@ import socket
 import time
 from dataclasses import dataclass
 
+from ..errors import SystemFailure, UsageError
+from ..options import UCSPI_TCP, Opt, port_number, switches, unsigned
 from .access import Resolver
-from .errors import SystemFailure, UsageError
 from .names import is_ip
-from .options import UCSPI_TCP, Opt, port_number, switches, unsigned
 from .resolver import LookupFailed, SystemResolver
 
 

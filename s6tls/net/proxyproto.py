@@ -28,7 +28,7 @@ import ipaddress
 import struct
 from dataclasses import dataclass
 
-from .errors import Refused
+from ..errors import Refused
 
 V1_PREFIX = b"PROXY "
 V1_MAX = 107  # the longest v1 line, CRLF included

@@ -13,9 +13,9 @@ from collections.abc import Callable
 
 from OpenSSL import SSL
 
+from ..errors import HandshakeError, HandshakeTimeout
+from ..link import Link, PeerGone, WouldBlock, ssl_error_text
 from .context import VerifyNotes
-from .errors import HandshakeError, HandshakeTimeout
-from .link import Link, PeerGone, WouldBlock, ssl_error_text
 from .ossl import session_reused
 from .peer import certificate_facts
 
