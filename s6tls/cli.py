@@ -38,11 +38,6 @@ def escape(text: str) -> str:
     return _UNPRINTABLE.sub(hexes, text)
 
 
-def peer_address(ip: str, port: int | str) -> str:
-    """``1.2.3.4:443`` or ``[::1]:443``: one token, whatever the family."""
-    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
-
-
 def plural(count: int, noun: str) -> str:
     """``1 connection``, ``2 connections``."""
     return f"{count} {noun}" if count == 1 else f"{count} {noun}s"

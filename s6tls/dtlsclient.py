@@ -11,25 +11,18 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from . import options
-from .net.dialer import LOCAL, Dial, connect_udp
+from .net.dialer import Dial, connect_udp
 from .net.ucspi import variables
 from .options import Operand
-from .program import Program, Setup
+from .program import Program
 from .program import main as run
-from .tlsc import ENVIRONMENT as TLSC_ENVIRONMENT
-from .tlsclient import FAMILY, adjust
-
-ENVIRONMENT = (
-    *TLSC_ENVIRONMENT,
-    ("DTLS_MTU", "the largest UDP payload, in bytes (default 1232)"),
-    ("DTLS_HANDSHAKE_TIMEOUT_MIN, _MAX", "retransmission waits, ms (1000 doubling to 60000)"),
-)
+from .serve.connection import Setup
 
 
 def serve(setup: Setup) -> int:
     """Connect the UDP socket, then DTLS on it, prog on 6 and 7."""
-    v = setup.values
-    dial = Dial(v["host"], v["port"], v["family"], v["local_ip"], v["local_port"])
+    s = setup.settings
+    dial = Dial(s.host, s.port, s.family, s.local_ip, s.local_port)
     sock = connect_udp(dial)
     return setup.serve_connected(sock, variables("UDP", sock.getsockname(), sock.getpeername()))
 
@@ -40,8 +33,8 @@ PROGRAM = Program(
     summary="Speak DTLS to UDP host port, and run prog with the datagrams on its fds 6 and 7.",
     options=(
         *options.VERBOSITY_SWITCHES,
-        *FAMILY,
-        *LOCAL,
+        *options.FAMILY,
+        *options.LOCAL,
         *options.KEEP,
         options.HANDSHAKE_TIMEOUT.with_default(10000),
         options.DTLS_IDLE_TIMEOUT,
@@ -49,8 +42,8 @@ PROGRAM = Program(
     ),
     operands=(Operand("host", options.nonempty), Operand("port", options.port_number)),
     serve=serve,
-    environment=ENVIRONMENT,
-    adjust=adjust,
+    environment=(*options.CLIENT_ENVIRONMENT, *options.DTLS_ENVIRONMENT),
+    adjust=options.servername_from_host,
     dtls=True,
 )
 

@@ -19,30 +19,20 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from . import options
-from .cli import peer_address
 from .dtls.cookie import verify_hello
-from .net.ucspi import unmap, variables
+from .net.listen import bound_socket
+from .net.ucspi import peer_address, unmap, variables
 from .options import Operand
-from .program import Program, Setup
+from .program import Program
 from .program import main as run
-from .serve.forkserver import (
-    FAMILY,
-    IDS,
-    LIMITS,
-    NOTIFY,
-    PAUSING_ERRORS,
-    ForkServer,
-    bound_socket,
-    ip_address,
-)
-from .tlsd import ENVIRONMENT as TLSD_ENVIRONMENT
+from .serve.connection import Setup
+from .serve.forkserver import PAUSING_ERRORS, ForkServer
 
 ENVIRONMENT = (
-    *TLSD_ENVIRONMENT[:-1],
-    ("DTLS_MTU", "the largest UDP payload, in bytes (default 1232)"),
-    ("DTLS_HANDSHAKE_TIMEOUT_MIN, _MAX", "retransmission waits, ms (1000 doubling to 60000)"),
-    ("UID, GID, GIDLIST", "with -U"),
-    ("NOTIFY_SOCKET", "systemd's readiness socket (Type=notify)"),
+    *options.SERVER_ENVIRONMENT,
+    *options.DTLS_ENVIRONMENT,
+    *options.ENVID_ENVIRONMENT,
+    *options.READINESS_ENVIRONMENT,
 )
 EXIT_CODES = (
     ("0", "stopped by SIGTERM, SIGINT or SIGQUIT, once the associations ended"),
@@ -65,15 +55,15 @@ _ANCILLARY = socket.CMSG_SPACE(64)
 
 def serve(setup: Setup) -> int:
     """Bind the UDP port, then serve peers until told to stop."""
-    v = setup.values
+    s = setup.settings
     sock = bound_socket(
-        v["ip"],
-        v["port"],
-        v["family"],
+        s.ip,
+        s.port,
+        s.family,
         socket.SOCK_DGRAM,
         prepare=lambda s: s.setsockopt(*_RECV_PKTINFO[s.family], 1),  # each datagram's destination
     )
-    return Server(setup, [sock], True).serve(v["notify"])
+    return Server(setup, [sock], True).serve(s.notify)
 
 
 class Server(ForkServer):
@@ -160,16 +150,16 @@ PROGRAM = Program(
     summary="Listen on UDP ip port and serve each peer over DTLS to a new prog.",
     options=(
         *options.VERBOSITY_SWITCHES,
-        *FAMILY,
-        NOTIFY,
-        *LIMITS,
-        *IDS,
+        *options.FAMILY,
+        options.NOTIFY,
+        *options.LIMITS,
+        *options.IDS,
         *options.KEEP,
         options.HANDSHAKE_TIMEOUT.with_default(10000),
         options.DTLS_IDLE_TIMEOUT,
         *options.SERVER_TLS,
     ),
-    operands=(Operand("ip", ip_address), Operand("port", options.port_number)),
+    operands=(Operand("ip", options.ip_literal), Operand("port", options.port_number)),
     serve=serve,
     environment=ENVIRONMENT,
     exit_codes=EXIT_CODES,

@@ -9,7 +9,6 @@ codes.
 """
 
 import contextlib
-import math
 import os
 import select
 import signal
@@ -21,10 +20,12 @@ from typing import TYPE_CHECKING
 
 from OpenSSL import SSL
 
+from .deadline import wait_ms
 from .errors import TlsRuntimeError
 from .lifetime import DATA_OPS, In, Lifetime, Op, Out, Stats
-from .link import Link, PeerGone, WouldBlock, error_reason, poll_now
+from .link import Link, PeerGone, WouldBlock, poll_now
 from .selfpipe import read_signals
+from .tls.reasons import error_reason
 
 if TYPE_CHECKING:
     from .ktls.path import KernelPath
@@ -260,10 +261,7 @@ class _Loop:
         self.m.tick(time.monotonic())
 
     def _timeout_ms(self) -> int | None:
-        deadline = self.m.deadline()
-        if deadline is None:
-            return None
-        return max(0, math.ceil((deadline - time.monotonic()) * 1000))
+        return wait_ms(self.m.deadline(), time.monotonic())
 
     def _read_selfpipe(self) -> None:
         """Report the application's exit and the signals the selfpipe delivered."""

@@ -98,9 +98,8 @@ import signal
 from enum import Enum
 
 from .errors import TlsRuntimeError
+from .sizes import BUFSIZE
 
-BUFSIZE = 65536  # bytes buffered per direction
-RECORD = 16384  # the most cleartext one TLS record carries
 LINGER = 2.0  # seconds: the bound of a lingering or forced close
 LINGER_BYTES = 1 << 20  # bytes a lingering close reads and drops at most
 GRACE = 2.0  # seconds an application gets after an error, then after SIGTERM

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 from OpenSSL import SSL
 
-from .lifetime import BUFSIZE, RECORD
+from .sizes import BUFSIZE, RECORD
 from .tls.ossl import pending_output, recv_into
 
 if TYPE_CHECKING:
@@ -88,44 +88,6 @@ def new_link(ctx: SSL.Context, rfd: int, wfd: int) -> "Link":
     if same_socket(rfd, wfd):
         return SocketLink(ctx, rfd, wfd)
     return BioLink(ctx, rfd, wfd)
-
-
-def error_reason(exc: SSL.Error) -> str:
-    """One line for a failure on an established connection."""
-    if isinstance(exc, SSL.SysCallError) or _system_error(exc):
-        return f"connection broken: {ssl_error_text(exc)}"
-    return f"TLS error: {ssl_error_text(exc)}"
-
-
-def _system_error(exc: SSL.Error) -> bool:
-    """True for an ``SSL.Error`` that only reports failed system calls.
-
-    Once a socket call failed (a reset, say), OpenSSL reports the next
-    failure as a "system library" entry whose reason text is empty, and
-    pyOpenSSL raises it as a plain ``SSL.Error``, without the errno.
-    """
-    args = exc.args[0] if exc.args else None
-    return (
-        isinstance(args, list)
-        and bool(args)
-        and all(isinstance(e, tuple) and e[0] == "system library" and not e[2] for e in args)
-    )
-
-
-def ssl_error_text(exc: SSL.Error) -> str:
-    """One line from a pyOpenSSL error: its OpenSSL reasons, or the system error."""
-    if isinstance(exc, SSL.SysCallError):
-        code = exc.args[0] if exc.args else -1
-        return os.strerror(code) if isinstance(code, int) and code > 0 else "unexpected EOF"
-    args = exc.args[0] if exc.args else []
-    if isinstance(args, list) and args and isinstance(args[0], tuple):
-        text = "; ".join(reason for (_lib, _func, reason) in args if reason)
-        if text:
-            return text
-        return "a system call failed" if _system_error(exc) else "no reason given by OpenSSL"
-    if args == []:  # OpenSSL gives no reason once a connection has failed
-        return "connection already failed"
-    return str(exc) or type(exc).__name__
 
 
 class Link:

@@ -1,10 +1,13 @@
-"""Every command-line option of every s6tls program, in one table.
+"""Every command-line option of every s6tls program, in one place.
 
 An option is one ``Opt``: its names (the short letter first, then skarnet's
 long names), the variable it sets, what it stores there, and the line of
-``--help`` that explains it.  A program is a tuple of ``Opt``; adding an
-option to a program is adding one entry to its tuple (and, when it is a TLS
-setting, one field to ``config.Options``).
+``--help`` that explains it.  The tables below are the options, grouped as
+the programs share them; a program is a tuple of them (its ``Program``, in
+its own module).  Adding an option to a program is adding one entry to its
+tuple, and one field to ``tls.config.Options`` when it is a TLS setting or to
+``Settings`` when it is not.  The rows of --help about the environment are
+here too.
 
 Parsing goes through click, used as a tokeniser only: every value arrives
 as text and is checked here, and what click itself rejects (an unknown
@@ -13,6 +16,7 @@ s6-networking's words.  ``--help`` and ``--version`` print our own text.
 """
 
 import dataclasses
+import os
 import textwrap
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -21,6 +25,8 @@ from typing import Any
 import click
 
 from .errors import UsageError
+from .net.names import is_ip
+from .numbers import decimal, gid_list
 
 NOTSET: Any = object()  # a dest whose default comes from another Opt
 
@@ -67,9 +73,10 @@ class Operand:
 
 def unsigned(text: str, name: str) -> int:
     """A decimal integer >= 0."""
-    if not (text.isascii() and text.isdigit()):
+    value = decimal(text)
+    if value is None:
         raise UsageError(f"{name} must be an unsigned integer, not {text!r}")
-    return int(text)
+    return value
 
 
 def positive(text: str, name: str) -> int:
@@ -100,9 +107,10 @@ def seconds_or_never(text: str, name: str) -> float | None:
 
 def port_number(text: str, name: str) -> int:
     """A TCP port, 0 to 65535."""
-    if not (text.isascii() and text.isdigit()) or int(text) > 65535:
+    value = decimal(text)
+    if value is None or value > 65535:
         raise UsageError(f"{name} must be a port number from 0 to 65535, not {text!r}")
-    return int(text)
+    return value
 
 
 def verbatim(text: str, _name: str) -> str:
@@ -110,18 +118,44 @@ def verbatim(text: str, _name: str) -> str:
     return text
 
 
-def gid_list(text: str, name: str) -> tuple[int, ...]:
-    """Comma-separated numeric group ids (an empty list for "")."""
-    parts = text.split(",") if text else []
-    if not all(p.isascii() and p.isdigit() for p in parts):
-        raise UsageError(f"{name} must be a comma-separated list of gids, not {text!r}")
-    return tuple(int(p) for p in parts)
-
-
 def nonempty(text: str, name: str) -> str:
     if not text:
         raise UsageError(f"{name} needs a value")
     return text
+
+
+def ip_literal(text: str, name: str) -> str:
+    """The ``ip`` operand of a server: an IPv4 or IPv6 literal."""
+    if not is_ip(text):
+        raise UsageError(f"{text} is not an IP address")
+    return text
+
+
+def local_ip(text: str, name: str) -> str:
+    """-i: an IP literal."""
+    if not is_ip(text):
+        raise UsageError(f"{name} needs an IP address, not {text!r}")
+    return text
+
+
+def parse_timeouts(text: str, name: str = "-T") -> tuple[float, float]:
+    """``x+y`` or ``x`` (seconds, integers) as s6-tcpclient's -T takes them."""
+    first, plus, second = text.partition("+")
+    x, y = decimal(first), decimal(second) if plus else 0
+    if x is None or y is None:
+        raise UsageError(f"{name} must be of the form x+y (seconds)")
+    return float(x), float(y)
+
+
+BANNER_MAX = 4096  # far below a socket's send buffer: writing it never blocks
+
+
+def banner(text: str, name: str) -> bytes:
+    """-B: the banner's bytes, at most ``BANNER_MAX``."""
+    data = os.fsencode(text)
+    if len(data) > BANNER_MAX:
+        raise UsageError(f"{name}: the banner is longer than {BANNER_MAX} bytes")
+    return data
 
 
 # --- the table ---------------------------------------------------------------
@@ -278,6 +312,296 @@ UCSPI_TCP = (
         default=None,
     ),
 )
+
+# -4 and -6: the family of a server's ip, or of the addresses a client tries.
+FAMILY = (
+    Opt("family", ("-4", "--ipv4"), "IPv4 only", value=4, default=None),
+    Opt("family", ("-6", "--ipv6"), "IPv6 only; a server on :: then takes no IPv4", value=6),
+)
+
+# The servers' own: readiness, limits, backlog, ids (s6-tcpserver's).
+NOTIFY = Opt(
+    "notify",
+    ("-1", "--notify"),
+    "once listening, write the port and a newline",
+    default=False,
+)
+LIMITS = (
+    Opt(
+        "maxconn",
+        ("-c", "--global-max-connections"),
+        "at most MAXCONN connections at once",
+        arg="MAXCONN",
+        parse=positive,
+        default=40,
+    ),
+    Opt(
+        "localmaxconn",
+        ("-C", "--local-max-connections"),
+        "at most LOCALMAXCONN per client address",
+        arg="LOCALMAXCONN",
+        parse=positive,
+        default=40,
+    ),
+)
+BACKLOG = Opt(
+    "backlog",
+    ("-b", "--backlog"),
+    "the listen backlog",
+    arg="BACKLOG",
+    parse=positive,
+    default=128,
+)
+IDS = (
+    Opt(
+        "uid",
+        ("-u", "--uid"),
+        "serve each connection as UID (needs -g)",
+        arg="UID",
+        parse=unsigned,
+        default=None,
+    ),
+    Opt(
+        "gid",
+        ("-g", "--gid"),
+        "serve each connection as GID, no other group",
+        arg="GID",
+        parse=unsigned,
+        default=None,
+    ),
+    Opt(
+        "env_ids",
+        ("-U", "--envuidgid"),
+        "the ids of UID, GID, GIDLIST (s6-envuidgid)",
+        default=False,
+    ),
+    Opt(
+        "groups",
+        ("-G", "--gidlist"),
+        "with -g, the supplementary groups (comma-separated gids)",
+        arg="GIDLIST",
+        parse=gid_list,
+        default=(),
+    ),
+)
+
+# What s6-tlsserver does before TLS, as s6-tcpserver-access and proxy-server do.
+GATE = (
+    Opt("proxy", ("-L", "--proxy"), "read a PROXY protocol header (v1, v2) first", default=False),
+    *switches(
+        "strict",
+        False,
+        (("-W", "--no-strict-resolution"), False, "a failed name look-up is a warning"),
+        (("-w", "--strict-resolution"), True, "a failed name look-up refuses the client"),
+    ),
+    *UCSPI_TCP,
+    *switches(
+        "paranoid",
+        False,
+        (("-P", "--no-paranoid"), False, "keep the client's name as found"),
+        (("-p", "--paranoid"), True, "keep it only if it resolves back to the client"),
+    ),
+    Opt(
+        "banner",
+        ("-B", "--banner"),
+        "write BANNER to the client first, before TLS",
+        arg="BANNER",
+        parse=banner,
+        default=b"",
+    ),
+    Opt(
+        "lookup_timeout_ms",
+        ("-t", "--timeout"),
+        "give the name look-ups MS milliseconds (0: the resolver's limits)",
+        arg="MS",
+        parse=unsigned,
+        default=0,
+    ),
+    Opt(
+        "rules_dir",
+        ("-i", "--rules-directory"),
+        "check each client against the rules in RULESDIR",
+        arg="RULESDIR",
+        parse=nonempty,
+        default=None,
+    ),
+    Opt(
+        "rules_file",
+        ("-x", "--rules-file"),
+        "check each client against the rules in the cdb RULESFILE",
+        arg="RULESFILE",
+        parse=nonempty,
+        default=None,
+    ),
+)
+
+# -i and -p, which s6-dtlsclient takes too.
+LOCAL = (
+    Opt(
+        "local_ip",
+        ("-i", "--local-ip"),
+        "connect from LOCALIP",
+        arg="LOCALIP",
+        parse=local_ip,
+        default=None,
+    ),
+    Opt(
+        "local_port",
+        ("-p", "--local-port"),
+        "connect from LOCALPORT",
+        arg="LOCALPORT",
+        parse=port_number,
+        default=0,
+    ),
+)
+# s6-tcpclient's options, as s6-tlsclient takes them (with -4/-6 and -v).
+DIAL = (
+    *UCSPI_TCP,
+    *switches(
+        "qualify",
+        False,
+        (
+            ("-N", "--no-qualify"),
+            False,
+            "accepted: resolv.conf says how host is qualified",
+        ),
+        (("-n", "--qualify"), True, "accepted: resolv.conf says how host is qualified"),
+    ),
+    Opt(
+        "timeout_s",
+        ("-t", "--timeout"),
+        "give up after SECONDS, resolution and connection included (0: no limit)",
+        arg="SECONDS",
+        parse=unsigned,
+        default=0,
+    ),
+    Opt(
+        "timeouts",
+        ("-T", "--connection-timeouts"),
+        "try each address for X seconds, then the failed ones for Y",
+        arg="X+Y",
+        parse=parse_timeouts,
+        default=(2.0, 58.0),
+    ),
+    *LOCAL,
+)
+
+# The clients' cleartext descriptors for prog.
+APP_FDS = (
+    Opt(
+        "app_read",
+        ("-6", "--read-fd"),
+        "prog reads the cleartext on FD",
+        arg="FD",
+        parse=unsigned,
+        default=6,
+    ),
+    Opt(
+        "app_write",
+        ("-7", "--write-fd"),
+        "prog writes the cleartext on FD",
+        arg="FD",
+        parse=unsigned,
+        default=7,
+    ),
+)
+# -6 and -7 name the network's fds for s6-ucspitlsc (prog's too, before TLS), as in
+# s6-networking.
+NET_FDS = (
+    dataclasses.replace(APP_FDS[0], help="read the network (before TLS, prog does) on FD"),
+    dataclasses.replace(APP_FDS[1], help="write to the network (before TLS, prog does) on FD"),
+)
+
+
+def fds_from_6_7(values: dict[str, Any]) -> None:
+    """-6 and -7 make ``app_fds`` (s6-tlsc and s6-ucspitlsc)."""
+    values["app_fds"] = (values.pop("app_read"), values.pop("app_write"))
+
+
+def servername_from_host(values: dict[str, Any]) -> None:
+    """The server name defaults to host: a name, or an IP literal checked against IP SANs."""
+    if values["servername"] is None:
+        values["servername"] = values["host"]
+
+
+# --- the environment, as --help lists it -----------------------------------------
+
+SERVER_ENVIRONMENT = (
+    ("CERTFILE, KEYFILE", "certificate chain and private key (PEM or DER)"),
+    ("CERTFILE:name, KEYFILE:name", "a keypair per SNI name, with -k 1 or 2"),
+    ("CAFILE, CADIR", "trust anchors for client certificates"),
+    ("TLS_UID, TLS_GID", "ids to run as, once the keys are read"),
+    ("TLS_*, PSKFILE, CRLFILE...", "TLS policy: versions, suites, ALPN, allow-lists (man page)"),
+)
+UCSPI_ENVIRONMENT = (("PROTO, TCPREMOTEIP...", "for prog; from the socket if PROTO is unset"),)
+CLIENT_ENVIRONMENT = (
+    ("CAFILE, CADIR", "trust anchors to verify the server (one is needed)"),
+    ("CERTFILE, KEYFILE", "the client certificate and key, with -y"),
+    ("TLS_UID, TLS_GID", "numeric ids to run as after reading the keys (root only)"),
+    ("TLS_*, PSKFILE, CRLFILE...", "TLS policy: versions, suites, ALPN, allow-lists (man page)"),
+)
+DTLS_ENVIRONMENT = (
+    ("DTLS_MTU", "the largest UDP payload, in bytes (default 1232)"),
+    ("DTLS_HANDSHAKE_TIMEOUT_MIN, _MAX", "retransmission waits, ms (1000 doubling to 60000)"),
+)
+ENVID_ENVIRONMENT = (("UID, GID, GIDLIST", "with -U"),)
+READINESS_ENVIRONMENT = (("NOTIFY_SOCKET", "systemd's readiness socket (Type=notify)"),)
+
+
+# --- what is not TLS -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What a program's command line says beyond its TLS settings (``tls.config.Options``).
+
+    One per program run, made from the parsed values by ``settings``: its
+    operands, and the options of its network side.  A program's options set
+    the fields they name; the other fields keep these defaults, which no
+    program reads.
+    """
+
+    ip: str = ""  # a server's ip operand
+    host: str = ""  # a client's host operand
+    port: int = 0
+    family: int | None = None  # -4 / -6
+    # the servers'
+    notify: bool = False  # -1
+    maxconn: int = 0  # -c
+    localmaxconn: int = 0  # -C
+    backlog: int = 0  # -b
+    uid: int | None = None  # -u
+    gid: int | None = None  # -g
+    env_ids: bool = False  # -U
+    groups: tuple[int, ...] = ()  # -G
+    # before TLS (s6-tlsserver), and the names (s6-tlsclient too)
+    proxy: bool = False  # -L
+    strict: bool = False  # -w
+    nodelay: bool = False  # -D
+    dns: bool = False  # --dns / -H
+    hosts: bool = False  # -h (accepted)
+    ident: bool = False  # -r (accepted)
+    paranoid: bool = False  # -p
+    banner: bytes = b""  # -B
+    lookup_timeout_ms: int = 0  # -t
+    rules_dir: str | None = None  # -i
+    rules_file: str | None = None  # -x
+    localname: str | None = None  # -l
+    # the connect (s6-tlsclient, s6-dtlsclient)
+    qualify: bool = False  # -n (accepted)
+    timeout_s: int = 0  # -t
+    timeouts: tuple[float, float] = (0.0, 0.0)  # -T
+    local_ip: str | None = None  # -i
+    local_port: int = 0  # -p
+
+
+SETTINGS_FIELDS = frozenset(f.name for f in dataclasses.fields(Settings))
+
+
+def settings(values: Mapping[str, Any]) -> Settings:
+    """The ``Settings`` in ``values`` (what ``parse`` returned): every field found there."""
+    return Settings(**{k: v for k, v in values.items() if k in SETTINGS_FIELDS})
+
 
 HELP = "--help"
 VERSION = "--version"

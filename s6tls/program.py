@@ -12,8 +12,8 @@ network is touched:
    (127 when not found, 126 when not executable);
 4. build the TLS context, once (``context``), and print the start-up
    warnings (``announce``);
-5. call the program's ``serve`` with a ``Setup``, whose
-   ``serve_connection`` drops privileges, then serves a connection.
+5. call the program's ``serve`` with a ``Setup`` (``serve.connection``),
+   whose ``serve_connection`` drops privileges, then serves a connection.
 
 The application's environment is the caller's: what Python adds to its own
 (``LC_CTYPE``, when it coerces the C locale) is taken back first.
@@ -24,24 +24,20 @@ import os
 import re
 import shutil
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from . import __version__, options
-from .cli import Log, peer_address, run_main
+from .cli import Log, run_main
 from .errors import AppNotExecutable, AppNotFound
-from .net.ucspi import unmap
-from .options import Operand, Opt
-from .serve.privileges import Ids, check_ids, drop_privileges, ids_from_config, ids_from_options
+from .options import Operand, Opt, Settings
+from .serve.connection import Setup
+from .serve.privileges import Ids, check_ids, ids_from_config, ids_from_options
 from .tls.config import Options, Role, TlsConfig, no_tickets_conf
 
 if TYPE_CHECKING:
-    import socket
-
-    from OpenSSL import SSL
-
-    from .tls.context import Contexts
+    pass
 
 _TLS_FIELDS = frozenset(f.name for f in dataclasses.fields(Options))
 
@@ -109,71 +105,6 @@ def _wrap_synopsis(text: str, width: int = 79) -> list[str]:
     return lines
 
 
-@dataclass(frozen=True)
-class Setup:
-    """Everything a program's network side needs, checked and built."""
-
-    log: Log
-    cfg: TlsConfig
-    app: tuple[str, ...]
-    values: Mapping[str, Any]
-    ids: Ids
-    contexts: "Contexts"
-
-    @property
-    def ctx(self) -> "SSL.Context":
-        """The current context: ``contexts.context`` (a reload or a rotation replaces it)."""
-        return self.contexts.context
-
-    def drop_privileges(self) -> None:
-        """Become the ids asked for (checked at start); after the keys, before a handshake."""
-        drop_privileges(self.ids)
-
-    def serve_connection(
-        self,
-        rfd: int,
-        wfd: int,
-        *,
-        app_fds: tuple[int, int],
-        peer: str,
-        extra_env: Mapping[str, str] | None = None,
-        on_handshake: Callable[[], None] | None = None,
-        hello: bytes | None = None,
-    ) -> int:
-        """Drop privileges, then ``tunnel.serve_connection`` for this program.
-
-        Its lines are logged as ``peer IP:PORT pid N``.
-        """
-        from .serve.tunnel import serve_connection
-
-        self.drop_privileges()
-        return serve_connection(
-            self.cfg,
-            self.ctx,
-            rfd,
-            wfd,
-            self.app,
-            self.log.about(peer, os.getpid()),
-            app_fds=app_fds,
-            environ=os.environ,
-            extra_env=extra_env,
-            on_handshake=on_handshake,
-            hello=hello,
-        )
-
-    def serve_connected(self, sock: "socket.socket", extra_env: Mapping[str, str]) -> int:
-        """A client's connected socket: serve it (``serve_connection``), prog on -6/-7."""
-        remote = sock.getpeername()
-        fd = sock.detach()
-        return self.serve_connection(
-            fd,
-            fd,
-            app_fds=self.cfg.options.app_fds,
-            peer=peer_address(unmap(remote[0]), remote[1]),
-            extra_env=extra_env,
-        )
-
-
 def main(program: Program, argv: Sequence[str] | None = None) -> NoReturn:
     """Run ``program`` with ``argv`` (default: ``sys.argv[1:]``) and exit."""
     log = Log(program.name)
@@ -201,10 +132,11 @@ def start(program: Program, argv: Sequence[str], log: Log) -> int:
     """The shared steps of the module docstring; returns the exit code of ``serve``."""
     values, app = parse(program, argv)
     log.verbosity = values["verbosity"]
+    settings = options.settings(values)
     restore_caller_environment(os.environ)
     tls = Options(**{k: v for k, v in values.items() if k in _TLS_FIELDS})
     cfg = TlsConfig.from_env(program.role, os.environ, tls, dtls=program.dtls)
-    ids = check_ids(_asked_ids(values, cfg))
+    ids = check_ids(_asked_ids(settings, cfg))
     check_app(app[0])
     conf = None if cfg.role == "client" or program.issues_tickets else no_tickets_conf(os.environ)
     if conf:
@@ -220,24 +152,22 @@ def start(program: Program, argv: Sequence[str], log: Log) -> int:
     if cfg.dtls:
         from .dtls import link as dtlslink  # noqa: F401  (the link of every association)
 
-    announce(cfg, values, log)
+    announce(cfg, settings, log)
     contexts = Contexts(cfg, log.warn, tickets=program.issues_tickets)
     if conf:
         del os.environ["OPENSSL_CONF"]  # ours, not the application's
-    setup = Setup(log, cfg, app, values, ids, contexts)
+    setup = Setup(log, cfg, app, settings, ids, contexts)
     return program.serve(setup)
 
 
-def _asked_ids(values: Mapping[str, Any], cfg: TlsConfig) -> Ids:
+def _asked_ids(s: Settings, cfg: TlsConfig) -> Ids:
     """-u/-g/-U where the program has them and they are given, else TLS_UID/TLS_GID."""
-    uid, gid, from_env = values.get("uid"), values.get("gid"), values.get("env_ids", False)
-    groups = values.get("groups", ())
-    if uid is None and gid is None and not from_env and not groups:
+    if s.uid is None and s.gid is None and not s.env_ids and not s.groups:
         return ids_from_config(cfg)
-    return ids_from_options(uid, gid, from_env, os.environ, groups)
+    return ids_from_options(s.uid, s.gid, s.env_ids, os.environ, s.groups)
 
 
-def announce(cfg: TlsConfig, values: Mapping[str, Any], log: Log) -> None:
+def announce(cfg: TlsConfig, settings: Settings, log: Log) -> None:
     """The start-up warnings about a configuration that works, but maybe not as meant.
 
     The configuration's own (``TlsConfig.warnings``) and the options' are
@@ -247,7 +177,7 @@ def announce(cfg: TlsConfig, values: Mapping[str, Any], log: Log) -> None:
     """
     for line in cfg.warnings:
         log.warn(line)
-    if values.get("ident"):  # -r, of UCSPI_TCP
+    if settings.ident:  # -r, of UCSPI_TCP
         log.warn("-r: s6tls does no IDENT look-up, TCPREMOTEINFO stays unset")
 
 

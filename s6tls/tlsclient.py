@@ -8,40 +8,29 @@ its IP addresses.  See man/s6-tlsclient.1.
 """
 
 from collections.abc import Sequence
-from typing import Any, NoReturn
+from typing import NoReturn
 
 from . import options
-from .net.dialer import OPTIONS, connect, dial_from_values, local_names
+from .net.dialer import connect, dial_from_settings, local_names
 from .net.resolver import SystemResolver
 from .net.ucspi import variables
-from .options import Operand, Opt
-from .program import Program, Setup
+from .options import Operand
+from .program import Program
 from .program import main as run
-from .tlsc import ENVIRONMENT
-
-FAMILY = (
-    Opt("family", ("-4", "--ipv4"), "connect over IPv4 only", value=4, default=None),
-    Opt("family", ("-6", "--ipv6"), "connect over IPv6 only", value=6),
-)
-
-
-def adjust(values: dict[str, Any]) -> None:
-    """The server name defaults to host: a name, or an IP literal checked against IP SANs."""
-    if values["servername"] is None:
-        values["servername"] = values["host"]
+from .serve.connection import Setup
 
 
 def serve(setup: Setup) -> int:
     """Connect, then the connection's socket for both ciphertext fds, prog on 6 and 7."""
-    v = setup.values
-    sock = connect(dial_from_values(v))
+    s = setup.settings
+    sock = connect(dial_from_settings(s))
     env = variables("TCP", sock.getsockname(), sock.getpeername())
     names = local_names(
         SystemResolver(),
         env["TCPLOCALIP"],
         env["TCPREMOTEIP"],
-        dns=v["dns"],
-        localname=v["localname"],
+        dns=s.dns,
+        localname=s.localname,
     )
     return setup.serve_connected(sock, {**env, **names})
 
@@ -52,15 +41,15 @@ PROGRAM = Program(
     summary="Connect to host port, speak TLS, and run prog with the cleartext on its fds 6 and 7.",
     options=(
         *options.VERBOSITY_SWITCHES,
-        *FAMILY,
-        *OPTIONS,
+        *options.FAMILY,
+        *options.DIAL,
         *options.TLS,
         *options.CLIENT_TLS,
     ),
     operands=(Operand("host", options.nonempty), Operand("port", options.port_number)),
     serve=serve,
-    environment=ENVIRONMENT,
-    adjust=adjust,
+    environment=options.CLIENT_ENVIRONMENT,
+    adjust=options.servername_from_host,
 )
 
 

@@ -12,17 +12,9 @@ from typing import NoReturn
 
 from . import options
 from .net.ucspi import check_fds, peer_of, tcp_variables
-from .program import Program, Setup
+from .program import Program
 from .program import main as run
-
-ENVIRONMENT = (
-    ("CERTFILE, KEYFILE", "certificate chain and private key (PEM or DER)"),
-    ("CERTFILE:name, KEYFILE:name", "a keypair per SNI name, with -k 1 or 2"),
-    ("CAFILE, CADIR", "trust anchors for client certificates"),
-    ("TLS_UID, TLS_GID", "ids to run as, once the keys are read"),
-    ("TLS_*, PSKFILE, CRLFILE...", "TLS policy: versions, suites, ALPN, allow-lists (man page)"),
-    ("PROTO, TCPREMOTEIP...", "for prog; from the socket if PROTO is unset"),
-)
+from .serve.connection import Setup
 
 
 def serve(setup: Setup) -> int:
@@ -39,7 +31,7 @@ PROGRAM = Program(
     summary="Serve TLS on stdin and stdout, then run prog with the cleartext on its own.",
     options=(*options.TLS, *options.SERVER_TLS, options.VERBOSITY),
     serve=serve,
-    environment=ENVIRONMENT,
+    environment=(*options.SERVER_ENVIRONMENT, *options.UCSPI_ENVIRONMENT),
 )
 
 

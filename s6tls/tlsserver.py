@@ -18,43 +18,21 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from . import options
-from .cli import peer_address
 from .net import gate, systemd
+from .net.listen import bound_socket
 from .net.rules import apply_env
-from .net.ucspi import unmap, variables
-from .options import Operand, Opt
-from .program import Program, Setup
+from .net.ucspi import peer_address, unmap, variables
+from .options import Operand
+from .program import Program
 from .program import main as run
-from .serve.forkserver import (
-    FAMILY,
-    IDS,
-    LIMITS,
-    NOTIFY,
-    PAUSING_ERRORS,
-    ForkServer,
-    bound_socket,
-    ip_address,
-)
-from .tlsd import ENVIRONMENT as TLSD_ENVIRONMENT
+from .serve.connection import Setup
+from .serve.forkserver import PAUSING_ERRORS, ForkServer
 
-SERVER = (
-    NOTIFY,
-    *LIMITS,
-    Opt(
-        "backlog",
-        ("-b", "--backlog"),
-        "the listen backlog",
-        arg="BACKLOG",
-        parse=options.positive,
-        default=128,
-    ),
-    *IDS,
-)
 ENVIRONMENT = (
-    *TLSD_ENVIRONMENT[:-1],
-    ("UID, GID, GIDLIST", "with -U"),
+    *options.SERVER_ENVIRONMENT,
+    *options.ENVID_ENVIRONMENT,
     ("LISTEN_FDS, LISTEN_PID", "systemd's listening sockets: nothing is bound"),
-    ("NOTIFY_SOCKET", "systemd's readiness socket (Type=notify)"),
+    *options.READINESS_ENVIRONMENT,
 )
 EXIT_CODES = (
     ("0", "stopped by SIGTERM, SIGINT or SIGQUIT, once the connections ended"),
@@ -68,14 +46,13 @@ EXIT_CODES = (
 
 def serve(setup: Setup) -> int:
     """Listen (or take systemd's sockets), then accept until told to stop."""
-    v = setup.values
+    s = setup.settings
     listeners = systemd.listening_sockets(os.environ)
-    before_tls = gate.Gate.from_values(v)
+    before_tls = gate.Gate.from_settings(s)
     bound = not listeners
     if bound:
-        ip, port, family = v["ip"], v["port"], v["family"]
-        listeners = [bound_socket(ip, port, family, socket.SOCK_STREAM, backlog=v["backlog"])]
-    return Server(setup, listeners, bound, before_tls).serve(v["notify"])
+        listeners = [bound_socket(s.ip, s.port, s.family, socket.SOCK_STREAM, backlog=s.backlog)]
+    return Server(setup, listeners, bound, before_tls).serve(s.notify)
 
 
 class Server(ForkServer):
@@ -134,17 +111,20 @@ PROGRAM = Program(
     summary="Listen on ip port and serve each connection over TLS to a new prog.",
     options=(
         *options.VERBOSITY_SWITCHES,
-        *FAMILY,
-        *SERVER,
+        *options.FAMILY,
+        options.NOTIFY,
+        *options.LIMITS,
+        options.BACKLOG,
+        *options.IDS,
         *options.CLOSE,
         *options.KEEP,
         options.HANDSHAKE_TIMEOUT.with_default(10000),
         options.IDLE_TIMEOUT,
         *options.KTLS,
         *options.SERVER_TLS,
-        *gate.OPTIONS,
+        *options.GATE,
     ),
-    operands=(Operand("ip", ip_address), Operand("port", options.port_number)),
+    operands=(Operand("ip", options.ip_literal), Operand("port", options.port_number)),
     serve=serve,
     environment=ENVIRONMENT,
     exit_codes=EXIT_CODES,

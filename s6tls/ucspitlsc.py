@@ -6,21 +6,14 @@ handshake on the same connection and prog goes on through
 SSLREADFD/SSLWRITEFD.  See man/s6-ucspitlsc.1.
 """
 
-import dataclasses
 from collections.abc import Sequence
 from typing import NoReturn
 
 from . import options
 from .net.ucspi import network_peer
-from .program import Program, Setup
+from .program import Program
 from .program import main as run
-from .tlsc import APP_FDS, ENVIRONMENT, adjust
-
-# -6 and -7 name the network's fds here (prog's too, before TLS), as in s6-networking.
-NET_FDS = (
-    dataclasses.replace(APP_FDS[0], help="read the network (before TLS, prog does) on FD"),
-    dataclasses.replace(APP_FDS[1], help="write to the network (before TLS, prog does) on FD"),
-)
+from .serve.connection import Setup
 
 
 def serve(setup: Setup) -> int:
@@ -35,10 +28,10 @@ PROGRAM = Program(
     name="s6-ucspitlsc",
     role="client",
     summary="Run prog on the connection on fds 6 and 7; start TLS when prog asks.",
-    options=(*options.TLS, *options.CLIENT_TLS, options.VERBOSITY, *NET_FDS),
+    options=(*options.TLS, *options.CLIENT_TLS, options.VERBOSITY, *options.NET_FDS),
     serve=serve,
-    environment=ENVIRONMENT,
-    adjust=adjust,
+    environment=options.CLIENT_ENVIRONMENT,
+    adjust=options.fds_from_6_7,
 )
 
 

@@ -11,9 +11,9 @@ from typing import NoReturn
 
 from . import options
 from .net.ucspi import network_peer
-from .program import Program, Setup
+from .program import Program
 from .program import main as run
-from .tlsd import ENVIRONMENT
+from .serve.connection import Setup
 
 
 def serve(setup: Setup) -> int:
@@ -29,7 +29,7 @@ PROGRAM = Program(
     summary="Run prog on the connection on stdin and stdout; start TLS when prog asks.",
     options=(*options.TLS, *options.SERVER_TLS, options.VERBOSITY),
     serve=serve,
-    environment=ENVIRONMENT,
+    environment=(*options.SERVER_ENVIRONMENT, *options.UCSPI_ENVIRONMENT),
 )
 
 

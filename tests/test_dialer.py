@@ -8,7 +8,8 @@ from server_helpers import full_listener
 from test_access import FakeResolver
 
 from s6tls.errors import SystemFailure, UsageError
-from s6tls.net.dialer import Dial, connect, local_names, parse_timeouts
+from s6tls.net.dialer import Dial, connect, local_names
+from s6tls.options import parse_timeouts
 
 
 @pytest.fixture

@@ -35,7 +35,7 @@ from faultproxy import Fault, FaultProxy, set_rst_on_close
 from OpenSSL import SSL
 from server_helpers import free_port, start_server
 
-from s6tls.link import error_reason
+from s6tls.tls.reasons import error_reason
 
 MiB = 1 << 20
 

@@ -20,11 +20,9 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 
 from s6tls.errors import TlsRuntimeError
 from s6tls.lifetime import (
-    BUFSIZE,
     GRACE,
     LINGER,
     LINGER_BYTES,
-    RECORD,
     App,
     Buffer,
     In,
@@ -33,6 +31,7 @@ from s6tls.lifetime import (
     Op,
     Out,
 )
+from s6tls.sizes import BUFSIZE, RECORD
 
 SLOW = os.environ.get("S6TLS_SLOW") == "1"
 STEPS = {"machines": 0, "steps": 0}  # reported by the last test of this module

@@ -27,8 +27,8 @@ import time
 
 from OpenSSL import SSL
 
-from ..lifetime import RECORD
 from ..link import SocketLink
+from ..sizes import RECORD
 from ..tls.config import TlsConfig
 from ..tls.ossl import use_socket
 from . import cookie

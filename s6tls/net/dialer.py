@@ -13,10 +13,9 @@ import socket
 import time
 from dataclasses import dataclass
 
-from ..errors import SystemFailure, UsageError
-from ..options import UCSPI_TCP, Opt, port_number, switches, unsigned
+from ..errors import SystemFailure
+from ..options import Settings
 from .access import Resolver
-from .names import is_ip
 from .resolver import LookupFailed, SystemResolver
 
 
@@ -32,14 +31,6 @@ class Dial:
     timeouts: tuple[float, float] = (2, 58)  # -T x+y, seconds; x 0: the system's limit
     deadline: float | None = None  # -t, as a time.monotonic() value
     nodelay: bool = False  # -D
-
-
-def parse_timeouts(text: str, name: str = "-T") -> tuple[float, float]:
-    """``x+y`` or ``x`` (seconds, integers) as s6-tcpclient's -T takes them."""
-    first, plus, second = text.partition("+")
-    if not (first.isascii() and first.isdigit()) or (plus and not second.isdigit()):
-        raise UsageError(f"{name} must be of the form x+y (seconds)")
-    return float(first), float(second) if plus else 0.0
 
 
 def connect(dial: Dial) -> socket.socket:
@@ -153,75 +144,7 @@ def local_names(
     return names
 
 
-def check_local_ip(text: str, name: str) -> str:
-    """-i: an IP literal."""
-    if not is_ip(text):
-        raise UsageError(f"{name} needs an IP address, not {text!r}")
-    return text
-
-
-# -i and -p, which s6-dtlsclient takes too.
-LOCAL = (
-    Opt(
-        "local_ip",
-        ("-i", "--local-ip"),
-        "connect from LOCALIP",
-        arg="LOCALIP",
-        parse=check_local_ip,
-        default=None,
-    ),
-    Opt(
-        "local_port",
-        ("-p", "--local-port"),
-        "connect from LOCALPORT",
-        arg="LOCALPORT",
-        parse=port_number,
-        default=0,
-    ),
-)
-# s6-tcpclient's options, as s6-tlsclient takes them (with -4/-6 and -v).
-OPTIONS = (
-    *UCSPI_TCP,
-    *switches(
-        "qualify",
-        False,
-        (
-            ("-N", "--no-qualify"),
-            False,
-            "accepted: resolv.conf says how host is qualified",
-        ),
-        (("-n", "--qualify"), True, "accepted: resolv.conf says how host is qualified"),
-    ),
-    Opt(
-        "timeout_s",
-        ("-t", "--timeout"),
-        "give up after SECONDS, resolution and connection included (0: no limit)",
-        arg="SECONDS",
-        parse=unsigned,
-        default=0,
-    ),
-    Opt(
-        "timeouts",
-        ("-T", "--connection-timeouts"),
-        "try each address for X seconds, then the failed ones for Y",
-        arg="X+Y",
-        parse=parse_timeouts,
-        default=(2.0, 58.0),
-    ),
-    *LOCAL,
-)
-
-
-def dial_from_values(values: dict) -> Dial:
-    """The ``Dial`` that s6-tlsclient's parsed options describe; -t starts now."""
-    deadline = time.monotonic() + values["timeout_s"] if values["timeout_s"] else None
-    return Dial(
-        values["host"],
-        values["port"],
-        values["family"],
-        values["local_ip"],
-        values["local_port"],
-        values["timeouts"],
-        deadline,
-        values["nodelay"],
-    )
+def dial_from_settings(s: Settings) -> Dial:
+    """The ``Dial`` that s6-tlsclient's options describe; -t starts now."""
+    deadline = time.monotonic() + s.timeout_s if s.timeout_s else None
+    return Dial(s.host, s.port, s.family, s.local_ip, s.local_port, s.timeouts, deadline, s.nodelay)

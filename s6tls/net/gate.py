@@ -14,8 +14,8 @@ In order:
 4. the access rules and the name look-ups (``access.admit``).
 
 A refused client never sees a TLS byte: the child ends before the handshake.
-``OPTIONS`` are the command-line options of all this; ``Gate.from_values``
-checks what they name (the rules) once, at start.
+``options.GATE`` are the command-line options of all this;
+``Gate.from_settings`` checks what they name (the rules) once, at start.
 """
 
 import os
@@ -24,72 +24,13 @@ import socket
 import time
 from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass, field
-from typing import Any
 
+from ..deadline import after_ms, wait_ms
 from ..errors import HandshakeTimeout, Refused, UsageError
-from ..options import UCSPI_TCP, Opt, nonempty, switches, unsigned
+from ..options import Settings
 from .access import AccessPolicy, Admission, admit
 from .proxyproto import HeaderReader, ProxyHeader
 from .resolver import SystemResolver
-
-BANNER_MAX = 4096  # far below a socket's send buffer: writing it never blocks
-
-
-def _banner(text: str, name: str) -> bytes:
-    data = os.fsencode(text)
-    if len(data) > BANNER_MAX:
-        raise UsageError(f"{name}: the banner is longer than {BANNER_MAX} bytes")
-    return data
-
-
-OPTIONS = (
-    Opt("proxy", ("-L", "--proxy"), "read a PROXY protocol header (v1, v2) first", default=False),
-    *switches(
-        "strict",
-        False,
-        (("-W", "--no-strict-resolution"), False, "a failed name look-up is a warning"),
-        (("-w", "--strict-resolution"), True, "a failed name look-up refuses the client"),
-    ),
-    *UCSPI_TCP,
-    *switches(
-        "paranoid",
-        False,
-        (("-P", "--no-paranoid"), False, "keep the client's name as found"),
-        (("-p", "--paranoid"), True, "keep it only if it resolves back to the client"),
-    ),
-    Opt(
-        "banner",
-        ("-B", "--banner"),
-        "write BANNER to the client first, before TLS",
-        arg="BANNER",
-        parse=_banner,
-        default=b"",
-    ),
-    Opt(
-        "lookup_timeout_ms",
-        ("-t", "--timeout"),
-        "give the name look-ups MS milliseconds (0: the resolver's limits)",
-        arg="MS",
-        parse=unsigned,
-        default=0,
-    ),
-    Opt(
-        "rules_dir",
-        ("-i", "--rules-directory"),
-        "check each client against the rules in RULESDIR",
-        arg="RULESDIR",
-        parse=nonempty,
-        default=None,
-    ),
-    Opt(
-        "rules_file",
-        ("-x", "--rules-file"),
-        "check each client against the rules in the cdb RULESFILE",
-        arg="RULESFILE",
-        parse=nonempty,
-        default=None,
-    ),
-)
 
 
 @dataclass(frozen=True)
@@ -102,28 +43,29 @@ class Gate:
     access: AccessPolicy = field(default_factory=AccessPolicy)
 
     @classmethod
-    def from_values(cls, values: Mapping[str, Any]) -> "Gate":
-        """The gate for the parsed ``OPTIONS``; its rules checked once.
+    def from_settings(cls, settings: Settings) -> "Gate":
+        """The gate the options of ``settings`` describe; its rules checked once.
 
         Raises ``UsageError`` for -i with -x, ``SystemFailure`` for rules
         that cannot be read (a missing directory, a file that is no cdb).
         """
-        if values["rules_dir"] and values["rules_file"]:
+        s = settings
+        if s.rules_dir and s.rules_file:
             raise UsageError("-i and -x are mutually exclusive")
-        rules, kind = values["rules_dir"], "directory"
-        if values["rules_file"]:
-            rules, kind = values["rules_file"], "file"
+        rules, kind = s.rules_dir, "directory"
+        if s.rules_file:
+            rules, kind = s.rules_file, "file"
         access = AccessPolicy(
             rules=rules,
             rules_kind=kind,
-            dns=values["dns"] or values["paranoid"],
-            paranoid=values["paranoid"],
-            strict=values["strict"],
-            localname=values["localname"],
-            timeout_ms=values["lookup_timeout_ms"],
+            dns=s.dns or s.paranoid,
+            paranoid=s.paranoid,
+            strict=s.strict,
+            localname=s.localname,
+            timeout_ms=s.lookup_timeout_ms,
         )
         access.check_rules()
-        return cls(values["nodelay"], values["banner"], values["proxy"], access)
+        return cls(s.nodelay, s.banner, s.proxy, access)
 
     def receive(self, sock: socket.socket, env: MutableMapping[str, str], timeout_ms: int) -> None:
         """Nagle, banner and PROXY header: ``env`` updated from the header.
@@ -137,7 +79,7 @@ class Gate:
         if self.banner:
             send_banner(sock, self.banner)
         if self.proxy:
-            deadline = time.monotonic() + timeout_ms / 1000 if timeout_ms else None
+            deadline = after_ms(timeout_ms, time.monotonic())
             apply_proxy_header(read_proxy_header(sock.fileno(), deadline), env)
 
     def check(self, env: Mapping[str, str], warn: Callable[[str], None]) -> Admission:
@@ -147,7 +89,7 @@ class Gate:
         rules refuse the client, ``Refused`` for a failed look-up under -w.
         """
         policy = self.access
-        lookups = time.monotonic() + policy.timeout_ms / 1000 if policy.timeout_ms else None
+        lookups = after_ms(policy.timeout_ms, time.monotonic())
         return admit(
             policy,
             policy.open_rules(),
@@ -178,8 +120,7 @@ def read_proxy_header(fd: int, deadline: float | None) -> ProxyHeader:
     poller = select.poll()
     poller.register(fd, select.POLLIN)
     while reader.header is None:
-        wait = None if deadline is None else max(0, int((deadline - time.monotonic()) * 1000))
-        if not poller.poll(wait):
+        if not poller.poll(wait_ms(deadline, time.monotonic())):
             raise HandshakeTimeout("PROXY header timed out")
         try:
             reader.feed(os.read(fd, reader.max_read()))

@@ -12,6 +12,7 @@ import socket
 from collections.abc import MutableMapping
 
 from ..errors import UsageError
+from ..numbers import decimal
 
 FIRST_FD = 3  # SD_LISTEN_FDS_START
 
@@ -27,10 +28,11 @@ def listening_sockets(environ: MutableMapping[str, str]) -> list[socket.socket]:
         environ.pop(name, None)
     if not count or pid != str(os.getpid()):
         return []
-    if not (count.isascii() and count.isdigit()):
+    number = decimal(count)
+    if number is None:
         raise UsageError(f"LISTEN_FDS must be a number, not {count!r}")
     sockets = []
-    for fd in range(FIRST_FD, FIRST_FD + int(count)):
+    for fd in range(FIRST_FD, FIRST_FD + number):
         try:
             sock = socket.socket(fileno=fd)
         except OSError:

@@ -10,8 +10,12 @@ import os
 import socket
 from collections.abc import Mapping, Sequence
 
-from ..cli import peer_address
 from ..errors import SystemFailure
+
+
+def peer_address(ip: str, port: int | str) -> str:
+    """``1.2.3.4:443`` or ``[::1]:443``: one token, whatever the family."""
+    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
 
 
 def check_fds(fds: Sequence[int]) -> None:

@@ -21,96 +21,31 @@ port written on stdout, and ``READY=1`` to systemd's ``NOTIFY_SOCKET``.
 import contextlib
 import errno
 import gc
-import json
 import os
 import select
 import signal
 import socket
 import time
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from .. import options
-from ..cli import Log, peer_address, plural
-from ..errors import ExitCode, S6tlsError, SystemFailure, UsageError
-from ..lifetime import Lifetime
+from ..cli import Log, plural
+from ..deadline import earliest, wait_ms
+from ..errors import ExitCode, S6tlsError
 from ..net import systemd
 from ..net.access import Denied
-from ..net.names import is_ip
-from ..net.ucspi import peer_of, unmap
-from ..options import Opt
-from ..program import Setup
+from ..net.ucspi import peer_address, peer_of, unmap
 from ..selfpipe import SelfPipe
+from . import spare
 from .app import exit_code
+from .connection import Setup
 
 if TYPE_CHECKING:
-    from OpenSSL import SSL
+    pass
 
-FAMILY = (
-    Opt("family", ("-4",), "ip must be an IPv4 address", value=4, default=None),
-    Opt("family", ("-6",), "ip must be an IPv6 address; on :: no IPv4", value=6),
-)
-NOTIFY = Opt(
-    "notify",
-    ("-1", "--notify"),
-    "once listening, write the port and a newline",
-    default=False,
-)
-LIMITS = (
-    Opt(
-        "maxconn",
-        ("-c", "--global-max-connections"),
-        "at most MAXCONN connections at once",
-        arg="MAXCONN",
-        parse=options.positive,
-        default=40,
-    ),
-    Opt(
-        "localmaxconn",
-        ("-C", "--local-max-connections"),
-        "at most LOCALMAXCONN per client address",
-        arg="LOCALMAXCONN",
-        parse=options.positive,
-        default=40,
-    ),
-)
-IDS = (
-    Opt(
-        "uid",
-        ("-u", "--uid"),
-        "serve each connection as UID (needs -g)",
-        arg="UID",
-        parse=options.unsigned,
-        default=None,
-    ),
-    Opt(
-        "gid",
-        ("-g", "--gid"),
-        "serve each connection as GID, no other group",
-        arg="GID",
-        parse=options.unsigned,
-        default=None,
-    ),
-    Opt(
-        "env_ids",
-        ("-U", "--envuidgid"),
-        "the ids of UID, GID, GIDLIST (s6-envuidgid)",
-        default=False,
-    ),
-    Opt(
-        "groups",
-        ("-G", "--gidlist"),
-        "with -g, the supplementary groups (comma-separated gids)",
-        arg="GIDLIST",
-        parse=options.gid_list,
-        default=(),
-    ),
-)
 PAUSE = 0.1  # seconds without taking new peers after EMFILE and the like
 PAUSING_ERRORS = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM))
-HANDSHAKE_DONE = b"h"  # a child's report to the server, on its channel
 
 
 @dataclass
@@ -142,8 +77,8 @@ class ForkServer:
         self.log = setup.log
         self.listeners = listeners
         self.bound = bound  # True: we bound the listeners; False: systemd's, shared with it
-        self.maxconn: int = setup.values["maxconn"]
-        self.localmaxconn = min(setup.values["localmaxconn"], self.maxconn)
+        self.maxconn = setup.settings.maxconn
+        self.localmaxconn = min(setup.settings.localmaxconn, self.maxconn)
         self.children: dict[int, Child] = {}
         self.serving: set[str] = set()  # the children's peers, IP:PORT
         self.per_ip: Counter[str] = Counter()
@@ -161,7 +96,7 @@ class ForkServer:
     def serve_child(self, env: dict[str, str], fd: int, channel: socket.socket) -> int:
         """In the child: serve the peer on ``fd`` with the variables ``env``; the exit code.
 
-        Call ``report_handshake(channel)`` once the handshake is done.  May
+        Call ``spare.report_handshake(channel)`` once the handshake is done.  May
         raise; ``env`` may be updated in place (its peer names the log lines).
         """
         raise NotImplementedError
@@ -358,12 +293,11 @@ class ForkServer:
         """The loop works again: the next error is worth a warning."""
         self.trouble = None
 
-    def _timeout_ms(self) -> int:
+    def _timeout_ms(self) -> int | None:
         """Until the pause ends or the session ticket key must be replaced."""
-        left = self.setup.contexts.seconds_to_rotation()
-        if self.paused_until is not None:
-            left = min(left, self.paused_until - time.monotonic())
-        return max(0, int(left * 1000) + 1)
+        now = time.monotonic()
+        rotation = now + self.setup.contexts.seconds_to_rotation()
+        return wait_ms(earliest(rotation, self.paused_until), now)
 
     def _rotate_if_due(self) -> None:
         """A new session ticket key every 12 hours: new children get a new context."""
@@ -378,7 +312,6 @@ class ForkServer:
 
     def _hand_over(self, fd: int, env: dict[str, str]) -> tuple[int, socket.socket] | None:
         """Give ``fd`` and ``env`` to the spare: its pid and channel, or None."""
-        message = json.dumps(env).encode()
         for _attempt in range(2):
             if self.spare is None:
                 self._fork_spare()
@@ -387,7 +320,7 @@ class ForkServer:
             pid, channel = self.spare
             self.spare = None
             try:
-                socket.send_fds(channel, [message], [fd])
+                spare.hand_over(channel, fd, env)
             except OSError:
                 channel.close()
                 continue  # the spare died: fork another one
@@ -398,22 +331,9 @@ class ForkServer:
         if self.spare is not None or not self.listeners:
             return
         try:
-            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            self.spare = spare.fork(self._spare_main)
         except OSError as exc:
-            self.trouble_with("unable to prepare a child", exc, True)
-            return
-        try:
-            pid = os.fork()
-        except OSError as exc:
-            ours.close()
-            theirs.close()
             self.trouble_with("unable to fork", exc, True)
-            return
-        if pid == 0:
-            ours.close()
-            self._spare_main(theirs)  # never returns
-        theirs.close()
-        self.spare = (pid, ours)
 
     def _retire_spare(self) -> None:
         """Close the spare's channel: it exits without serving anything."""
@@ -430,12 +350,12 @@ class ForkServer:
             signal.signal(signal.SIGINT, signal.SIG_DFL)  # in the handshake: die at once
             for listener in self.listeners:
                 listener.close()
-            warm_up(self.setup.ctx)
-            message, fds, _flags, _addr = socket.recv_fds(channel, 1 << 16, 1)
-            if not fds:
+            spare.warm_up(self.setup.ctx)
+            peer = spare.receive(channel)
+            if peer is None:
                 return _exit(ExitCode.OK)  # retired before it got a peer
-            env = json.loads(message)
-            code = self.serve_child(env, fds[0], channel)
+            env, fd = peer
+            code = self.serve_child(env, fd, channel)
         except Denied as exc:
             self.log_for(env).info(str(exc))
             code = exc.exit_code
@@ -466,7 +386,7 @@ class ForkServer:
             fd,
             app_fds=(0, 1),
             peer=peer_of(env, env["PROTO"]),
-            on_handshake=lambda: report_handshake(channel),
+            on_handshake=lambda: spare.report_handshake(channel),
             **extra,
         )
 
@@ -481,86 +401,12 @@ def _exit(code: int) -> NoReturn:
     os._exit(code)
 
 
-def report_handshake(channel: socket.socket) -> None:
-    """In the child: tell the server that the handshake is done (SIGTERM now spares us)."""
-    with contextlib.suppress(OSError):  # the server is gone: nothing to tell
-        channel.send(HANDSHAKE_DONE)
-    channel.close()
-
-
 def _in_handshake(child: Child) -> bool:
     """True if ``child`` has not reported the end of its handshake (nor ended)."""
     if child.channel is None:
         return False
-    try:
-        report = child.channel.recv(16, socket.MSG_DONTWAIT)
-    except BlockingIOError:
+    if spare.in_handshake(child.channel):
         return True
-    except OSError:
-        report = b""
     child.channel.close()
     child.channel = None
-    return report not in (HANDSHAKE_DONE, b"")
-
-
-def warm_up(ctx: "SSL.Context") -> None:
-    """Touch, ahead of the peer, the memory a connection first writes to.
-
-    A freshly forked child shares its pages with the server until it writes
-    to them.  Building (and dropping) a TLS object and the engine's buffers
-    here takes some of those page faults off the connection's path.  A full
-    in-memory handshake would warm more but costs more CPU than it saves
-    under load (measured: 1.5x stunnel's rate with 4 clients became 1.25x).
-    """
-    from OpenSSL import SSL  # loaded by now (program.start): a usage error does not pay for it
-
-    SSL.Connection(ctx, None).set_accept_state()
-    Lifetime()
-
-
-def ip_address(text: str, name: str) -> str:
-    """The ``ip`` operand: an IPv4 or IPv6 literal."""
-    if not is_ip(text):
-        raise UsageError(f"{text} is not an IP address")
-    return text
-
-
-def bound_socket(
-    ip: str,
-    port: int,
-    family: int | None,
-    kind: int,
-    *,
-    prepare: Callable[[socket.socket], None] | None = None,
-    backlog: int | None = None,
-) -> socket.socket:
-    """A non-blocking socket of ``kind`` bound to ``ip``:``port``, listening if ``backlog``.
-
-    ``family`` 4 or 6 checks the address; ``prepare(sock)`` sets the
-    caller's options before the bind.  Raises ``UsageError`` for an address
-    of the wrong family, ``SystemFailure`` if the bind fails.
-    """
-    v6 = check_family(ip, family)
-    sock = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET, kind)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    if prepare is not None:
-        prepare(sock)
-    if v6:
-        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, int(family == 6))
-    try:
-        sock.bind((ip, port))
-        if backlog is not None:
-            sock.listen(backlog)
-    except OSError as exc:
-        sock.close()
-        raise SystemFailure(f"unable to bind {ip} port {port}: {exc.strerror}") from None
-    sock.setblocking(False)
-    return sock
-
-
-def check_family(ip: str, family: int | None) -> bool:
-    """True when ``ip`` is IPv6; raise ``UsageError`` when -4 or -6 says otherwise."""
-    v6 = ":" in ip
-    if family is not None and (family == 6) != v6:
-        raise UsageError(f"{ip} is not an IPv{family} address")
-    return v6
+    return False

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from ..errors import SystemFailure, UsageError
-from ..options import gid_list
+from ..numbers import decimal, gid_list
 from ..tls.config import TlsConfig
 
 
@@ -52,10 +52,10 @@ def ids_from_options(
 
 
 def _env_id(environ: Mapping[str, str], name: str) -> int:
-    value = environ.get(name, "")
-    if not (value.isascii() and value.isdigit()):
+    value = decimal(environ.get(name, ""))
+    if value is None:
         raise UsageError(f"-U needs a numeric {name} in the environment")
-    return int(value)
+    return value
 
 
 def ids_from_config(cfg: TlsConfig) -> Ids:

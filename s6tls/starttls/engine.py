@@ -22,9 +22,9 @@ from typing import NoReturn
 
 from ..cli import Log
 from ..errors import ExitCode, S6tlsError, SystemFailure
-from ..program import Setup
 from ..selfpipe import SelfPipe
 from ..serve.app import application_env
+from ..serve.connection import Setup
 from ..serve.tunnel import establish, pump, summary
 from ..tls.handshake import connection_facts
 from .control import Command, encode_notification, parse_command

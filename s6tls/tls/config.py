@@ -34,6 +34,7 @@ from typing import Literal
 
 from ..errors import ConfigError, UsageError
 from ..net.names import encode_host_name, is_ip
+from ..numbers import decimal
 
 Role = Literal["server", "client"]
 Verify = Literal["none", "optional", "required"]
@@ -358,9 +359,10 @@ def _number(low: int, high: int, why: str = "") -> Callable[[str, str], int]:
     """A decimal integer from ``low`` to ``high``; ``why`` explains the bounds."""
 
     def check(name: str, value: str) -> int:
-        if not (value.isascii() and value.isdigit() and low <= int(value) <= high):
+        number = decimal(value)
+        if number is None or not low <= number <= high:
             raise UsageError(f"invalid {name}: {value!r} is not a number from {low} to {high}{why}")
-        return int(value)
+        return number
 
     return check
 
@@ -516,11 +518,11 @@ def _id(environ: Mapping[str, str], name: str) -> int:
     value = environ.get(name, "")
     if not value:
         return 0
-    if not value.isascii() or not value.isdigit():
+    number = decimal(value)
+    if number is None:
         raise UsageError(f"invalid {name}: {value!r} is not a numeric id")
-    return int(value)
+    return number
 
 
 def _port(environ: Mapping[str, str], name: str) -> int | None:
-    value = environ.get(name, "")
-    return int(value) if value.isascii() and value.isdigit() else None
+    return decimal(environ.get(name, ""))

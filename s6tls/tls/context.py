@@ -36,12 +36,12 @@ from OpenSSL.crypto import X509, X509StoreFlags
 
 from ..dtls.cookie import Cookies
 from ..errors import ConfigError, UsageError
-from ..link import ssl_error_text
 from ..net.names import is_host_name
 from . import ossl
 from .config import TlsConfig
 from .credentials import Credentials, LoadedKeypair, load_credentials
 from .peer import PeerPolicy
+from .reasons import ssl_error_text
 from .sessions import SessionStore
 
 # Safe defaults for every context: no compression, no renegotiation, and a

@@ -6,18 +6,19 @@ turns the finished connection into the variables s6-networking gives to the
 application (``SSL_PROTOCOL``, ``SSL_CIPHER``, ...).
 """
 
-import math
 import select
 import time
 from collections.abc import Callable
 
 from OpenSSL import SSL
 
+from ..deadline import after_ms, earliest, wait_ms
 from ..errors import HandshakeError, HandshakeTimeout
-from ..link import Link, PeerGone, WouldBlock, ssl_error_text
+from ..link import Link, PeerGone, WouldBlock
 from .context import VerifyNotes
 from .ossl import session_reused
 from .peer import certificate_facts
+from .reasons import ssl_error_text
 
 
 def handshake(link: Link, timeout_ms: int = 0, clock: Callable[[], float] = time.monotonic) -> None:
@@ -44,7 +45,7 @@ def handshake(link: Link, timeout_ms: int = 0, clock: Callable[[], float] = time
     Returns once the handshake is complete and everything it produced has
     been written.  Closes nothing.
     """
-    deadline = clock() + timeout_ms / 1000 if timeout_ms else None
+    deadline = after_ms(timeout_ms, clock())
     poller = select.poll()
     while True:
         if deadline is not None and clock() >= deadline:
@@ -69,12 +70,8 @@ def handshake(link: Link, timeout_ms: int = 0, clock: Callable[[], float] = time
             raise HandshakeError("peer closed the connection during the handshake") from None
         if wait is None:
             return
-        timeout = None
-        until = min((t for t in (deadline, link.wakeup()) if t is not None), default=None)
-        if until is not None:
-            timeout = max(0, math.ceil((until - clock()) * 1000))
         poller.register(wait.fd, wait.events)
-        poller.poll(timeout)
+        poller.poll(wait_ms(earliest(deadline, link.wakeup()), clock()))
         poller.unregister(wait.fd)
 
 

@@ -1,0 +1,24 @@
+"""How long a poll may sleep before a deadline: the one rounding every loop uses."""
+
+import math
+
+
+def wait_ms(deadline: float | None, now: float) -> int | None:
+    """Milliseconds from ``now`` to ``deadline`` (monotonic seconds), for ``poll``.
+
+    Rounded up, so that a loop never wakes before its deadline and spins;
+    0 once it has passed; None (wait for ever) when there is no deadline.
+    """
+    if deadline is None:
+        return None
+    return max(0, math.ceil((deadline - now) * 1000))
+
+
+def earliest(*deadlines: float | None) -> float | None:
+    """The first of ``deadlines`` that is set, or None."""
+    return min((d for d in deadlines if d is not None), default=None)
+
+
+def after_ms(ms: int, now: float) -> float | None:
+    """The deadline ``ms`` milliseconds after ``now``; None for 0, which means no limit."""
+    return now + ms / 1000 if ms else None
