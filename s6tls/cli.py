@@ -7,8 +7,10 @@ certificate subject, an alert text) can start a new line or move the
 terminal.  Lines about one connection carry its peer and pid:
 ``s6-tlsserver: warning: peer [::1]:41000 pid 77: tlsv1 alert unknown ca``.
 
-``run_main`` is the only place that turns an exception into an exit code
-and one line on stderr.  Tracebacks appear only at verbosity 3 or more.
+``failure`` is the only place that turns an exception into an exit code
+and its one line: ``run_main`` for a whole program, and every process
+that serves a connection on its own (a fork-server's child, the STARTTLS
+engine) report with it.  Tracebacks appear only at verbosity 3 or more.
 """
 
 import re
@@ -91,6 +93,21 @@ class Log:
         sys.stderr.flush()
 
 
+def failure(exc: BaseException) -> tuple[int, str]:
+    """The exit code and the one line that report ``exc``.
+
+    Ours (``S6tlsError``) say what they are; an ``OSError`` is a system
+    call that failed (111); anything else is a bug of ours, still one line
+    (111), never a traceback.
+    """
+    if isinstance(exc, S6tlsError):
+        return exc.exit_code, str(exc)
+    if isinstance(exc, OSError):
+        what = f"{exc.filename}: " if exc.filename else ""
+        return ExitCode.SYSTEM, f"{what}{exc.strerror or exc}"
+    return ExitCode.SYSTEM, f"internal error: {type(exc).__name__}: {exc}"
+
+
 def run_main(log: Log, body: Callable[[], int]) -> NoReturn:
     """Run ``body`` as a whole program and exit with the right code.
 
@@ -109,17 +126,8 @@ def run_main(log: Log, body: Callable[[], int]) -> NoReturn:
     except BadUsage as exc:
         log.usage(str(exc))
         code = exc.exit_code
-    except S6tlsError as exc:
-        log.fatal(str(exc))
+    except Exception as exc:
+        code, line = failure(exc)
+        log.fatal(line)
         log.traceback()
-        code = exc.exit_code
-    except OSError as exc:
-        what = f"{exc.filename}: " if exc.filename else ""
-        log.fatal(f"{what}{exc.strerror or exc}")
-        log.traceback()
-        code = ExitCode.SYSTEM
-    except Exception as exc:  # a bug of ours: still one line, never a traceback
-        log.fatal(f"internal error: {type(exc).__name__}: {exc}")
-        log.traceback()
-        code = ExitCode.SYSTEM
     sys.exit(int(code))

@@ -2,15 +2,15 @@
 
 The listening socket takes every datagram of a peer no child serves.  A
 ClientHello without a valid cookie is answered with a HelloVerifyRequest
-and forgotten (``cookie``): a forged source address costs no state and gets
+and forgotten (``dtls.cookie``): a forged source address costs no state and gets
 no amplification.  A ClientHello that brings its cookie back proves its
 address: within the -c/-C limits, the server makes a UDP socket bound to
 the address the datagram came to and connected to the peer, so that the
 kernel delivers that peer's datagrams there, and hands it with the
 ClientHello to a child, which does the handshake, spawns prog with one end
 of a ``SOCK_SEQPACKET`` socketpair on its stdin and stdout, and pumps
-(``tunnel``).  The loop, the spare child, the limits and the signals are
-``forkserver``'s, shared with s6-tlsserver.  See man/s6-dtlsserver.1.
+(``serve.tunnel``).  The loop, the spare child, the limits and the signals are
+``serve.forkserver``'s, shared with s6-tlsserver.  See man/s6-dtlsserver.1.
 """
 
 import base64

@@ -70,7 +70,7 @@ def run(
         ktls: hand the record layer to the kernel (kernel TLS) and splice the
             data between the two cleartext pipes and the socket.  Needs a
             link on one TCP socket whose ``handshake_watch`` saw the
-            handshake, on a context made with ``ktls_keys.watch_context``;
+            handshake, on a context made with ``ktls.keys.watch_context``;
             otherwise, or when the kernel refuses (no ``tls`` module, a
             suite it lacks, a ``setsockopt`` that fails), the data goes
             through userspace and ``Stats.path`` says why.  If the kernel
@@ -419,7 +419,7 @@ class _Loop:
 
 
 class _KernelLoop(_Loop):
-    """The loop when the kernel runs the records (``ktls_path.KernelPath`` as the link).
+    """The loop when the kernel runs the records (``ktls.path.KernelPath`` as the link).
 
     Data is spliced between the pipes and the socket and never enters the
     machine's buffers: READ_APP reports ``app_read`` and ``sent`` at once,

@@ -1,8 +1,8 @@
 """The exception tree and the exit codes of s6tls.
 
-Every failure s6tls can report is one of these exceptions; ``cli`` is the only
-place that turns one into a message on stderr and an exit code.  An ``OSError``
-that escapes is a system call failure (111).
+Every failure s6tls can report is one of these exceptions; ``cli.failure`` is
+the only place that turns one into its line on stderr and its exit code.  An
+``OSError`` that escapes is a system call failure (111).
 """
 
 from enum import IntEnum

@@ -6,11 +6,11 @@ the shared steps, in this order, so that a problem is reported before the
 network is touched:
 
 1. parse the command line (bad usage: one line, exit 100);
-2. read the environment into a validated ``TlsConfig`` (``config``);
+2. read the environment into a validated ``TlsConfig`` (``tls.config``);
 3. refuse what can never work: ids that cannot be dropped to
-   (``privileges.check_ids``), an application that cannot be executed
+   (``serve.privileges.check_ids``), an application that cannot be executed
    (127 when not found, 126 when not executable);
-4. build the TLS context, once (``context``), and print the start-up
+4. build the TLS context, once (``tls.context``), and print the start-up
    warnings (``announce``);
 5. call the program's ``serve`` with a ``Setup`` (``serve.connection``),
    whose ``serve_connection`` drops privileges, then serves a connection.
@@ -156,7 +156,7 @@ def start(program: Program, argv: Sequence[str], log: Log) -> int:
     contexts = Contexts(cfg, log.warn, tickets=program.issues_tickets)
     if conf:
         del os.environ["OPENSSL_CONF"]  # ours, not the application's
-    setup = Setup(log, cfg, app, settings, ids, contexts)
+    setup = Setup(log, cfg, app, settings, os.environ, ids, contexts)
     return program.serve(setup)
 
 

@@ -17,7 +17,7 @@ from .serve.connection import Setup
 
 def serve(setup: Setup) -> int:
     """The connection on fds 6 and 7, prog on the cleartext."""
-    peer = network_peer((6, 7))
+    peer = network_peer((6, 7), setup.environ)
     return setup.serve_connection(6, 7, app_fds=setup.cfg.options.app_fds, peer=peer)
 
 

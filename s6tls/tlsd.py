@@ -6,7 +6,6 @@ systemd socket unit with ``Accept=yes``, which set no UCSPI variable, prog
 gets ``PROTO``, ``TCPREMOTEIP``... read from the socket.  See man/s6-tlsd.1.
 """
 
-import os
 from collections.abc import Sequence
 from typing import NoReturn
 
@@ -20,8 +19,8 @@ from .serve.connection import Setup
 def serve(setup: Setup) -> int:
     """The connection on fds 0 and 1, prog on the cleartext."""
     check_fds((0, 1))
-    extra = {} if "PROTO" in os.environ else tcp_variables(0)
-    peer = peer_of({**os.environ, **extra})
+    extra = {} if "PROTO" in setup.environ else tcp_variables(0)
+    peer = peer_of({**setup.environ, **extra})
     return setup.serve_connection(0, 1, app_fds=(0, 1), peer=peer, extra_env=extra)
 
 

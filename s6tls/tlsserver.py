@@ -4,7 +4,7 @@ Everything is imported and every TLS context built once, before the first
 accept; each connection is then served by a forked child of this already
 initialised process (no new interpreter), which runs the s6-tlsd logic
 (``Setup.serve_connection``) and exits with prog's status.  The loop, the
-spare child, the limits and the signals are ``forkserver``'s, shared with
+spare child, the limits and the signals are ``serve.forkserver``'s, shared with
 s6-dtlsserver; what is TCP's is here: the listening socket, accept, and
 what comes before TLS (banner, PROXY header, access rules).  Under
 systemd, the listening sockets may come from a socket unit.  See
@@ -12,7 +12,6 @@ man/s6-tlsserver.1.
 """
 
 import dataclasses
-import os
 import socket
 from collections.abc import Sequence
 from typing import NoReturn
@@ -47,7 +46,7 @@ EXIT_CODES = (
 def serve(setup: Setup) -> int:
     """Listen (or take systemd's sockets), then accept until told to stop."""
     s = setup.settings
-    listeners = systemd.listening_sockets(os.environ)
+    listeners = systemd.listening_sockets(setup.environ)
     before_tls = gate.Gate.from_settings(s)
     bound = not listeners
     if bound:
@@ -85,7 +84,7 @@ class Server(ForkServer):
         return self.serve_peer(self._admit(fd, env), env, fd, channel)
 
     def _admit(self, fd: int, env: dict[str, str]) -> Setup:
-        """Before TLS, in the child: banner, PROXY header, rules (``gate``).
+        """Before TLS, in the child: banner, PROXY header, rules (``net.gate``).
 
         Updates ``env`` from a PROXY header; puts the connection's variables
         and the rule's changes in this child's own environment, prog's to
@@ -98,8 +97,8 @@ class Server(ForkServer):
             admission = self.gate.check(env, self.log_for(env).warn)
         finally:
             sock.detach()
-        os.environ.update(env)
-        apply_env(os.environ, admission.env)
+        self.setup.environ.update(env)
+        apply_env(self.setup.environ, admission.env)
         if admission.exec is None:
             return self.setup
         return dataclasses.replace(self.setup, app=("execlineb", "-c", admission.exec))

@@ -21,7 +21,7 @@ def serve(setup: Setup) -> int:
     from .starttls.engine import start  # only now: a usage error does not pay for the TLS modules
 
     net = setup.cfg.options.app_fds
-    start(setup, net, network_peer(net))
+    start(setup, net, network_peer(net, setup.environ))
 
 
 PROGRAM = Program(

@@ -20,7 +20,7 @@ def serve(setup: Setup) -> int:
     """Fork the engine, exec prog with the connection still on fds 0 and 1."""
     from .starttls.engine import start  # only now: a usage error does not pay for the TLS modules
 
-    start(setup, (0, 1), network_peer((0, 1)))
+    start(setup, (0, 1), network_peer((0, 1), setup.environ))
 
 
 PROGRAM = Program(

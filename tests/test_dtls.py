@@ -237,15 +237,21 @@ def test_an_idle_association_is_closed_both_ways(dtls_server, pki):
     client.close()
 
 
-def test_a_peer_whose_port_closed_ends_the_association_at_the_next_datagram(dtls_server, pki):
+def test_a_peer_whose_port_closed_ends_the_association_at_the_next_datagram(
+    dtls_server, pki, tmp_path
+):
     """UDP's only news of a vanished peer: ICMP port unreachable, on the connected socket."""
-    prog = ["sh", "-c", "head -n 1 >/dev/null; echo one; sleep 0.2; echo two; cat >/dev/null"]
-    proc, port = dtls_server([], prog)
+    gone = tmp_path / "gone"
+    os.mkfifo(gone)  # prog's second datagram waits for the client to be gone
+    script = f"head -n 1 >/dev/null; echo one; read x <{gone}; echo two; cat >/dev/null"
+    proc, port = dtls_server([], ["sh", "-c", script])
     client = DtlsClient(port, pki["ca"])
     client.handshake()
     client.send(b"go\n")
     assert client.recv() == b"one\n"
     client.close()  # gone, without a close_notify
+    with open(gone, "w") as fifo:
+        fifo.write("\n")
     lines = lines_until(proc, "status 98")
     assert any(line.endswith(": connection broken: Connection refused") for line in lines), lines
 

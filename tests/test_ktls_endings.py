@@ -245,9 +245,10 @@ def test_a_bare_fin(env, pki, tmp_path, reap, strict, status):
 
 def test_a_key_update_the_kernel_cannot_follow_ends_with_98(env, tmp_path, reap):
     """openssl s_client's "K" command: a KeyUpdate that asks for ours too."""
-    server, port = start_server(
-        ["-v", "--ktls"], ["sh", "-c", f'cat >"{tmp_path}/got"'], {**env, **VERSIONS["1.3"]}
-    )
+    got, fifo = tmp_path / "got", tmp_path / "fifo"
+    os.mkfifo(fifo)
+    app = f'head -n 1 >"{got}"; echo >"{fifo}"; cat >>"{got}"'  # says when it got the line
+    server, port = start_server(["-v", "--ktls"], ["sh", "-c", app], {**env, **VERSIONS["1.3"]})
     reap.append(server)
     peer = subprocess.Popen(
         ["openssl", "s_client", "-connect", f"127.0.0.1:{port}", "-CAfile", env["CAFILE"]],
@@ -256,12 +257,13 @@ def test_a_key_update_the_kernel_cannot_follow_ends_with_98(env, tmp_path, reap)
         stderr=subprocess.STDOUT,
     )
     reap.append(peer)
-    peer.stdin.write(b"before\n")
-    peer.stdin.flush()
-    deadline = time.monotonic() + TIMEOUT
-    while not (tmp_path / "got").exists() or not (tmp_path / "got").read_bytes():
-        assert time.monotonic() < deadline
-        time.sleep(0.05)  # the file fills when the application got the line
+    said = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO never written: no EOF yet
+    try:
+        peer.stdin.write(b"before\n")
+        peer.stdin.flush()
+        assert select.select([said], [], [], TIMEOUT)[0], "the application never got the line"
+    finally:
+        os.close(said)
     peer.stdin.write(b"K\n")
     peer.stdin.flush()
     peer.communicate(timeout=TIMEOUT)

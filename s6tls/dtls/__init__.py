@@ -1,1 +1,1 @@
-"""dtls"""
+"""DTLS: the stateless ``cookie`` exchange of a server, and the ``link`` on a UDP socket."""

@@ -7,7 +7,7 @@ its own.  Memory BIOs cannot do that: a flight written into one is one
 stream of bytes whose datagram boundaries are lost.  They serve only where
 a datagram is handed over whole: a server's ``DTLSv1_listen`` on the
 ClientHello the listener verified (``cookie``), after which the connection
-moves onto its socket (``ossl.use_socket``) with that ClientHello kept.
+moves onto its socket (``tls.ossl.use_socket``) with that ClientHello kept.
 
 What OpenSSL's socket BIO gets wrong for UDP is handled here: an empty
 datagram reads as an end of file, so that a forged one would end the

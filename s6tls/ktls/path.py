@@ -1,7 +1,7 @@
 """The kernel TLS data path: the connection's records run by Linux, data spliced.
 
 ``take_over`` hands a connection whose handshake is done to the kernel
-(``ktls_keys`` for the keys, ``ktls_socket`` for the socket) or says why it
+(``keys`` for the keys, ``sockopts`` for the socket) or says why it
 cannot, in which case nothing changed and the connection goes on in
 userspace.  The ``KernelPath`` it returns moves data between the
 application's pipes and the socket with ``splice`` (the cleartext never

@@ -1,7 +1,7 @@
 """The servers' own sockets: bound to the ip and port of the command line.
 
 ``bound_socket`` makes the listening TCP socket of s6-tlsserver and the UDP
-socket of s6-dtlsserver (systemd's sockets come from ``systemd`` instead).
+socket of s6-dtlsserver (systemd's sockets come from ``net.systemd`` instead).
 """
 
 import socket

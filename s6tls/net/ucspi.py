@@ -33,14 +33,14 @@ def check_fds(fds: Sequence[int]) -> None:
             ) from None
 
 
-def network_peer(net: tuple[int, int]) -> str:
+def network_peer(net: tuple[int, int], environ: Mapping[str, str]) -> str:
     """``IP:PORT`` of the peer on the network fds ``net``, checked open (``check_fds``).
 
     From the UCSPI variables (TCPREMOTEIP...), else from the socket on
     ``net[0]``; '' when neither says.
     """
     check_fds(net)
-    return peer_of(os.environ) or peer_of(tcp_variables(net[0]))
+    return peer_of(environ) or peer_of(tcp_variables(net[0]))
 
 
 def unmap(ip: str) -> str:

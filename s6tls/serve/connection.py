@@ -8,7 +8,7 @@ connection.
 """
 
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -34,6 +34,9 @@ class Setup:
     cfg: TlsConfig
     app: tuple[str, ...]
     settings: Settings
+    # The process's environment (os.environ), the application's to be; what the
+    # configuration was read from.  A program reads and writes it through here.
+    environ: MutableMapping[str, str]
     ids: Ids
     contexts: "Contexts"
 
@@ -72,7 +75,7 @@ class Setup:
             self.app,
             self.log.about(peer, os.getpid()),
             app_fds=app_fds,
-            environ=os.environ,
+            environ=self.environ,
             extra_env=extra_env,
             on_handshake=on_handshake,
             hello=hello,

@@ -30,7 +30,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from ..cli import Log, plural
+from ..cli import Log, failure, plural
 from ..deadline import earliest, wait_ms
 from ..errors import ExitCode, S6tlsError
 from ..net import systemd
@@ -140,7 +140,7 @@ class ForkServer:
                 os.write(1, f"{local[1]}\n".encode())
             except OSError as exc:
                 self.log.warn(f"unable to notify readiness: {exc.strerror}")
-        problem = systemd.notify(os.environ, "READY=1")
+        problem = systemd.notify(self.setup.environ, "READY=1")
         if problem:
             self.log.warn(problem)
         # Close stdin and stdout as s6-tcpserver does, keeping the numbers on /dev/null.
@@ -356,22 +356,14 @@ class ForkServer:
                 return _exit(ExitCode.OK)  # retired before it got a peer
             env, fd = peer
             code = self.serve_child(env, fd, channel)
-        except Denied as exc:
-            self.log_for(env).info(str(exc))
-            code = exc.exit_code
-        except S6tlsError as exc:
+        except BaseException as exc:  # whatever it is: one line, and the child still exits
             log = self.log_for(env)
-            log.warn(str(exc))
-            log.traceback()
-            code = exc.exit_code
-        except OSError as exc:
-            log = self.log_for(env)
-            log.warn(exc.strerror or str(exc))
-            log.traceback()
-        except BaseException as exc:  # a bug of ours: one line, and the child still exits
-            log = self.log_for(env)
-            log.warn(f"internal error: {type(exc).__name__}: {exc}")
-            log.traceback()
+            code, line = failure(exc)
+            if isinstance(exc, Denied):
+                log.info(line)
+            else:
+                log.warn(line)
+                log.traceback()
         return _exit(code)
 
     def serve_peer(

@@ -3,7 +3,7 @@
 This is the common core of the programs: s6-tlsd and s6-tlsc call it
 once on the descriptors they were given, s6-tlsserver and s6-dtlsserver in
 each forked child, s6-tlsclient and s6-dtlsclient once on the socket they
-connected.  Under DTLS (``cfg.dtls``) the link is a ``dtlslink`` on a
+connected.  Under DTLS (``cfg.dtls``) the link is a ``dtls.link`` on a
 connected UDP socket, and the application gets one end of a
 ``SOCK_SEQPACKET`` socketpair on both of its descriptors, one datagram per
 message each way.

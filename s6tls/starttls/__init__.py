@@ -1,1 +1,1 @@
-"""starttls"""
+"""STARTTLS (UCSPI-TLS): the ``control`` protocol, and the two-process ``engine``."""

@@ -6,7 +6,7 @@
   the server, 6 and 7 or -6/-7 for the client) for the cleartext phase, and
   ``SSLCTLFD``, ``SSLREADFD``, ``SSLWRITEFD`` in its environment;
 - the **child** is the TLS engine.  It waits for prog's command on the
-  control socket (``ucspitls``): EOF declines TLS (exit 0); ``Y`` or ``y``
+  control socket (``control``): EOF declines TLS (exit 0); ``Y`` or ``y``
   starts the handshake on the network fds, which prog no longer reads or
   writes; after ``Y`` the TLS facts go back as the notification block.
   Then the engine moves data between the network and prog's two pipes, as
@@ -20,8 +20,8 @@ import os
 import socket
 from typing import NoReturn
 
-from ..cli import Log
-from ..errors import ExitCode, S6tlsError, SystemFailure
+from ..cli import Log, failure
+from ..errors import ExitCode, SystemFailure
 from ..selfpipe import SelfPipe
 from ..serve.app import application_env
 from ..serve.connection import Setup
@@ -56,7 +56,7 @@ def start(setup: Setup, net: tuple[int, int], peer: str) -> NoReturn:
     for fd in (ctl, to_app_r, from_app_w):
         os.set_inheritable(fd, True)
     ssl_fds = {"SSLCTLFD": str(ctl), "SSLREADFD": str(to_app_r), "SSLWRITEFD": str(from_app_w)}
-    env = application_env(os.environ, {}, keep_secrets=cfg.options.keep_env, extra=ssl_fds)
+    env = application_env(setup.environ, {}, keep_secrets=cfg.options.keep_env, extra=ssl_fds)
     prog = setup.app
     try:
         os.execvpe(prog[0], list(prog), env)
@@ -76,13 +76,9 @@ def _engine_main(
     try:
         _release_stdio(net)
         code = engine(setup, net, app, ctl, log)
-    except S6tlsError as exc:
-        setup.log.fatal(str(exc))
-        code = exc.exit_code
-    except OSError as exc:
-        setup.log.fatal(exc.strerror or str(exc))
-    except BaseException as exc:  # a bug of ours: one line, and the child still exits
-        setup.log.fatal(f"internal error: {type(exc).__name__}: {exc}")
+    except BaseException as exc:  # whatever it is: one line, and the child still exits
+        code, line = failure(exc)
+        setup.log.fatal(line)
     finally:
         os._exit(code)
 

@@ -1,7 +1,11 @@
 """Options and environment in, one validated, frozen ``TlsConfig`` out.
 
-This is the only module that reads the environment, and it reads a mapping
-passed in, so tests give it plain dicts.  Every check of the configuration
+It reads the TLS configuration from a mapping passed in: ``program.start``
+passes the process's environment, tests plain dicts.  (The other variables
+a program reads come from the same mapping, ``Setup.environ``, where they
+matter: the ids of -U in ``serve.privileges``, systemd's in ``net.systemd``,
+a super-server's in ``net.ucspi``; ``program`` alone names ``os.environ``.)
+Every check of the configuration
 that does not need to open a file happens here, once; ``context`` then turns
 the result into TLS contexts, once.  A new feature is one more field here,
 one more check in ``_validate`` and one more line in ``context``.

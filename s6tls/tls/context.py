@@ -9,7 +9,7 @@ build again with a new session ticket key.
 
 DTLS (``cfg.dtls``): DTLS 1.2 with the same policy where it applies (no
 TLS 1.3 suites), the MTU set rather than asked of the socket, and for a
-server the cookie callbacks of the stateless exchange (``cookie``).
+server the cookie callbacks of the stateless exchange (``dtls.cookie``).
 
 The policy: TLS 1.2 and 1.3 only (``TLS_MIN_VERSION``/``TLS_MAX_VERSION``),
 the server's order of suites and groups wins, and a value OpenSSL does not
