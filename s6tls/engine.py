@@ -1,39 +1,33 @@
 """The full-duplex pump between an application and a TLS peer: libstls's stls_run.
 
-``run`` is the thin I/O loop around ``lifetime.Lifetime``: it performs the
-operations the machine wants, feeds back what each one found, and sleeps in
-one ``poll`` per wake-up, on exactly the descriptors some operation waits
-for plus the selfpipe, until the machine's next deadline.  It decides
-nothing itself, and knows nothing of command lines, the environment or exit
-codes.
+``run`` is the thin I/O loop of one connection around ``lifetime.Lifetime``:
+its ``operations.Operations`` perform what the machine wants and feed back
+what each one found, and the loop sleeps in one ``poll`` per wake-up, on
+exactly the descriptors some operation waits for plus the selfpipe, until
+the machine's next deadline.  It decides nothing itself, and knows nothing
+of command lines, the environment or exit codes.  (s6-tlsserver's workers
+drive the same operations for many connections from one loop.)
 """
 
 import contextlib
 import os
 import select
 import signal
-import socket
 import stat
 import time
-from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from OpenSSL import SSL
 
 from .deadline import wait_ms
-from .errors import TlsRuntimeError
-from .lifetime import DATA_OPS, In, Lifetime, Op, Out, Stats
-from .link import Link, PeerGone, WouldBlock, poll_now
+from .lifetime import Lifetime, Stats
+from .link import Link
+from .operations import KernelOperations, Operations
 from .selfpipe import read_signals
-from .tls.reasons import error_reason
 
 if TYPE_CHECKING:
     from .ktls.path import KernelPath
 
-_HANGUP = select.POLLHUP | select.POLLERR | select.POLLNVAL
-_PEER_SHUT = select.POLLRDHUP | select.POLLHUP  # a socket whose other end shut its output
-_PASSES = 16  # passes over the operations between two looks at the selfpipe
-_FLUSH = "flush"  # the link's own operation: write out what TLS produced
 
 
 def run(
@@ -102,30 +96,68 @@ def run(
     an empty one is not carried, and every close is a close_notify.
     """
     cread, cwrite, selfpipe = fds
-    link.conn.set_options(SSL.OP_IGNORE_UNEXPECTED_EOF)  # -J is the machine's
-    machine = Lifetime(
+    machine = machine_for(
+        link,
+        app=pid is not None,
+        close_notify=close_notify,
+        strict_close_notify=strict_close_notify,
+        idle_timeout=idle_timeout,
+        stats=stats,
+    )
+    ops = operations_for(machine, link, (cread, cwrite), pid, ktls)
+    try:
+        os.set_blocking(cread, False)
+        os.set_blocking(cwrite, False)
+        _Poller(ops, selfpipe).run()
+    except BaseException:
+        ops.abort()
+        if pid is not None and machine.status is None:
+            with contextlib.suppress(OSError):
+                os.waitpid(pid, 0)  # killed by abort: at once
+        raise
+    return machine.result()
+
+
+def machine_for(
+    link: Link,
+    *,
+    app: bool,
+    close_notify: bool = False,
+    strict_close_notify: bool = False,
+    idle_timeout: float | None = None,
+    stats: Stats | None = None,
+) -> Lifetime:
+    """The ``Lifetime`` of ``link``, whose handshake is done, from now on.
+
+    ``app``: there is an application to watch; the other arguments are
+    ``run``'s.  From then on OpenSSL takes a bare EOF for an EOF: -J is the
+    machine's to decide.
+    """
+    link.conn.set_options(SSL.OP_IGNORE_UNEXPECTED_EOF)
+    return Lifetime(
         close_notify=close_notify,
         strict_close_notify=strict_close_notify,
         tls12=link.conn.get_protocol_version_name() != "TLSv1.3",
-        app=pid is not None,
+        app=app,
         idle_timeout=idle_timeout,
         now=time.monotonic(),
         stats=stats,
         max_datagram=link.max_datagram,
     )
-    path = _kernel_path(link, (cread, cwrite), machine) if ktls else None
+
+
+def operations_for(
+    machine: Lifetime, link: Link, app: tuple[int, int], pid: int | None, ktls: bool
+) -> Operations:
+    """The operations of ``machine`` on ``link`` and the application's descriptors ``app``.
+
+    With ``ktls``, on the kernel path if the kernel takes the connection
+    (``machine.stats.path`` says which path, and why).
+    """
+    path = _kernel_path(link, app, machine) if ktls else None
     if path is None:
-        loop = _Loop(machine, link, cread, cwrite, selfpipe, pid)
-    else:
-        loop = _KernelLoop(machine, path, cread, cwrite, selfpipe, pid)
-    try:
-        os.set_blocking(cread, False)
-        os.set_blocking(cwrite, False)
-        loop.run()
-    except BaseException:
-        loop.abort()
-        raise
-    return machine.result()
+        return Operations(machine, link, *app, pid)
+    return KernelOperations(machine, path, *app, pid)
 
 
 def _kernel_path(link: Link, app: tuple[int, int], machine: Lifetime) -> "KernelPath | None":
@@ -155,315 +187,54 @@ def _kernel_path(link: Link, app: tuple[int, int], machine: Lifetime) -> "Kernel
     return path
 
 
-class _Loop:
-    """One run of the poll loop; each ``_op_*`` method performs one operation.
+class _Poller:
+    """The loop of one connection: one ``poll`` per wake-up, on what its operations wait for.
 
-    An operation reports what it found to the machine, or raises
-    ``WouldBlock`` if it must wait for a descriptor; the loop then polls.
+    The selfpipe reports the application's exit (SIGCHLD, then a ``waitpid``
+    of its pid alone) and the signals to pass on to it.
     """
 
-    def __init__(
-        self, machine: Lifetime, link: Link, cread: int, cwrite: int, selfpipe: int, pid: int | None
-    ) -> None:
-        self.m = machine
-        self.link = link
-        self.cread = cread
-        self.cwrite = cwrite
+    def __init__(self, ops: Operations, selfpipe: int) -> None:
+        self.ops = ops
         self.selfpipe = selfpipe
-        self.pid = pid
-        self.perform: dict[Op, Callable[[], None]] = {
-            Op.READ_APP: self._op_read_app,
-            Op.SEND: self._op_send,
-            Op.NOTIFY: self._op_notify,
-            Op.SHUT_WRITE: self._op_shut_write,
-            Op.ABANDON_WRITE: self._op_abandon_write,
-            Op.CLOSE_APP_OUTPUT: self._op_close_app_output,
-            Op.RECV: self._op_recv,
-            Op.WRITE_APP: self._op_write_app,
-            Op.CLOSE_APP_INPUT: self._op_close_app_input,
-            Op.CLOSE_NET: self._op_close_net,
-            Op.SIGNAL_APP: self._op_signal_app,
-        }
-        # One socket for both directions of the application: shut each, close once.
-        self.app_sock = socket.socket(fileno=cread) if cread == cwrite else None
-        if machine.datagram:
-            self.perform[Op.READ_APP] = self._op_read_datagram
-        self.data_plan = [(op, self.perform[op]) for op in DATA_OPS]
-        self.blocked: dict[object, tuple[int, int]] = {}  # operation -> (fd, poll events)
         self.poller = select.poll()
         self.registered: dict[int, int] = {}
 
     def run(self) -> None:
         """Perform operations until the machine is finished."""
-        m = self.m
+        ops, m = self.ops, self.ops.m
         self._read_selfpipe()
         while not m.finished:
-            progress = True
-            passes = 0
-            while progress and passes < _PASSES:
-                progress = self._pass()
-                m.tick(time.monotonic())
-                passes += 1
+            again = ops.step(time.monotonic)
             if not m.finished:
-                self._sleep(0 if progress else self._timeout_ms())
-
-    def _pass(self) -> bool:
-        """Try each wanted operation once; True if any of them did something."""
-        m, blocked = self.m, self.blocked
-        progress = False
-        for op, perform in self.data_plan:
-            if op not in blocked and m.wants(op):
-                try:
-                    perform()
-                    progress = True
-                except WouldBlock as wb:
-                    blocked[op] = (wb.fd, wb.events)
-        for op in m.control_ops():
-            if op not in blocked and m.wants(op):
-                try:
-                    self.perform[op]()
-                    progress = True
-                except WouldBlock as wb:
-                    blocked[op] = (wb.fd, wb.events)
-        if _FLUSH not in blocked and self.link.has_output():
-            try:
-                self.link.flush()
-            except WouldBlock as wb:
-                blocked[_FLUSH] = (wb.fd, wb.events)
-            except PeerGone:
-                self._peer_gone()
-        return progress
+                self._sleep(0 if again else wait_ms(m.deadline(), time.monotonic()))
 
     def _sleep(self, timeout_ms: int | None) -> None:
         """One poll on the descriptors the blocked operations wait for, and the selfpipe."""
-        blocked = self.blocked
-        wanted: set[object] = set(self.m.wanted())
-        if self.link.has_output():
-            wanted.add(_FLUSH)
-        for op in [op for op in blocked if op not in wanted]:
-            del blocked[op]
-        events = {self.selfpipe: select.POLLIN}
-        for fd, ev in blocked.values():
-            events[fd] = events.get(fd, 0) | ev
+        events = self.ops.waits()
+        events[self.selfpipe] = select.POLLIN
         for fd in self.registered.keys() - events.keys():
             self.poller.unregister(fd)
         for fd, ev in events.items():
             if self.registered.get(fd) != ev:
                 self.poller.register(fd, ev)
         self.registered = events
-        ready = dict(self.poller.poll(timeout_ms))
-        if self.selfpipe in ready:
-            blocked.clear()  # an exit or a signal changes what the operations find
-            self._read_selfpipe()
-        for op, (fd, ev) in list(blocked.items()):
-            if ready.get(fd, 0) & (ev | _HANGUP):
-                del blocked[op]
-        self.m.tick(time.monotonic())
-
-    def _timeout_ms(self) -> int | None:
-        return wait_ms(self.m.deadline(), time.monotonic())
+        ready = self.poller.poll(timeout_ms)
+        for fd, revents in ready:
+            if fd == self.selfpipe:
+                self.ops.unblock()  # an exit or a signal changes what the operations find
+                self._read_selfpipe()
+            else:
+                self.ops.ready(fd, revents)
+        self.ops.m.tick(time.monotonic())
 
     def _read_selfpipe(self) -> None:
         """Report the application's exit and the signals the selfpipe delivered."""
+        m, pid = self.ops.m, self.ops.pid
         for sig in read_signals(self.selfpipe):
-            if sig != signal.SIGCHLD and not self.m.finished:
-                self.m.signal(sig)
-        if self.pid is not None and self.m.status is None:
-            got, status = os.waitpid(self.pid, os.WNOHANG)
-            if got == self.pid:
-                self.m.app_exited(status)
-
-    def abort(self) -> None:
-        """After an exception of our own: close everything, kill and reap the application."""
-        m = self.m
-        if self.app_sock is not None:
-            self.app_sock.close()
-        else:
-            for fd, is_open in ((self.cread, m.app_output_open), (self.cwrite, m.app_input_open)):
-                if is_open:
-                    os.close(fd)
-        self.m.app_output_open = self.m.app_input_open = False
-        if self.m.net_open:
-            self.link.close()
-            self.m.net_open = False
-        if self.pid is not None and self.m.status is None:
-            with contextlib.suppress(OSError):
-                os.kill(self.pid, signal.SIGKILL)
-                os.waitpid(self.pid, 0)
-
-    # -- the application ---------------------------------------------------
-
-    def _op_read_app(self) -> None:
-        n = self._read_app()
-        if n:
-            self.m.app_read(n)
-        elif n == 0:
-            self.m.app_eof()
-
-    def _read_app(self) -> int | None:
-        """Read the application's output into ``outbound.space()``: how much, 0 at its end.
-
-        None when there is nothing and the application is dead (the machine
-        took that as the end); ``WouldBlock`` when there is nothing yet.
-        """
-        try:
-            return os.readv(self.cread, [self.m.outbound.space()])
-        except BlockingIOError:
-            if self.m.app_read_blocked():
-                raise WouldBlock(self.cread, select.POLLIN) from None
-        return None
-
-    def _op_write_app(self) -> None:
-        m = self.m
-        try:
-            n = os.write(self.cwrite, m.inbound.data())
-        except BlockingIOError:
-            raise WouldBlock(self.cwrite, select.POLLOUT) from None
-        except BrokenPipeError:
-            m.app_gone()
-        else:
-            m.app_written(n)
-
-    def _op_read_datagram(self) -> None:
-        n = self._read_app()
-        if n:
-            self.m.app_datagram(n)
-        # 0: the other end shut its output, or it sent an empty datagram (nothing to carry)
-        elif n == 0 and poll_now(self.cread, select.POLLIN | select.POLLRDHUP) & _PEER_SHUT:
-            self.m.app_eof()
-
-    def _op_close_app_output(self) -> None:
-        self._close_app_side(self.cread, socket.SHUT_RD, self.m.app_input_open)
-        self.m.app_output_closed()
-
-    def _op_close_app_input(self) -> None:
-        self._close_app_side(self.cwrite, socket.SHUT_WR, self.m.app_output_open)
-        self.m.app_input_closed()
-
-    def _close_app_side(self, fd: int, how: int, other_open: bool) -> None:
-        """Close one of the application's descriptors, or shut its way of the one socket."""
-        if self.app_sock is None:
-            os.close(fd)
-        elif other_open:
-            with contextlib.suppress(OSError):  # ENOTCONN: the application closed its end
-                self.app_sock.shutdown(how)
-        else:
-            self.app_sock.close()
-
-    def _op_signal_app(self) -> None:
-        for sig in self.m.take_signals():
-            assert self.pid is not None
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.pid, sig)
-
-    # -- the peer ----------------------------------------------------------
-
-    def _peer_gone(self) -> None:
-        if self.m.out is not Out.CLOSED:
-            self.m.peer_gone()
-
-    def _op_send(self) -> None:
-        m = self.m
-        try:
-            n = self.link.send(m.outbound.data())
-        except WouldBlock as wb:
-            if wb.pending:
-                m.send_blocked()
-            raise
-        except PeerGone:
-            m.peer_gone()
-        except SSL.Error as exc:
-            m.send_failed(error_reason(exc))
-        else:
-            m.sent(n)
-
-    def _op_notify(self) -> None:
-        try:
-            self.link.notify()
-        except PeerGone:
-            self.m.peer_gone()
-        except SSL.Error as exc:
-            self.m.send_failed(error_reason(exc))
-        else:
-            self.m.notified()
-
-    def _op_shut_write(self) -> None:
-        try:
-            self.link.shut_write()
-        except PeerGone:
-            self.m.peer_gone()
-        else:
-            self.m.shut()
-
-    def _op_abandon_write(self) -> None:
-        self.link.abandon_write()
-        self.m.shut()
-
-    def _op_recv(self) -> None:
-        m = self.m
-        try:
-            n = self.link.recv(m.inbound.space())
-        except PeerGone:  # the TLS layer had to answer, and the peer reads no more
-            self._peer_gone()
-        except SSL.Error as exc:
-            m.peer_failed(error_reason(exc))
-        else:
-            if n:
-                m.peer_data(n)
-            else:
-                m.peer_closed(self.link.close_notify_received)
-
-    def _op_close_net(self) -> None:
-        self.link.close()
-        self.m.net_closed()
-
-
-class _KernelLoop(_Loop):
-    """The loop when the kernel runs the records (``ktls.path.KernelPath`` as the link).
-
-    Data is spliced between the pipes and the socket and never enters the
-    machine's buffers: READ_APP reports ``app_read`` and ``sent`` at once,
-    RECV ``peer_data`` and ``app_written`` (or ``peer_data`` alone when the
-    application's input is closed and the data is dropped); SEND and
-    WRITE_APP are never wanted.  The machine decides everything else, as
-    for the userspace path.
-    """
-
-    link: "KernelPath"
-
-    def _op_read_app(self) -> None:
-        m = self.m
-        try:
-            n = self.link.move_out(self.cread)
-        except WouldBlock as wb:
-            if wb.fd != self.cread or m.app_read_blocked():
-                raise
-        except PeerGone:
-            m.peer_gone()
-        except TlsRuntimeError as exc:
-            m.send_failed(str(exc))
-        else:
-            if n:
-                m.app_read(n)
-                m.sent(n)
-            else:
-                m.app_eof()
-
-    def _op_recv(self) -> None:
-        m = self.m
-        dropping = m.in_ is In.DISCARDING
-        try:
-            n = self.link.move_in(None if dropping else self.cwrite)
-        except BrokenPipeError:
-            m.app_gone()
-        except TlsRuntimeError as exc:
-            m.peer_failed(str(exc))
-        else:
-            if n is None:
-                return
-            if n > 0:
-                m.peer_data(n)
-                if not dropping:
-                    m.app_written(n)
-            else:  # 0: a bare EOF; negative: the peer's close_notify
-                m.peer_closed(n < 0)
+            if sig != signal.SIGCHLD and not m.finished:
+                m.signal(sig)
+        if pid is not None and m.status is None:
+            got, status = os.waitpid(pid, os.WNOHANG)
+            if got == pid:
+                m.app_exited(status)

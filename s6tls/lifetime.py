@@ -176,17 +176,19 @@ CONTROL_OPS = (
 
 
 class Buffer:
-    """A fixed buffer filled at the end and drained from the start.
+    """A buffer filled at the end and drained from the start, holding memory only while used.
 
     ``space()`` is where the next read goes, ``data()`` what is waiting to be
     written.  The buffer is reset to its start whenever it empties, so it
-    never moves bytes.
+    never moves bytes.  Its memory is taken when a read needs it and given
+    back (``release``) once it is empty again, to a small pool the buffers of
+    this process share: an idle connection holds none.
     """
 
     __slots__ = ("end", "size", "start", "view")
 
     def __init__(self, size: int = BUFSIZE) -> None:
-        self.view = memoryview(bytearray(size))
+        self.view: memoryview | None = None
         self.size = size
         self.start = 0
         self.end = 0
@@ -201,10 +203,14 @@ class Buffer:
 
     def space(self) -> memoryview:
         """The free room at the end: the target of the next read."""
+        if self.view is None:
+            self.view = _take(self.size)
         return self.view[self.end :]
 
     def data(self) -> memoryview:
         """The bytes waiting to be written, oldest first."""
+        if self.view is None:
+            return _EMPTY
         return self.view[self.start : self.end]
 
     def produced(self, n: int) -> None:
@@ -216,12 +222,36 @@ class Buffer:
         self.start += n
         if self.start == self.end:
             self.start = self.end = 0
+            self.release()
 
     def truncate(self, keep: int) -> None:
         """Drop everything waiting but the first ``keep`` bytes."""
         self.end = min(self.end, self.start + keep)
         if self.start == self.end:
             self.start = self.end = 0
+            self.release()
+
+    def release(self) -> None:
+        """Give the memory back if nothing is waiting (a read that found nothing calls it)."""
+        if self.end == 0 and self.view is not None:
+            _give(self.view)
+            self.view = None
+
+
+_EMPTY = memoryview(b"")
+_POOL: list[memoryview] = []  # free BUFSIZE buffers of this process
+POOL_MAX = 16  # buffers kept for reuse; more are freed
+
+
+def _take(size: int) -> memoryview:
+    if size == BUFSIZE and _POOL:
+        return _POOL.pop()
+    return memoryview(bytearray(size))
+
+
+def _give(view: memoryview) -> None:
+    if len(view) == BUFSIZE and len(_POOL) < POOL_MAX:
+        _POOL.append(view)
 
 
 class Stats:
@@ -598,6 +628,23 @@ class Lifetime:
         """CLOSE_NET is done."""
         self._expect(self.net_open and self.out is Out.CLOSED, "net_closed")
         self.net_open = False
+        self._advance()
+
+    def loop_failed(self) -> None:
+        """The loop failed on its own (an exception of ours, not the peer's).
+
+        It closes every descriptor still open and kills a living application
+        with SIGKILL at once: the tunnel is over but for the application's
+        exit (``app_exited``), whose status is then the result.
+        """
+        if self.finished:
+            return
+        self._end("internal error")
+        self._abandon_everything()
+        self.app_output_open = self.app_input_open = self.net_open = False
+        self._signals.clear()
+        if self.app in (App.RUNNING, App.TERMINATED):
+            self.app = App.KILLED
         self._advance()
 
     # -- the application's life -------------------------------------------

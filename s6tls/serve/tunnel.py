@@ -13,6 +13,8 @@ import os
 import signal
 import socket
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 from OpenSSL import SSL
 
@@ -23,7 +25,7 @@ from ..lifetime import Stats
 from ..link import Link, new_link
 from ..selfpipe import SelfPipe
 from ..tls.config import TlsConfig
-from ..tls.context import keep_session, prepare_connection
+from ..tls.context import VerifyNotes, keep_session, prepare_connection
 from ..tls.handshake import connection_facts, handshake
 from .app import application_env, exit_code, spawn
 
@@ -31,16 +33,14 @@ from .app import application_env, exit_code, spawn
 PASSED_SIGNALS = (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
 
 
-def establish(
+def open_link(
     cfg: TlsConfig, ctx: SSL.Context, rfd: int, wfd: int, hello: bytes | None = None
 ) -> Link:
-    """The handshake on ``rfd``/``wfd``, with every check of the peer; the link.
+    """The link of a connection on ``rfd``/``wfd``, ready for its handshake.
 
-    The link owns both descriptors from the start; if the handshake fails
-    they are closed (after our alert, a FIN).  Raises ``HandshakeError``
-    (97, naming why the peer was rejected when we rejected it) and
-    ``HandshakeTimeout`` (98, -K).  Under DTLS, ``rfd`` is the connected UDP
-    socket and ``hello`` the ClientHello a server's listener verified.
+    The link owns both descriptors from now on.  Under DTLS, ``rfd`` is the
+    connected UDP socket and ``hello`` the ClientHello a server's listener
+    verified.  Raises ``OSError`` if a descriptor cannot be used.
     """
     if cfg.dtls:
         from ..dtls.link import datagram_link
@@ -48,19 +48,112 @@ def establish(
         link: Link = datagram_link(cfg, ctx, rfd, hello)
     else:
         link = new_link(ctx, rfd, wfd)
-    notes = prepare_connection(cfg, link.conn)
+    prepare_connection(cfg, link.conn)
     if cfg.options.ktls:
         from ..ktls.keys import HandshakeWatch  # only then: it costs start-up time
 
         link.handshake_watch = HandshakeWatch()
+    return link
+
+
+def handshake_failed(link: Link, exc: S6tlsError) -> S6tlsError:
+    """Close ``link`` after its handshake failed with ``exc``; the error to report.
+
+    The link's descriptors are closed (after our alert, a FIN).  A
+    ``HandshakeError`` names why the peer was rejected when one of our
+    checks rejected it.
+    """
+    notes = link.conn.get_app_data()
+    link.close()
+    reasons = notes.reasons if isinstance(notes, VerifyNotes) else []
+    if isinstance(exc, HandshakeError) and reasons and reasons[0] != str(exc):
+        return HandshakeError(f"{reasons[0]} ({exc})")
+    return exc
+
+
+def establish(
+    cfg: TlsConfig, ctx: SSL.Context, rfd: int, wfd: int, hello: bytes | None = None
+) -> Link:
+    """The handshake on ``rfd``/``wfd``, with every check of the peer; the link.
+
+    ``open_link``, then ``handshake`` under -K.  If the handshake fails the
+    descriptors are closed (``handshake_failed``).  Raises
+    ``HandshakeError`` (97, naming why the peer was rejected when we
+    rejected it) and ``HandshakeTimeout`` (98, -K).
+    """
+    link = open_link(cfg, ctx, rfd, wfd, hello)
     try:
         handshake(link, cfg.options.handshake_timeout_ms)
     except S6tlsError as exc:
-        link.close()
-        if isinstance(exc, HandshakeError) and notes.reasons and notes.reasons[0] != str(exc):
-            raise HandshakeError(f"{notes.reasons[0]} ({exc})") from None
-        raise
+        raise handshake_failed(link, exc) from None
     return link
+
+
+@dataclass
+class Application:
+    """The application of a connection, once spawned: its pid, our ends of its descriptors.
+
+    ``ours`` is (its output, for us to read; its input, for us to write):
+    two pipes, or one socket twice (datagrams).  ``facts`` are the ``SSL_*``
+    variables it was given.
+    """
+
+    pid: int
+    ours: tuple[int, int]
+    facts: dict[str, str]
+
+
+def start_application(
+    cfg: TlsConfig,
+    link: Link,
+    prog: Sequence[str],
+    environ: Mapping[str, str],
+    extra_env: Mapping[str, str] | None,
+    app_fds: tuple[int, int],
+) -> Application:
+    """Spawn ``prog`` for ``link``, whose handshake is done: the TLS facts in its environment.
+
+    Its cleartext is on ``app_fds`` (read, write); ``environ`` and
+    ``extra_env`` make its environment (``app.application_env``, scrubbed
+    under -z).  Under DTLS, ``SSL_DTLS_MAX_DATAGRAM`` tells it the largest
+    datagram it may send.  Raises ``SystemFailure`` if it cannot be
+    spawned, after closing what was opened for it (not the link).
+    """
+    facts = connection_facts(link.conn)
+    if link.max_datagram is not None:
+        facts["SSL_DTLS_MAX_DATAGRAM"] = str(link.max_datagram)
+    env = application_env(environ, facts, keep_secrets=cfg.options.keep_env, extra=extra_env)
+    ours, theirs = _application_channel(link.max_datagram is not None)
+    try:
+        pid = spawn(prog, env, {theirs[0]: app_fds[0], theirs[1]: app_fds[1]})
+    except OSError as exc:
+        for fd in {*ours, *theirs}:
+            os.close(fd)
+        raise SystemFailure(f"unable to spawn {prog[0]}: {exc.strerror}") from None
+    for fd in theirs:
+        os.close(fd)
+    return Application(pid, ours, facts)
+
+
+def ended(
+    cfg: TlsConfig, link: Link, app: Application, stats: Stats, status: int, log: Log
+) -> int:
+    """The end of a tunnel whose application exited with wait ``status``: its exit code.
+
+    A client keeps its session (TLS_SESSION_DIR); the application's
+    datagrams that were too large are reported in one warning; the -v 2
+    line sums the tunnel up.
+    """
+    keep_session(link.conn, log.warn)
+    code = exit_code(status)
+    refused = f" refused {stats.refused}" if link.max_datagram is not None else ""
+    if stats.refused:
+        log.warn(
+            f"refused {stats.refused} datagram(s) of prog larger than"
+            f" SSL_DTLS_MAX_DATAGRAM {link.max_datagram} (DTLS_MTU {cfg.dtls_mtu})"
+        )
+    log.info(summary(app.facts, stats, refused=refused, status=f" status {code}"))
+    return code
 
 
 def serve_connection(
@@ -97,63 +190,43 @@ def serve_connection(
     Raises ``HandshakeError`` (97), ``HandshakeTimeout``/``TlsRuntimeError``
     (98), ``SystemFailure`` (111); a ``TlsRuntimeError`` only once prog is gone.
     """
-    opts = cfg.options
     for fd in {rfd, wfd}:
         os.set_inheritable(fd, False)  # the application never sees the network
     link = establish(cfg, ctx, rfd, wfd, hello)
     if on_handshake is not None:
         on_handshake()
-    facts = connection_facts(link.conn)
-    if link.max_datagram is not None:
-        facts["SSL_DTLS_MAX_DATAGRAM"] = str(link.max_datagram)
-    env = application_env(environ, facts, keep_secrets=opts.keep_env, extra=extra_env)
     with SelfPipe(PASSED_SIGNALS) as selfpipe:
-        ours, theirs = _application_channel(link.max_datagram is not None)
         try:
-            pid = spawn(prog, env, {theirs[0]: app_fds[0], theirs[1]: app_fds[1]})
-        except OSError as exc:
-            for fd in {*ours, *theirs}:
-                os.close(fd)
+            app = start_application(cfg, link, prog, environ, extra_env, app_fds)
+        except SystemFailure:
             link.close()
-            raise SystemFailure(f"unable to spawn {prog[0]}: {exc.strerror}") from None
-        for fd in theirs:
-            os.close(fd)
-        status, stats = pump(cfg, link, (*ours, selfpipe.fileno()), pid, log)
+            raise
+        status, stats = pump(cfg, link, (*app.ours, selfpipe.fileno()), app.pid)
     assert status is not None
-    code = exit_code(status)
-    refused = f" refused {stats.refused}" if link.max_datagram is not None else ""
-    if stats.refused:
-        log.warn(
-            f"refused {stats.refused} datagram(s) of prog larger than"
-            f" SSL_DTLS_MAX_DATAGRAM {link.max_datagram} (DTLS_MTU {cfg.dtls_mtu})"
-        )
-    log.info(summary(facts, stats, refused=refused, status=f" status {code}"))
-    return code
+    return ended(cfg, link, app, stats, status, log)
 
 
 def pump(
-    cfg: TlsConfig, link: Link, fds: tuple[int, int, int], pid: int | None, log: Log
+    cfg: TlsConfig, link: Link, fds: tuple[int, int, int], pid: int | None
 ) -> tuple[int | None, Stats]:
     """``engine.run`` with ``cfg``'s options: -s/-S, -j/-J, the idle timeout, kernel TLS.
 
-    Then a client keeps its session (TLS_SESSION_DIR).  ``fds``: (read from
-    the application, write to it, selfpipe).  Returns
+    ``fds``: (read from the application, write to it, selfpipe).  Returns
     ``run``'s status and the tunnel's ``Stats``; raises what ``run`` raises.
     """
-    opts = cfg.options
     stats = Stats()
-    status = run(
-        link,
-        fds,
-        pid,
-        close_notify=opts.close_notify,
-        strict_close_notify=opts.strict_close_notify,
-        idle_timeout=opts.idle_timeout,
-        stats=stats,
-        ktls=opts.ktls,
-    )
-    keep_session(link.conn, log.warn)
+    status = run(link, fds, pid, stats=stats, ktls=cfg.options.ktls, **closing(cfg))
     return status, stats
+
+
+def closing(cfg: TlsConfig) -> dict[str, Any]:
+    """How ``cfg`` says a tunnel ends, as ``engine.run`` and ``engine.machine_for`` take it."""
+    opts = cfg.options
+    return {
+        "close_notify": opts.close_notify,
+        "strict_close_notify": opts.strict_close_notify,
+        "idle_timeout": opts.idle_timeout,
+    }
 
 
 def summary(facts: Mapping[str, str], stats: Stats, *, refused: str = "", status: str = "") -> str:

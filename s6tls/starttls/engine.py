@@ -26,6 +26,7 @@ from ..selfpipe import SelfPipe
 from ..serve.app import application_env
 from ..serve.connection import Setup
 from ..serve.tunnel import establish, pump, summary
+from ..tls.context import keep_session
 from ..tls.handshake import connection_facts
 from .control import Command, encode_notification, parse_command
 
@@ -114,7 +115,8 @@ def engine(
             raise SystemFailure(f"unable to write the notification block: {exc.strerror}") from None
         ctl.close()
     with SelfPipe() as selfpipe:
-        _status, stats = pump(cfg, link, (app[0], app[1], selfpipe.fileno()), None, log)
+        _status, stats = pump(cfg, link, (app[0], app[1], selfpipe.fileno()), None)
+    keep_session(link.conn, log.warn)
     log.info(summary(facts, stats))
     return 0
 

@@ -50,29 +50,44 @@ def handshake(link: Link, timeout_ms: int = 0, clock: Callable[[], float] = time
     while True:
         if deadline is not None and clock() >= deadline:
             raise HandshakeTimeout("handshake timed out")
-        wait: WouldBlock | None = None
-        try:
-            link.handshake_step()
-        except WouldBlock as wb:
-            wait = wb
-        except (SSL.ZeroReturnError, PeerGone):
-            raise HandshakeError("peer closed the connection during the handshake") from None
-        except SSL.SysCallError as exc:
-            reason = ssl_error_text(exc)
-            raise HandshakeError(f"peer vanished during the handshake: {reason}") from None
-        except SSL.Error as exc:
-            raise HandshakeError(ssl_error_text(exc)) from None
-        try:
-            link.flush()
-        except WouldBlock as wb:
-            wait = wb
-        except PeerGone:
-            raise HandshakeError("peer closed the connection during the handshake") from None
+        wait = handshake_step(link)
         if wait is None:
             return
         poller.register(wait.fd, wait.events)
         poller.poll(wait_ms(earliest(deadline, link.wakeup()), clock()))
         poller.unregister(wait.fd)
+
+
+def handshake_step(link: Link) -> WouldBlock | None:
+    """One step of the handshake of ``link.conn``, then a flush of what it produced.
+
+    One call into OpenSSL, which reads at most what is there (or one
+    pipe's worth).  Returns None once the handshake is complete and written
+    out, else the descriptor and events to wait for before the next step
+    (which is also due at ``link.wakeup()``, a DTLS retransmission).
+
+    Raises ``HandshakeError`` (97): the handshake failed, either side
+    rejected the other, or the peer closed the connection.  Closes nothing.
+    """
+    wait: WouldBlock | None = None
+    try:
+        link.handshake_step()
+    except WouldBlock as wb:
+        wait = wb
+    except (SSL.ZeroReturnError, PeerGone):
+        raise HandshakeError("peer closed the connection during the handshake") from None
+    except SSL.SysCallError as exc:
+        reason = ssl_error_text(exc)
+        raise HandshakeError(f"peer vanished during the handshake: {reason}") from None
+    except SSL.Error as exc:
+        raise HandshakeError(ssl_error_text(exc)) from None
+    try:
+        link.flush()
+    except WouldBlock as wb:
+        wait = wb
+    except PeerGone:
+        raise HandshakeError("peer closed the connection during the handshake") from None
+    return wait
 
 
 def connection_facts(conn: SSL.Connection) -> dict[str, str]:
