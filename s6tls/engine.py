@@ -29,7 +29,6 @@ if TYPE_CHECKING:
     from .ktls.path import KernelPath
 
 
-
 def run(
     link: Link,
     fds: tuple[int, int, int],

@@ -352,6 +352,14 @@ BACKLOG = Opt(
     parse=positive,
     default=128,
 )
+WORKERS = Opt(
+    "workers",
+    ("--workers",),
+    "serve with N worker processes (default: one per CPU)",
+    arg="N",
+    parse=positive,
+    default=None,
+)
 IDS = (
     Opt(
         "uid",
@@ -570,6 +578,7 @@ class Settings:
     maxconn: int = 0  # -c
     localmaxconn: int = 0  # -C
     backlog: int = 0  # -b
+    workers: int | None = None  # --workers
     uid: int | None = None  # -u
     gid: int | None = None  # -g
     env_ids: bool = False  # -U

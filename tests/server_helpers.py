@@ -2,6 +2,7 @@
 
 import contextlib
 import os
+import re
 import socket
 import ssl
 import subprocess
@@ -11,6 +12,10 @@ from pathlib import Path
 from conftest import program
 
 APPS = Path(__file__).resolve().parent / "apps"
+# s6-tlsserver's lines at a connection's start and end (-v): who, and the end's
+# application pid (or -) and exit code, and the count of connections.
+ALLOW_LINE = re.compile(r"info: allow (\S+) port (\d+) count (\d+)/(\d+)")
+END_LINE = re.compile(r"info: end (\S+) port (\d+) pid (\S+) status (\d+) count (\d+)/(\d+)")
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -33,7 +33,7 @@ import pytest
 from conftest import STARTED, program
 from faultproxy import Fault, FaultProxy, set_rst_on_close
 from OpenSSL import SSL
-from server_helpers import free_port, start_server
+from server_helpers import ALLOW_LINE, free_port, start_server
 
 from s6tls.tls.reasons import error_reason
 
@@ -168,8 +168,10 @@ class Server:
 
     def connection_end(self, since: int) -> tuple[int, list[str]]:
         """Wait for the end of the connection accepted after ``since``: status, its lines."""
-        pid = self.log.wait_for(r"allow \S+ port \d+ pid (\d+)", since).group(1)
-        status = int(self.log.wait_for(rf"end pid {pid} status (\d+)", since).group(1))
+        port = self.log.wait_for(ALLOW_LINE.pattern, since).group(2)
+        status = int(
+            self.log.wait_for(rf"end \S+ port {port} pid \S+ status (\d+)", since).group(1)
+        )
         return status, self.log.since(since)
 
 

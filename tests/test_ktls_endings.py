@@ -26,7 +26,7 @@ import pytest
 from conftest import program
 from ktls_helpers import keys_of, one_connection, stop, wait_for, watched, watched_contexts
 from OpenSSL import SSL
-from server_helpers import start_server
+from server_helpers import END_LINE, start_server
 from uml import build_preload
 
 from s6tls.ktls import keys as ktls_keys
@@ -57,10 +57,10 @@ def shell(script: str, fds: dict[str, int], out: Path) -> list[str]:
 
 
 def child_status(server_err: str) -> int:
-    """The status s6-tlsserver reported for its one child."""
-    found = re.findall(r"end pid \d+ status (\d+)", server_err)
+    """The status s6-tlsserver reported for its one connection."""
+    found = END_LINE.findall(server_err)
     assert len(found) == 1, server_err
-    return int(found[0])
+    return int(found[0][3])
 
 
 def fatal_lines(err: str) -> list[str]:

@@ -21,14 +21,13 @@ import asyncio
 import contextlib
 import hashlib
 import random
-import re
 import ssl
 import threading
 import time
 from pathlib import Path
 
 import pytest
-from server_helpers import fd_count, start_server, zombies
+from server_helpers import END_LINE, fd_count, start_server, zombies
 
 RSS_ALLOWANCE_KB = 1024
 
@@ -53,10 +52,10 @@ class ServerLog:
     def _read(self, stream) -> None:
         for raw in stream:
             line = raw.decode(errors="replace")
-            match = re.search(r"info: end pid \d+ status (\d+)", line)
+            match = END_LINE.search(line)
             with self.cond:
                 if match:
-                    self.statuses.append(int(match.group(1)))
+                    self.statuses.append(int(match.group(4)))
                     self.cond.notify_all()
                 elif ": info: " not in line:
                     self.other.append(line)

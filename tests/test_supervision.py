@@ -162,7 +162,7 @@ def test_readme_service_is_ready_once_bound_logs_every_line_and_never_restarts(s
         conn.sendall(f"hello {n}".encode())
         assert conn.recv(100) == f"hello {n}".encode()
         conn.close()
-        s6.until("end pid")
+        s6.until("info: end ")
         if n < 2:
             conn = tls_connect(port, pki["ca"])
     # -v wrote a line per connection event: the server is still the same process
@@ -251,7 +251,7 @@ def test_s6_tlsserver_takes_systemds_socket_and_tells_systemd_it_is_ready(pki, t
     assert conn.recv(100) == b"activated"
     conn.close()
     lines = []
-    while not (line := log.readline()).startswith("s6-tlsserver: info: end pid"):
+    while not (line := log.readline()).startswith("s6-tlsserver: info: end "):
         lines.append(line)
     saw = next(line for line in lines if line.startswith("app saw "))
     assert "TCPLOCALPORT=" + str(port) in saw

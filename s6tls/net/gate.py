@@ -1,32 +1,34 @@
 """What s6-tlsserver does with a connection before TLS: Nagle, banner, PROXY header, access.
 
 s6-networking runs s6-tcpserver-access (and proxy-server for -L) between
-the accept and s6-tlsd; s6tls does the same work in the child that serves
-the connection, so the accept loop never waits on a client or a resolver.
-In order:
+the accept and s6-tlsd; s6tls does the same work in the worker that took
+the connection, and never waits there on a client or a resolver.  In
+order:
 
 1. ``-D``: TCP_NODELAY on the socket;
 2. ``-B banner``: the banner, verbatim, before anything else (before the
    rules too, as s6-tcpserver-access does);
-3. ``-L``: the PROXY header, read exactly and within ``-K``: from then on
-   the client is the one the header names, for the rules, the logs and
-   TCPREMOTEIP/TCPREMOTEPORT (TCPLOCALIP/TCPLOCALPORT too);
-4. the access rules and the name look-ups (``access.admit``).
+3. ``-L``: the PROXY header, read exactly (``read_proxy_header``, as it
+   comes, within ``-K``): from then on the client is the one the header
+   names, for the rules, the logs and TCPREMOTEIP/TCPREMOTEPORT
+   (TCPLOCALIP/TCPLOCALPORT too);
+4. the access rules and the name look-ups (``Gate.check``, which waits on
+   the resolver: a worker runs it in a thread of its own).
 
-A refused client never sees a TLS byte: the child ends before the handshake.
+A refused client never sees a TLS byte: its connection ends before the
+handshake.  The worker's ``serve.stream`` does the waiting.
 ``options.GATE`` are the command-line options of all this;
 ``Gate.from_settings`` checks what they name (the rules) once, at start.
 """
 
 import os
-import select
 import socket
 import time
 from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass, field
 
-from ..deadline import after_ms, wait_ms
-from ..errors import HandshakeTimeout, Refused, UsageError
+from ..deadline import after_ms
+from ..errors import Refused, UsageError
 from ..options import Settings
 from .access import AccessPolicy, Admission, admit
 from .proxyproto import HeaderReader, ProxyHeader
@@ -67,20 +69,15 @@ class Gate:
         access.check_rules()
         return cls(s.nodelay, s.banner, s.proxy, access)
 
-    def receive(self, sock: socket.socket, env: MutableMapping[str, str], timeout_ms: int) -> None:
-        """Nagle, banner and PROXY header: ``env`` updated from the header.
+    def prepare(self, sock: socket.socket) -> None:
+        """Nagle, then the banner, on the connection's ``sock``.
 
-        ``timeout_ms`` (-K) bounds the wait for the header; 0 means no bound.
-        Raises ``Refused`` (a malformed header), ``HandshakeTimeout`` (no
-        complete header in time) and ``OSError``.
+        Raises ``Refused`` when the banner cannot be written at once.
         """
         if self.nodelay:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if self.banner:
             send_banner(sock, self.banner)
-        if self.proxy:
-            deadline = after_ms(timeout_ms, time.monotonic())
-            apply_proxy_header(read_proxy_header(sock.fileno(), deadline), env)
 
     def check(self, env: Mapping[str, str], warn: Callable[[str], None]) -> Admission:
         """The access rules and name look-ups for the client ``env`` names.
@@ -110,25 +107,19 @@ def send_banner(sock: socket.socket, banner: bytes) -> None:
         raise Refused("unable to write the banner: the client does not read")
 
 
-def read_proxy_header(fd: int, deadline: float | None) -> ProxyHeader:
-    """Read one PROXY header from ``fd``, not a byte more, by ``deadline`` (monotonic).
+def read_proxy_header(fd: int, reader: HeaderReader) -> ProxyHeader | None:
+    """Read what ``fd`` holds of a PROXY header into ``reader``, not a byte more.
 
-    Raises ``HandshakeTimeout`` when the deadline passes first, ``Refused``
-    for a malformed header or an EOF before its end.
+    Returns the header once it is whole, None while more must come (``fd``
+    is non-blocking: wait until it is readable).  Raises ``Refused`` for a
+    malformed header or an EOF before its end.
     """
-    reader = HeaderReader()
-    poller = select.poll()
-    poller.register(fd, select.POLLIN)
-    while reader.header is None:
-        if not poller.poll(wait_ms(deadline, time.monotonic())):
-            raise HandshakeTimeout("PROXY header timed out")
-        try:
-            reader.feed(os.read(fd, reader.max_read()))
-        except BlockingIOError:
-            continue  # a non-blocking socket woken for nothing
-        except EOFError as exc:
-            raise Refused(str(exc)) from None
-    return reader.header
+    try:
+        return reader.feed(os.read(fd, reader.max_read()))
+    except BlockingIOError:
+        return None
+    except EOFError as exc:
+        raise Refused(str(exc)) from None
 
 
 def apply_proxy_header(header: ProxyHeader, env: MutableMapping[str, str]) -> None:

@@ -135,9 +135,7 @@ def start_application(
     return Application(pid, ours, facts)
 
 
-def ended(
-    cfg: TlsConfig, link: Link, app: Application, stats: Stats, status: int, log: Log
-) -> int:
+def ended(cfg: TlsConfig, link: Link, app: Application, stats: Stats, status: int, log: Log) -> int:
     """The end of a tunnel whose application exited with wait ``status``: its exit code.
 
     A client keeps its session (TLS_SESSION_DIR); the application's
