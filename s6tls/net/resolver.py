@@ -7,6 +7,7 @@ interrupted, so a question runs in a thread and is abandoned (the thread
 keeps running until the library gives up) when the deadline passes.
 """
 
+import encodings.idna  # noqa: F401  (socket decodes names with it: import it before the drop)
 import socket
 import threading
 import time

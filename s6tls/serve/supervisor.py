@@ -55,6 +55,7 @@ from .worker import Take, Worker, summary_line
 
 SUMMARY_INTERVAL = 10.0  # seconds: at most one line of refusals and evictions per interval
 LOOK_INTERVAL = 1.0  # seconds between two looks at the admission table's counts
+_PR_SET_PDEATHSIG = 1
 _PR_SET_CHILD_SUBREAPER = 36
 
 
@@ -196,6 +197,7 @@ class Supervisor:
             return
         index = self.free_indexes.pop()
         report_r, report_w = os.pipe2(os.O_CLOEXEC)
+        supervisor = os.getpid()
         old = signal.pthread_sigmask(signal.SIG_BLOCK, WORKER_SIGNALS)
         try:
             pid = os.fork()
@@ -208,19 +210,26 @@ class Supervisor:
             return
         if pid == 0:
             os.close(report_r)
-            self._worker_main(index, report_w)  # never returns
+            self._worker_main(index, report_w, supervisor)  # never returns
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
         os.close(report_w)
         self.table.register(index, pid)
         self.workers[pid] = WorkerProcess(pid, index, report_r)
 
-    def _worker_main(self, index: int, report: int) -> None:
-        """In the worker: leave the supervisor's signals, drop privileges, serve, exit."""
+    def _worker_main(self, index: int, report: int, supervisor: int) -> None:
+        """In the worker: leave the supervisor's signals, drop privileges, serve, exit.
+
+        A worker whose supervisor dies gets SIGTERM: it stops as at a stop,
+        so that it never keeps the listening socket of a server that is gone.
+        """
         code: int = ExitCode.SYSTEM
         try:
             for other in self.workers.values():
                 os.close(other.report)
             self.selfpipe.__exit__(None, None, None)  # its handlers and pipe are not ours
+            _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+            if os.getppid() != supervisor:  # it died before that: as if told
+                os.kill(os.getpid(), signal.SIGTERM)
             self.table.register(index, os.getpid())
             self.setup.drop_privileges()
             worker = Worker(
@@ -333,6 +342,10 @@ class Supervisor:
 
 def _become_subreaper() -> None:
     """Reap the orphans of our subtree (the applications of a worker that died)."""
+    _prctl(_PR_SET_CHILD_SUBREAPER, 1)
+
+
+def _prctl(option: int, value: int) -> None:
+    """Linux's prctl(2) with one argument; nothing where it cannot be called."""
     with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+        ctypes.CDLL(None, use_errno=True).prctl(option, value, 0, 0, 0)
