@@ -72,6 +72,14 @@ class LineReader:
         line, _, self.buf = self.buf.partition(b"\n")
         return line.decode(errors="replace")
 
+    def until(self, needle: str, timeout: float = 30) -> list[str]:
+        """The lines up to the first that holds ``needle``, that one included."""
+        lines = [self.readline(timeout)]
+        while needle not in lines[-1]:
+            assert lines[-1], f"the log ended before {needle!r}: {lines}"
+            lines.append(self.readline(timeout))
+        return lines
+
 
 class TcpServer:
     """``tcpserver -1 -v -H -R -l 0 127.0.0.1 0 s6-tlsd ARGS -- PROG``, listening.

@@ -237,6 +237,8 @@ class TlsConfig:
                 raise UsageError("-Y and -y need CAFILE or CADIR to check client certificates")
             if self.allow_lists and o.peer_verify != "required":
                 raise UsageError("TLS_PEER_* allow-lists need -y: they match client certificates")
+            if self.crlfile and o.peer_verify == "none":
+                raise UsageError("CRLFILE needs -Y or -y: it checks client certificates")
         else:
             if o.verify_cert and not has_ca and not self.pskfile:
                 raise UsageError("CAFILE or CADIR must be set (or use --no-verify-cert)")
@@ -249,6 +251,8 @@ class TlsConfig:
                 raise UsageError("PSK_IDENTITY needs PSKFILE")
             if self.ocsp and not o.verify_cert:
                 raise UsageError("TLS_OCSP=require cannot be met with --no-verify-cert")
+            if self.crlfile and not o.verify_cert:
+                raise UsageError("CRLFILE is not checked with --no-verify-cert")
 
 
 @dataclass(frozen=True)
