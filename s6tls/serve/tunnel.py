@@ -57,8 +57,9 @@ def establish(
         handshake(link, cfg.options.handshake_timeout_ms)
     except S6tlsError as exc:
         link.close()
-        if isinstance(exc, HandshakeError) and notes.reasons and notes.reasons[0] != str(exc):
-            raise HandshakeError(f"{notes.reasons[0]} ({exc})") from None
+        refusal = notes.refusal(str(exc)) if isinstance(exc, HandshakeError) else None
+        if refusal:
+            raise HandshakeError(refusal) from None
         raise
     return link
 
