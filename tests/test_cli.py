@@ -6,6 +6,7 @@ run the programs as processes, as a user does.
 
 import os
 import re
+import socket
 import subprocess
 from importlib import import_module
 from pathlib import Path
@@ -337,10 +338,18 @@ def test_an_application_that_cannot_run_is_refused_at_start(name, server_env, pk
         message = f"{name}: fatal: unable to exec {app}: {why}\n"
         assert (res.returncode, res.stderr) == (code, message)
     if name == "s6-tlsd":  # the twin: a program on PATH is accepted, and the TLS work begins
-        res = subprocess.run(
-            [*program(name), "true"], env=env, capture_output=True, stdin=subprocess.DEVNULL
-        )
+        with closed_connection() as conn:
+            res = subprocess.run(
+                [*program(name), "true"], env=env, capture_output=True, stdin=conn, timeout=30
+            )
         assert res.returncode == 97, res.stderr
+
+
+def closed_connection() -> socket.socket:
+    """One end of a connection whose other end is closed: a handshake on it fails at once."""
+    ours, theirs = socket.socketpair()
+    theirs.close()
+    return ours
 
 
 @pytest.mark.parametrize(
@@ -395,15 +404,16 @@ def test_a_process_that_is_not_root_cannot_be_asked_to_change_ids(server_env):
             " setgid and setuid need root, and this process runs as uid 65534\n"
         )
     # asking for the ids it already has changes nothing, and is accepted: the TLS work
-    # begins (and ends at once, on /dev/null)
-    res = subprocess.run(
-        as_nobody([*program("s6-tlsd"), "--", "true"]),
-        env={**server_env, "TLS_UID": "65534", "TLS_GID": "65534"},
-        capture_output=True,
-        text=True,
-        timeout=30,
-        stdin=subprocess.DEVNULL,
-    )
+    # begins (and ends at once, the peer gone)
+    with closed_connection() as conn:
+        res = subprocess.run(
+            as_nobody([*program("s6-tlsd"), "--", "true"]),
+            env={**server_env, "TLS_UID": "65534", "TLS_GID": "65534"},
+            capture_output=True,
+            text=True,
+            timeout=30,
+            stdin=conn,
+        )
     assert res.returncode == 97, res.stderr
 
 
