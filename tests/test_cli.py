@@ -17,6 +17,7 @@ from ucspi_helpers import direct_pair, help_options, synopsis_options
 
 from s6tls import program as shared
 from s6tls.cli import Log, escape
+from s6tls.deadline import after_ms, wait_ms
 from s6tls.errors import UsageError
 
 PROGRAMS = {
@@ -214,12 +215,21 @@ def test_the_dtls_programs_bound_the_handshake_and_idle_associations_by_default(
         ("s6-tlsd", "--idle-timeout=nan", "--idle-timeout must be a positive number of seconds"),
         ("s6-dtlsserver", "--idle-timeout=-1", "--idle-timeout must be a positive number"),
         ("s6-dtlsserver", "-S", "unrecognized option: -S"),
+        ("s6-tlsd", "-K 99999999999", "-K must be at most 4294967295, not 99999999999"),
+        ("s6-tlsclient", "-T 4294967296+0", "-T: x and y must be at most 4294967295"),
     ],
 )
 def test_a_bad_value_names_the_option(name, args, message):
     with pytest.raises(UsageError) as raised:
         parse(name, args)
     assert str(raised.value).startswith(message)
+
+
+def test_numbers_go_up_to_skalibs_unsigned_int_and_a_wait_that_long_fits_poll():
+    """As skalibs' parser, 2^32 - 1 at most; a -K that long sleeps in several polls."""
+    assert parse("s6-tlsd", "-K 4294967295")["handshake_timeout_ms"] == 4294967295
+    assert wait_ms(after_ms(4294967295, 10.0), 10.0) == 2**31 - 1  # poll takes a C int
+    assert wait_ms(10.5, 10.0) == 500
 
 
 # --- as processes ---------------------------------------------------------------
