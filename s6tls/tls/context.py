@@ -218,10 +218,10 @@ def check_tls12_suites(cfg: TlsConfig, ctx: SSL.Context, creds: Credentials) -> 
     Raises ``UsageError`` (100) naming TLS_CIPHERS and the keypair.
     """
     probes: dict[object, tuple[str | None, str]] = {}
-    if creds.keypair is not None or creds.psks:
-        what = f"CERTFILE {cfg.keypair.certfile}" if cfg.keypair else f"PSKFILE {cfg.pskfile}"
-        key = type(creds.keypair.key) if creds.keypair else None
-        probes[key] = (None, what)
+    if creds.keypair is not None and cfg.keypair is not None:
+        probes[type(creds.keypair.key)] = (None, f"CERTFILE {cfg.keypair.certfile}")
+    elif creds.psks:
+        probes[None] = (None, f"PSKFILE {cfg.pskfile}")
     for name, pair in creds.sni:
         probes.setdefault(type(pair.key), (name.replace("*", "probe", 1), f"CERTFILE:{name}"))
     or_later = "" if cfg.dtls else ", or set TLS_MIN_VERSION=1.3"
@@ -247,11 +247,11 @@ def _serves_tls12(
     if servername:
         client.set_tlsext_host_name(servername.encode("ascii"))
     server.set_accept_state()
-    for conn, data in ((client, None), (server, client)):
-        if data is not None:
-            conn.bio_write(data.bio_read(65536))
-        with contextlib.suppress(SSL.Error):
-            conn.do_handshake()
+    with contextlib.suppress(SSL.WantReadError):
+        client.do_handshake()  # writes the ClientHello, then waits
+    server.bio_write(client.bio_read(65536))
+    with contextlib.suppress(SSL.Error):
+        server.do_handshake()  # a ServerHello, or an alert
     try:
         answer = server.bio_read(65536)
     except SSL.WantReadError:
