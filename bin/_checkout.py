@@ -3,6 +3,8 @@
 The scripts of bin/ start with whatever ``python3`` is first on PATH, which
 may lack pyOpenSSL: they re-execute themselves with ``.venv/bin/python``
 (made by ``./scripts/install``), or say in one line that it is missing.
+``S6TLS_VENV`` names another venv to run with instead: ``scripts/floors``
+runs the tests on the lowest versions of the dependencies that way.
 """
 
 import os
@@ -11,9 +13,10 @@ from importlib import import_module
 
 
 def run(module: str, script: str) -> None:
-    """Call ``module``'s ``main`` under the checkout's .venv; ``script`` is the caller's file."""
+    """Call ``module``'s ``main`` under the checkout's .venv (or S6TLS_VENV); ``script``
+    is the caller's file."""
     root = os.path.dirname(os.path.dirname(os.path.realpath(script)))
-    venv = os.path.join(root, ".venv")
+    venv = os.environ.get("S6TLS_VENV") or os.path.join(root, ".venv")
     if os.path.realpath(sys.prefix) != os.path.realpath(venv):
         python = os.path.join(venv, "bin", "python")
         if not os.access(python, os.X_OK):

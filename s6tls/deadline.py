@@ -2,16 +2,21 @@
 
 import math
 
+# poll takes a C int: a deadline further away is waited for in several sleeps.
+MAX_WAIT_MS = 2**31 - 1
+
 
 def wait_ms(deadline: float | None, now: float) -> int | None:
     """Milliseconds from ``now`` to ``deadline`` (monotonic seconds), for ``poll``.
 
     Rounded up, so that a loop never wakes before its deadline and spins;
-    0 once it has passed; None (wait for ever) when there is no deadline.
+    0 once it has passed; None (wait for ever) when there is no deadline;
+    at most ``MAX_WAIT_MS`` (about 24 days), after which the loop, finding
+    its deadline still ahead, sleeps again.
     """
     if deadline is None:
         return None
-    return max(0, math.ceil((deadline - now) * 1000))
+    return min(MAX_WAIT_MS, max(0, math.ceil((deadline - now) * 1000)))
 
 
 def earliest(*deadlines: float | None) -> float | None:

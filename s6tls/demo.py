@@ -4,10 +4,12 @@ No certificate is needed from the user: a throw-away CA and server
 certificate are made in a temporary directory, ``s6-tlsserver`` serves a
 small application on a loopback port the system picks, ``s6-tlsclient`` connects to it,
 and both applications print the TLS facts they were given.  Everything is
-cleaned up; the exit code is 0 only if the whole exchange worked.
+cleaned up; the exit code is 0 only if the whole exchange worked.  The last
+line names the command that shows the manual (``manual_command``).
 """
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -97,5 +99,25 @@ def run() -> int:
         ok = client is not None and client.returncode == 0 and server.returncode == 0
         print(f"s6tls demo: {'success' if ok else 'FAILED'}")
         if ok:
-            print("s6tls demo: next, read the manual: man s6-tlsserver")
+            print(f"s6tls demo: next, read the manual: {manual_command('s6-tlsserver')}")
         return 0 if ok else 1
+
+
+def manual_command(page: str) -> str:
+    """The command that shows the section 1 ``page`` here, as the user's PATH stands.
+
+    ``man PAGE`` when man finds it (an install whose ``bin`` is on PATH);
+    otherwise ``man -l FILE`` on the page of this install, or of the
+    checkout it runs from (``./scripts/demo`` installs into ``.venv``, which
+    is not on PATH).
+    """
+    if shutil.which("man"):
+        found = subprocess.run(["man", "-w", page], capture_output=True, timeout=30, check=False)
+        if found.returncode == 0:
+            return f"man {page}"
+    checkout = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for folder in (os.path.join(sys.prefix, "share", "man", "man1"), os.path.join(checkout, "man")):
+        path = os.path.join(folder, f"{page}.1")
+        if os.path.exists(path):
+            return f"man -l {path}"
+    return f"man {page}"

@@ -71,11 +71,17 @@ class Operand:
 # --- value checks: text in, value out, UsageError (100) naming the option -----
 
 
+# skalibs' unsigned int: the largest number s6-networking's programs take (100 above it).
+UINT_MAX = 2**32 - 1
+
+
 def unsigned(text: str, name: str) -> int:
-    """A decimal integer >= 0."""
+    """A decimal integer from 0 to ``UINT_MAX``."""
     value = decimal(text)
     if value is None:
         raise UsageError(f"{name} must be an unsigned integer, not {text!r}")
+    if value > UINT_MAX:
+        raise UsageError(f"{name} must be at most {UINT_MAX}, not {text}")
     return value
 
 
@@ -144,6 +150,8 @@ def parse_timeouts(text: str, name: str = "-T") -> tuple[float, float]:
     x, y = decimal(first), decimal(second) if plus else 0
     if x is None or y is None:
         raise UsageError(f"{name} must be of the form x+y (seconds)")
+    if max(x, y) > UINT_MAX:
+        raise UsageError(f"{name}: x and y must be at most {UINT_MAX}")
     return float(x), float(y)
 
 

@@ -171,12 +171,19 @@ def announce(cfg: TlsConfig, settings: Settings, log: Log) -> None:
     """The start-up warnings about a configuration that works, but maybe not as meant.
 
     The configuration's own (``TlsConfig.warnings``) and the options' are
-    printed here, once per start; those about the files (an expired
+    printed here, once per start, with --ktls on a kernel that cannot take
+    any connection's records; those about the files (an expired
     certificate, a key others can read) come from ``Contexts``, at start and
     at each reload.
     """
     for line in cfg.warnings:
         log.warn(line)
+    if cfg.options.ktls:
+        from .ktls.sockopts import kernel_refusal
+
+        why = kernel_refusal()
+        if why:
+            log.warn(f"--ktls: {why}: every connection's records stay in userspace")
     if settings.ident:  # -r, of UCSPI_TCP
         log.warn("-r: s6tls does no IDENT look-up, TCPREMOTEINFO stays unset")
 

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from . import options
+from .net.systemd import refuse_listening_sockets
 from .net.ucspi import check_fds, peer_of, tcp_variables
 from .program import Program
 from .program import main as run
@@ -18,6 +19,7 @@ from .serve.connection import Setup
 
 def serve(setup: Setup) -> int:
     """The connection on fds 0 and 1, prog on the cleartext."""
+    refuse_listening_sockets(setup.environ)
     check_fds((0, 1))
     extra = {} if "PROTO" in setup.environ else tcp_variables(0)
     peer = peer_of({**setup.environ, **extra})

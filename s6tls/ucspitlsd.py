@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from . import options
+from .net.systemd import refuse_listening_sockets
 from .net.ucspi import network_peer
 from .program import Program
 from .program import main as run
@@ -20,6 +21,7 @@ def serve(setup: Setup) -> int:
     """Fork the engine, exec prog with the connection still on fds 0 and 1."""
     from .starttls.engine import start  # only now: a usage error does not pay for the TLS modules
 
+    refuse_listening_sockets(setup.environ)
     start(setup, (0, 1), network_peer((0, 1), setup.environ))
 
 

@@ -92,6 +92,14 @@ def pki(
     return out
 
 
+@pytest.fixture(scope="session")
+def rsa_keypair(tmp_path_factory: pytest.TempPathFactory, ca: trustme.CA) -> tuple[str, str]:
+    """(certificate, key) files of an RSA leaf for localhost, from ``ca``."""
+    d = tmp_path_factory.mktemp("rsa")
+    write_leaf(ca.issue_cert("localhost", key_type=trustme.KeyType.RSA), d / "c.pem", d / "k.pem")
+    return str(d / "c.pem"), str(d / "k.pem")
+
+
 @pytest.fixture
 def server_env(pki: dict[str, str]) -> dict[str, str]:
     """The environment of a server: ours plus CERTFILE, KEYFILE and CAFILE."""

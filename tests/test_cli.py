@@ -6,6 +6,7 @@ run the programs as processes, as a user does.
 
 import os
 import re
+import socket
 import subprocess
 from importlib import import_module
 from pathlib import Path
@@ -16,6 +17,7 @@ from ucspi_helpers import direct_pair, help_options, synopsis_options
 
 from s6tls import program as shared
 from s6tls.cli import Log, escape
+from s6tls.deadline import after_ms, wait_ms
 from s6tls.errors import UsageError
 
 PROGRAMS = {
@@ -213,12 +215,21 @@ def test_the_dtls_programs_bound_the_handshake_and_idle_associations_by_default(
         ("s6-tlsd", "--idle-timeout=nan", "--idle-timeout must be a positive number of seconds"),
         ("s6-dtlsserver", "--idle-timeout=-1", "--idle-timeout must be a positive number"),
         ("s6-dtlsserver", "-S", "unrecognized option: -S"),
+        ("s6-tlsd", "-K 99999999999", "-K must be at most 4294967295, not 99999999999"),
+        ("s6-tlsclient", "-T 4294967296+0", "-T: x and y must be at most 4294967295"),
     ],
 )
 def test_a_bad_value_names_the_option(name, args, message):
     with pytest.raises(UsageError) as raised:
         parse(name, args)
     assert str(raised.value).startswith(message)
+
+
+def test_numbers_go_up_to_skalibs_unsigned_int_and_a_wait_that_long_fits_poll():
+    """As skalibs' parser, 2^32 - 1 at most; a -K that long sleeps in several polls."""
+    assert parse("s6-tlsd", "-K 4294967295")["handshake_timeout_ms"] == 4294967295
+    assert wait_ms(after_ms(4294967295, 10.0), 10.0) == 2**31 - 1  # poll takes a C int
+    assert wait_ms(10.5, 10.0) == 500
 
 
 # --- as processes ---------------------------------------------------------------
@@ -337,10 +348,18 @@ def test_an_application_that_cannot_run_is_refused_at_start(name, server_env, pk
         message = f"{name}: fatal: unable to exec {app}: {why}\n"
         assert (res.returncode, res.stderr) == (code, message)
     if name == "s6-tlsd":  # the twin: a program on PATH is accepted, and the TLS work begins
-        res = subprocess.run(
-            [*program(name), "true"], env=env, capture_output=True, stdin=subprocess.DEVNULL
-        )
+        with closed_connection() as conn:
+            res = subprocess.run(
+                [*program(name), "true"], env=env, capture_output=True, stdin=conn, timeout=30
+            )
         assert res.returncode == 97, res.stderr
+
+
+def closed_connection() -> socket.socket:
+    """One end of a connection whose other end is closed: a handshake on it fails at once."""
+    ours, theirs = socket.socketpair()
+    theirs.close()
+    return ours
 
 
 @pytest.mark.parametrize(
@@ -395,15 +414,16 @@ def test_a_process_that_is_not_root_cannot_be_asked_to_change_ids(server_env):
             " setgid and setuid need root, and this process runs as uid 65534\n"
         )
     # asking for the ids it already has changes nothing, and is accepted: the TLS work
-    # begins (and ends at once, on /dev/null)
-    res = subprocess.run(
-        as_nobody([*program("s6-tlsd"), "--", "true"]),
-        env={**server_env, "TLS_UID": "65534", "TLS_GID": "65534"},
-        capture_output=True,
-        text=True,
-        timeout=30,
-        stdin=subprocess.DEVNULL,
-    )
+    # begins (and ends at once, the peer gone)
+    with closed_connection() as conn:
+        res = subprocess.run(
+            as_nobody([*program("s6-tlsd"), "--", "true"]),
+            env={**server_env, "TLS_UID": "65534", "TLS_GID": "65534"},
+            capture_output=True,
+            text=True,
+            timeout=30,
+            stdin=conn,
+        )
     assert res.returncode == 97, res.stderr
 
 

@@ -105,6 +105,8 @@ def test_a_program_ignores_the_variables_of_the_other_side():
         ),
         ("server", {"TLS_CRL_CHECK": "leaf"}, {}, "TLS_CRL_CHECK needs CRLFILE"),
         ("server", {"CRLFILE": "a\nb"}, {}, "invalid CRLFILE: it holds a control character"),
+        ("server", {"CRLFILE": "crl.pem"}, {}, "CRLFILE needs -Y or -y"),
+        ("client", {"CRLFILE": "crl.pem"}, {"verify_cert": False}, "CRLFILE is not checked"),
         (
             "server",
             {"PSKFILE": "p", "TLS_CIPHERSUITES": "TLS_AES_256_GCM_SHA384"},

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 from tls_pair import connections, exchange, handshake
 
+from s6tls.errors import UsageError
 from s6tls.tls import context as context
 from s6tls.tls import ossl as ossl
 from s6tls.tls.config import Options, TlsConfig
@@ -98,3 +99,55 @@ def test_both_sides_agree_on_the_default_policy(pki, version):
     assert c.get_protocol_version_name() == f"TLSv{version}"
     if ossl.has_group(ossl.HYBRID_GROUP) and version == "1.3":
         assert c.get_group_name() == ossl.HYBRID_GROUP
+
+
+@pytest.mark.parametrize(
+    ("env", "sni_level", "dtls", "refused"),
+    [
+        ({"TLS_CIPHERS": "eNULL"}, 0, False, "CERTFILE @ecdsa"),
+        ({"TLS_CIPHERS": "eNULL"}, 0, True, "CERTFILE @ecdsa"),
+        ({"TLS_CIPHERS": "ECDHE-RSA-AES128-GCM-SHA256"}, 0, False, "CERTFILE @ecdsa"),
+        ({"TLS_CIPHERS": "eNULL", "TLS_MIN_VERSION": "1.3"}, 0, False, None),  # no TLS 1.2
+        ({"TLS_CIPHERS": "ECDHE-RSA-AES128-GCM-SHA256", "CERTFILE": "@rsa"}, 0, False, None),
+        (
+            {"TLS_CIPHERS": "ECDHE-ECDSA-AES128-GCM-SHA256", "CERTFILE:r.example": "@rsa"},
+            1,
+            False,
+            "r",
+        ),
+        (
+            {"TLS_CIPHERS": "ECDHE-ECDSA-AES128-GCM-SHA256", "CERTFILE:*.example": "@rsa"},
+            2,
+            True,
+            "*",
+        ),
+        ({"PSKFILE": "@psk", "CERTFILE": ""}, 0, False, None),  # TLS 1.2's PSK suites by default
+        ({"PSKFILE": "@psk", "CERTFILE": ""}, 0, True, None),
+        (
+            {"PSKFILE": "@psk", "CERTFILE": "", "TLS_CIPHERS": "ECDHE-RSA-AES128-GCM-SHA256"},
+            0,
+            False,
+            "P",
+        ),
+    ],
+)
+def test_tls_ciphers_that_leave_a_keypair_no_tls_1_2_suite_are_refused_naming_it(
+    env, sni_level, dtls, refused, pki, rsa_keypair, pskfile
+):
+    files = {"@ecdsa": pki["server_cert"], "@rsa": rsa_keypair[0], "@psk": pskfile}
+    keys = {pki["server_cert"]: pki["server_key"], rsa_keypair[0]: rsa_keypair[1]}
+    full = {"CERTFILE": "@ecdsa", **env}
+    full = {name: files.get(value, value) for name, value in full.items() if value}
+    for name in [n for n in full if n.startswith("CERTFILE")]:
+        full["KEY" + name[4:]] = keys[full[name]]
+    cfg = TlsConfig.from_env("server", full, Options(sni_level=sni_level), dtls=dtls)
+    if refused is None:
+        Contexts(cfg)
+        return
+    what = {"r": "CERTFILE:r.example", "*": "CERTFILE:*.example", "P": f"PSKFILE {pskfile}"}
+    with pytest.raises(UsageError) as info:
+        Contexts(cfg)
+    expected = what.get(refused, refused.replace("@ecdsa", pki["server_cert"]))
+    assert str(info.value).startswith(
+        f"invalid TLS_CIPHERS: none of its TLS 1.2 suites can be used with {expected}:"
+    )

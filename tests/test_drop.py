@@ -81,6 +81,11 @@ def test_a_connection_with_every_check_imports_nothing_after_the_drop(
             client_env,
         ),
     )
+    # What this kernel lacks for --ktls is said at start, before the drop: not this test's.
+    err, client_err = (
+        "".join(line for line in text.splitlines(True) if ": warning: --ktls: " not in line)
+        for text in (err, client_err)
+    )
     assert (code, err, client_code, client_err) == (0, "", 0, "")
     client_lines, server_lines = out.decode().split("\n\n", 1)
     client_seen = dict(line.split("=", 1) for line in client_lines.splitlines() if "=" in line)

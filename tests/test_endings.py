@@ -26,7 +26,7 @@ from engine_harness import Stream, contexts, start_engine, transport
 from OpenSSL import SSL
 from server_helpers import END_LINE, start_server
 from tls_peer import TlsPeer, client_context, connection_reset, server_context
-from ucspi_helpers import LineReader, spawn_tlsc, spawn_tlsd, tcp_pair
+from ucspi_helpers import LineReader, spawn_tlsc, spawn_tlsd, tcp_pair, unprefixed
 
 from s6tls.lifetime import GRACE, LINGER
 
@@ -54,7 +54,8 @@ def wait_rusage(proc: subprocess.Popen, timeout: float) -> tuple[int, float]:
 
 
 def stderr_of(proc: subprocess.Popen) -> str:
-    return proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+    """What ``proc`` wrote on stderr, without the peer and pid its lines name."""
+    return unprefixed(proc.stderr.read().decode(errors="replace")) if proc.stderr else ""
 
 
 def gone(pid: int) -> bool:

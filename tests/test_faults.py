@@ -34,6 +34,7 @@ from conftest import STARTED, program
 from faultproxy import Fault, FaultProxy, set_rst_on_close
 from OpenSSL import SSL
 from server_helpers import ALLOW_LINE, free_port, start_server
+from ucspi_helpers import unprefixed
 
 from s6tls.tls.reasons import error_reason
 
@@ -235,7 +236,7 @@ def fatal_lines(text: str) -> list[str]:
 
 def assert_one_fatal_line(text: str, prog: str) -> str:
     assert "Traceback" not in text, text
-    lines = fatal_lines(text)
+    lines = fatal_lines(unprefixed(text))
     assert len(lines) == 1 and lines[0].startswith(f"{prog}: fatal: "), text
     return lines[0]
 

@@ -31,6 +31,7 @@ from hypothesis import strategies as st
 from OpenSSL import SSL
 from server_helpers import start_server
 from test_properties import fork_tlsd
+from ucspi_helpers import unprefixed
 
 SLOW = os.environ.get("S6TLS_SLOW") == "1"
 TIMEOUT = 30
@@ -102,7 +103,7 @@ def run_pair(server_args, server_env, client_args, client_env):
 
 def one_fatal_line(err: str, prog: str) -> str:
     assert "Traceback" not in err, err
-    lines = err.splitlines()
+    lines = unprefixed(err).splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"{prog}: fatal: "), err
     return lines[0]
 

@@ -6,10 +6,12 @@ with no MANPATH, the way man-db finds them next to a directory of PATH.
 """
 
 import os
+import re
 import shutil
 import subprocess
 import sys
 import tarfile
+import tomllib
 import zipfile
 from pathlib import Path
 
@@ -33,8 +35,29 @@ def user_env(bindir: Path) -> dict[str, str]:
     return env
 
 
+def readme_commands() -> list[str]:
+    """The commands the README says each install holds, as many as its number word says."""
+    text = " ".join((ROOT / "README.md").read_text().split())
+    match = re.search(r"Each install holds (\w+) commands, (.*?) \(", text)
+    assert match, "README.md does not say which commands an install holds"
+    named = re.findall(r"`([^`]+)`", match[2])
+    assert NUMBERS.index(match[1]) == len(named), match[0]
+    return named
+
+
+NUMBERS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
+
+
+def test_the_readme_names_every_command_and_only_them():
+    with (ROOT / "pyproject.toml").open("rb") as f:
+        scripts = tomllib.load(f)["project"]["scripts"]
+    assert sorted(readme_commands()) == sorted(scripts)
+
+
 def check_installed(bindir: Path) -> None:
-    """The demo works with the installed programs, and man finds every page."""
+    """The README's commands are there, the demo works with the installed programs, and
+    man finds every page."""
+    assert [name for name in readme_commands() if not (bindir / name).exists()] == []
     env = user_env(bindir)
     demo = run([str(bindir / "s6tls"), "demo"], env=env)
     assert "s6tls demo: success" in demo.stdout

@@ -134,8 +134,14 @@ def test_a_kernel_without_the_tls_module_changes_nothing():
 
 
 @pytest.mark.skipif(Path("/proc/net/tls_stat").exists(), reason="this host's kernel has kernel TLS")
+def test_the_start_up_probe_finds_no_tls_module_here():
+    assert ktls_socket.kernel_refusal() == "this kernel has no tls module"
+
+
+@pytest.mark.skipif(Path("/proc/net/tls_stat").exists(), reason="this host's kernel has kernel TLS")
 def test_programs_without_the_tls_module_go_on_in_userspace_and_say_so(pki, tmp_path):
-    """--ktls on this host's kernel (no CONFIG_TLS): the data goes through, the line says why."""
+    """--ktls on this host's kernel (no CONFIG_TLS): a warning at start, then the data goes
+    through and the line says why."""
     env = {
         **os.environ,
         "CERTFILE": pki["server_cert"],
@@ -167,8 +173,13 @@ def test_programs_without_the_tls_module_go_on_in_userspace_and_say_so(pki, tmp_
     assert client.returncode == 0, client.stderr
     assert (tmp_path / "got").read_bytes() == data
     why = "path userspace (kernel TLS: this kernel has no tls module)"
+    server_err = server_err.decode()
     assert why in client.stderr.decode()
-    assert why in server_err.decode()
+    assert why in server_err
+    warning = "warning: --ktls: this kernel has no tls module: every connection's records stay"
+    assert client.stderr.decode().startswith(f"s6-tlsclient: {warning}")
+    assert server_err.startswith(f"s6-tlsserver: {warning}")
+    assert server_err.count(warning) == 1  # at start, not per connection
 
 
 def test_the_engine_keeps_an_application_on_sockets_in_userspace(pki):

@@ -32,7 +32,8 @@ def pair_factory(pki):
         yield make
 
 
-def test_the_guest_kernel_has_the_tls_module():
+def test_the_guest_kernel_has_the_tls_module_and_the_start_up_probe_finds_it():
+    assert ktls_socket.kernel_refusal() is None  # loads the module, as a connection would
     assert Path("/proc/net/tls_stat").exists()
     assert os.uname().release.startswith("6.1.")
 

@@ -11,8 +11,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-import trustme
-from conftest import program, write_leaf
+from conftest import program
 from openssl_peer import s_client
 from server_helpers import serving
 from ucspi_helpers import LineReader, TcpServer, fatal, tcpclient, touch_then
@@ -24,11 +23,9 @@ SHOW = ["sh", "-c", 'echo "alpn=${SSL_ALPN_PROTOCOL-unset} resumed=$SSL_SESSION_
 
 
 @pytest.fixture(scope="module")
-def rsa_env(tmp_path_factory: pytest.TempPathFactory, ca: trustme.CA) -> dict[str, str]:
+def rsa_env(rsa_keypair) -> dict[str, str]:
     """A server environment with an RSA certificate from the trusted CA."""
-    d = tmp_path_factory.mktemp("rsa")
-    write_leaf(ca.issue_cert("localhost", key_type=trustme.KeyType.RSA), d / "c.pem", d / "k.pem")
-    return {**os.environ, "CERTFILE": str(d / "c.pem"), "KEYFILE": str(d / "k.pem")}
+    return {**os.environ, "CERTFILE": rsa_keypair[0], "KEYFILE": rsa_keypair[1]}
 
 
 @pytest.fixture(scope="module")

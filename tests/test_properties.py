@@ -47,6 +47,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from OpenSSL import SSL
+from ucspi_helpers import unprefixed
 
 import s6tls.serve.tunnel
 
@@ -412,7 +413,7 @@ def check(sc: Scenario, close_notify: bool, strict: bool, out: Outcome, up: byte
         assert out.peer_ending == expected, out
         return "clean"
     assert out.code == 98, out
-    lines = out.stderr.splitlines()
+    lines = unprefixed(out.stderr).splitlines()
     assert len(lines) == 1 and lines[0].startswith("s6-tlsd: fatal: "), out.stderr
     assert not lines[0].rstrip().endswith(":"), "a message that does not say what went wrong"
     if lines[0] == "s6-tlsd: fatal: peer closed the connection without close_notify":

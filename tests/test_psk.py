@@ -39,16 +39,36 @@ def test_gnutls_cli_with_a_psk(pskfile):
     assert b"psk=alice resumed=0 TLS_AES_128_GCM_SHA256\n" in res.stdout
 
 
-@pytest.mark.parametrize(("identity", "key"), [("alice", "ff" * 24), ("mallory", KEY)])
-def test_a_wrong_key_or_an_unknown_identity_fails_the_handshake(identity, key, pskfile, tmp_path):
+@pytest.mark.parametrize(
+    ("version", "psk", "reason"),
+    [
+        ("1.3", ["-psk_identity", "alice", "-psk", "ff" * 24], None),  # OpenSSL's own words
+        ("1.3", ["-psk_identity", "mallory", "-psk", KEY], "client offered PSK identity mallory"),
+        ("1.3", [], "client offered no PSK, and PSKFILE is all this server has"),
+        ("1.2", [], "client offered no PSK, and PSKFILE is all this server has"),
+    ],
+)
+def test_a_wrong_key_an_unknown_identity_or_no_psk_fails_the_handshake_saying_which(
+    version, psk, reason, pskfile, tmp_path
+):
     marker = tmp_path / "started"
-    with TcpServer([], touch_then(marker, "true"), psk_server_env(pskfile)) as srv:
-        peer = s_client(srv.port, "-psk_identity", identity, "-psk", key)
+    env = psk_server_env(pskfile, TLS_MAX_VERSION=version)
+    with TcpServer([], touch_then(marker, "true"), env) as srv:
+        peer = s_client(srv.port, *psk)
         code, lines = srv.wait_end()
     assert not peer.connected
     assert code == 97
-    assert fatal(lines, "s6-tlsd")
+    line = fatal(lines, "s6-tlsd")
+    assert line.startswith(reason) if reason else "PSK" not in line, line
+    assert "signature algorithm" not in line and "shared cipher" not in line
     assert not marker.exists()
+
+
+def test_a_psk_only_server_offers_tls_1_2_psk_suites_by_default(pskfile):
+    with TcpServer(["-S"], SHOW, psk_server_env(pskfile, TLS_MAX_VERSION="1.2")) as srv:
+        peer = s_client(srv.port, "-psk_identity", "alice", "-psk", KEY)
+        assert srv.wait_end() == (0, [])
+    assert peer.out == b"psk=alice resumed=0 ECDHE-PSK-CHACHA20-POLY1305\n"
 
 
 def test_tls_1_2_psk_suites_when_asked(pskfile):

@@ -121,6 +121,41 @@ def test_a_crl_that_is_not_a_crl_is_a_configuration_error(pki, tmp_path):
     )
 
 
+def test_an_expired_crl_is_a_warning_at_start_and_at_each_reload(pki, tmp_path):
+    _root, inter, _leaves, files = pki
+    crlfile = tmp_path / "crl.pem"
+    crlfile.write_bytes(Path(files["expired_crl"]).read_bytes())
+    warning = (
+        f"s6-tlsserver: warning: the CRL of {inter.cert.subject.rfc4514_string()} in CRLFILE"
+        f" {crlfile} expired on "
+    )
+
+    def reload(crl: str) -> list[str]:
+        """The lines of a SIGHUP that made the server read ``crl``."""
+        crlfile.write_bytes(Path(files[crl]).read_bytes())
+        server.send_signal(signal.SIGHUP)
+        return log.until("reloaded the keypairs")
+
+    with serving(["-v", "-y"], ["true"], server_env(pki, CRLFILE=str(crlfile))) as (server, _port):
+        log = LineReader(server.stderr)
+        assert log.readline().startswith(warning)
+        assert not [line for line in reload("inter_crl") if "CRL" in line]
+        assert next(line for line in reload("expired_crl") if "CRL" in line).startswith(warning)
+
+
+def test_crlfile_without_a_client_certificate_to_check_is_a_usage_error(pki):
+    res = subprocess.run(
+        [*program("s6-tlsd"), "true"],
+        env=server_env(pki, CRLFILE="inter_crl"),
+        capture_output=True,
+        timeout=30,
+    )
+    assert res.returncode == 100
+    assert fatal(res.stderr.decode(), "s6-tlsd") == (
+        "CRLFILE needs -Y or -y: it checks client certificates"
+    )
+
+
 # --- OCSP -------------------------------------------------------------------------------------
 
 

@@ -17,7 +17,7 @@ import pytest
 from conftest import STARTED, program
 from faultproxy import FaultProxy
 from server_helpers import APPS
-from ucspi_helpers import LineReader, TcpServer, fatal
+from ucspi_helpers import LineReader, TcpServer, connection_fatal, fatal
 
 UCSPITLSD = program("s6-ucspitlsd")
 UCSPITLSC = program("s6-ucspitlsc")
@@ -219,7 +219,10 @@ def test_an_unknown_command_byte_makes_the_engine_exit_100(server_env):
         client.expect("220 2.0.0")
         client.finish()
         status, lines = server.wait_end()
-    assert fatal(lines[:1], "s6-ucspitlsd") == "unrecognized command on control socket"
+    # the engine's line names the client and prog's pid, the one tcpserver knows
+    assert connection_fatal(lines[0], "s6-ucspitlsd", server.ended) == (
+        "unrecognized command on control socket"
+    )
     assert lines[1:] == ["tls failed", "engine exit 100"]
     assert status == 0
 

@@ -201,6 +201,63 @@ def test_a_bad_key_gives_no_readiness_and_its_reason_in_the_log(recipe, s6, pki)
     assert s6.stat(svc, "up,exitcode") == ["false", "96"]
 
 
+# --- ucspi-tcp --------------------------------------------------------------------
+
+
+def readme_line(start: str, **words: list[str]) -> tuple[dict[str, str], list[str]]:
+    """The README's command line that starts with ``start``: (environment, argv).
+
+    Each word that is a key of ``words`` (``-`` in place of ``.`` and ``=``)
+    is replaced with its list of words; ``VAR=value`` words in front go into
+    the environment, as a shell does.
+    """
+    text = (ROOT / "README.md").read_text()
+    match = re.search(rf"^{re.escape(start)}.*$", text, re.M)
+    assert match, f"README.md has no line starting with {start!r}"
+    line = shlex.split(match.group())
+    argv = [new for word in line for new in words.get(re.sub(r"[.=]", "-", word), [word])]
+    env = dict(os.environ)
+    while "=" in argv[0]:
+        name, _, value = argv.pop(0).partition("=")
+        env[name] = value
+    return env, argv
+
+
+def test_readme_tcpserver_recipe_frees_silent_sockets_slots_at_K_for_the_readme_client(pki):
+    """The README's tcpserver and s6-tlsclient lines, with this test's files and port.
+
+    Silent sockets take every tcpserver slot; the README's client, queued
+    behind them, is served once -K drops them.  To run in seconds, tcpserver
+    gets 4 slots (-c) instead of its 40, and -K 2000 instead of the README's 10000.
+    """
+    env, argv = readme_line(
+        "CERTFILE=cert.pem KEYFILE=key.pem tcpserver ",
+        **{"CERTFILE-cert-pem": [f"CERTFILE={pki['server_cert']}"]},
+        **{"KEYFILE-key-pem": [f"KEYFILE={pki['server_key']}"]},
+        tcpserver=["tcpserver", "-1", "-c", "4"],
+        **{"0-0-0-0": ["127.0.0.1"], "4433": ["0"], "10000": ["2000"]},
+        **{"s6-tlsd": program("s6-tlsd")},
+    )
+    assert argv[-4:] == ["-K", "2000", "--", "cat"], argv  # the README's has -K 10000
+    server = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    try:
+        port = LineReader(server.stdout).readline()
+        silent = [socket.create_connection(("127.0.0.1", int(port)), timeout=30) for _ in range(4)]
+        client_env, client = readme_line(
+            "CAFILE=ca.pem s6-tlsclient ",
+            **{"CAFILE-ca-pem": [f"CAFILE={pki['ca']}"], "s6-tlsclient": program("s6-tlsclient")},
+            **{"example-org": ["localhost"], "4433": [port]},
+        )
+        served = subprocess.run(client, env=client_env, capture_output=True, timeout=30)
+        assert (served.returncode, served.stdout) == (0, b"hello\n"), served.stderr
+        for sock in silent:
+            with sock:
+                assert sock.recv(100) == b""  # dropped by s6-tlsd at -K, no byte sent
+    finally:
+        server.terminate()
+        server.communicate(timeout=30)
+
+
 # --- systemd ---------------------------------------------------------------------
 
 
@@ -284,6 +341,25 @@ def test_s6_tlsd_under_inetd_style_activation_gives_prog_the_tcp_variables(pki, 
     while not info.startswith("s6-tlsd: info: "):
         info = log.readline()
     assert info.startswith(f"s6-tlsd: info: peer 127.0.0.1:{local_port} pid "), info
+    proc.terminate()
+    proc.communicate(timeout=30)
+
+
+@pytest.mark.parametrize(
+    ("activation", "reason"),
+    [
+        (["--inetd"], "stdin is a listening socket, not a connection: give one connection"),
+        ([], "systemd passed listening sockets (LISTEN_FDS), not a connection: give one"),
+    ],
+)
+def test_s6_tlsd_given_a_listening_socket_says_so_at_once(activation, reason, pki, reap):
+    """Without ``-a`` (a socket unit's Accept=no), s6-tlsd gets no connection: one line, 100."""
+    port = free_port()
+    proc, log = socket_activate(port, *activation, *tls_env(pki), *program("s6-tlsd"), "--", "cat")
+    reap.append(proc)
+    with socket.create_connection(("127.0.0.1", port), timeout=30):
+        line = next(line for line in iter(log.readline, "") if line.startswith("s6-tlsd: "))
+    assert line.startswith(f"s6-tlsd: fatal: {reason}"), line
     proc.terminate()
     proc.communicate(timeout=30)
 

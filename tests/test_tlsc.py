@@ -310,9 +310,8 @@ def test_server_from_an_untrusted_ca_exits_97(server_env, client_env, pki, tmp_p
         (["-k", "localhost"], ["true"], {**client_env, "CAFILE": pki["other_ca"]}),
     )
     assert client[0] == 97
-    assert fatal(client[2], "s6-tlsc") == (
+    assert fatal(client[2], "s6-tlsc") == (  # no "(certificate verify failed)" again
         "certificate verify failed at depth 0: unable to get local issuer certificate"
-        " (certificate verify failed)"
     )
     assert server[0] == 97
     assert fatal(server[2], "s6-tlsd") == "tlsv1 alert unknown ca"

@@ -15,7 +15,7 @@ import time
 import pexpect
 import pytest
 import trustme
-from conftest import write_leaf
+from conftest import program, write_leaf
 from OpenSSL import SSL
 from server_helpers import APPS
 from ucspi_helpers import (
@@ -396,7 +396,7 @@ def test_sni_level_2_refuses_a_name_it_has_no_keypair_for(
         (["--no-verify-cert", *name_args], ["true"], client_env),
     )
     assert server[0] == 97
-    assert fatal(server[2], "s6-tlsd").startswith(reason + " (")
+    assert fatal(server[2], "s6-tlsd") == reason  # not OpenSSL's "no suitable signature..."
     assert client[0] == 97
     assert fatal(client[2].removeprefix(NO_VERIFY), "s6-tlsc") == "tls alert handshake failure"
     assert not marker.exists()
@@ -503,6 +503,38 @@ def test_garbage_instead_of_a_client_hello_exits_97(server_env, tmp_path):
     code, err, started = run_against_raw_peer([], server_env, tmp_path, b"hello, not TLS\r\n\r\n")
     assert (code, started) == (97, False)
     assert fatal(err, "s6-tlsd") == "wrong version number"
+
+
+def test_under_tcpserver_a_connection_s_fatal_line_names_its_peer_and_pid(server_env):
+    with (
+        TcpServer([], ["true"], server_env) as srv,
+        socket.create_connection(("127.0.0.1", srv.port), timeout=30) as c,
+    ):
+        port = c.getsockname()[1]
+        c.sendall(b"GET / HTTP/1.0\r\n\r\n")
+        code, lines = srv.wait_end()
+    assert code == 97
+    assert lines == [f"s6-tlsd: fatal: peer 127.0.0.1:{port} pid {srv.ended}: http request"]
+
+
+@pytest.mark.parametrize(
+    ("stdin", "kind"),
+    [("/dev/null", "a character device (a terminal, /dev/null)"), ("listening", "a listening")],
+)
+def test_stdin_that_is_no_connection_is_a_usage_error_at_once(stdin, kind, server_env):
+    with socket.create_server(("127.0.0.1", 0)) as lis:
+        given = open(stdin, "rb") if stdin.startswith("/") else lis  # noqa: SIM115
+        with given:
+            res = subprocess.run(
+                [*program("s6-tlsd"), "--", "cat"],
+                stdin=given,
+                stdout=given,
+                env=server_env,
+                stderr=subprocess.PIPE,
+                timeout=30,
+            )
+    assert res.returncode == 100
+    assert fatal(res.stderr.decode(), "s6-tlsd").startswith(f"stdin is {kind}")
 
 
 def test_client_hello_cut_in_the_middle_exits_97(server_env, tmp_path):

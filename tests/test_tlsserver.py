@@ -4,6 +4,7 @@ import hashlib
 import os
 import re
 import resource
+import shlex
 import signal
 import socket
 import ssl
@@ -23,7 +24,7 @@ from server_helpers import (
     tls_connect,
     zombies,
 )
-from ucspi_helpers import LineReader
+from ucspi_helpers import LineReader, connection_fatal
 
 PRINT_ENV = [sys.executable, "-c", "import os,sys; sys.stdout.write(repr(dict(os.environ)))"]
 CLIENT_PRINT_ENV = [
@@ -98,14 +99,17 @@ def test_client_uses_the_host_as_server_name_and_rejects_a_wrong_one(server_env,
         capture_output=True,
     )
     assert good.returncode == 0, good.stderr
-    bad = subprocess.run(
+    bad = subprocess.Popen(
         [*program("s6-tlsclient"), "-k", "wrong.example", "127.0.0.1", str(port), "true"],
         env=env,
-        timeout=30,
-        capture_output=True,
+        stderr=subprocess.PIPE,
     )
+    _out, err = bad.communicate(timeout=30)
     assert bad.returncode == 97
-    assert bad.stderr.decode().startswith("s6-tlsclient: fatal: certificate does not match")
+    # its line names the server and its own pid, as every line about a connection does
+    line = connection_fatal(err.decode().rstrip("\n"), "s6-tlsclient", bad.pid)
+    assert line.startswith("certificate does not match the server name wrong.example"), line
+    assert f":{port} pid" in err.decode()
 
 
 def test_fifty_concurrent_connections_move_a_mebibyte_each_way_without_loss(server_env, pki, reap):
@@ -365,3 +369,10 @@ def test_demo_exits_zero_and_shows_protocol_and_cipher():
     assert proc.returncode == 0, (out, proc.stderr)
     assert "SSL_PROTOCOL=TLSv1.3" in out and "SSL_CIPHER=TLS_" in out
     assert "server says: HELLO OVER TLS" in out
+    # its last line gives a command that shows the manual from where it ran
+    command = out.splitlines()[-1].split("read the manual: ", 1)[1]
+    page = subprocess.run(
+        shlex.split(command), env={**os.environ, "MANPAGER": "cat"}, capture_output=True, timeout=60
+    )
+    assert page.returncode == 0, page.stderr
+    assert b"s6-tlsserver" in page.stdout

@@ -72,6 +72,14 @@ class LineReader:
         line, _, self.buf = self.buf.partition(b"\n")
         return line.decode(errors="replace")
 
+    def until(self, needle: str, timeout: float = 30) -> list[str]:
+        """The lines up to the first that holds ``needle``, that one included."""
+        lines = [self.readline(timeout)]
+        while needle not in lines[-1]:
+            assert lines[-1], f"the log ended before {needle!r}: {lines}"
+            lines.append(self.readline(timeout))
+        return lines
+
 
 class TcpServer:
     """``tcpserver -1 -v -H -R -l 0 127.0.0.1 0 s6-tlsd ARGS -- PROG``, listening.
@@ -99,6 +107,7 @@ class TcpServer:
             stderr=subprocess.PIPE,
         )
         self.log = LineReader(self.proc.stderr)
+        self.ended = 0  # the pid that served the last connection wait_end saw
         line = LineReader(self.proc.stdout).readline(timeout=20)
         if not line.isdigit():
             self.stop()
@@ -108,6 +117,8 @@ class TcpServer:
     def wait_end(self, timeout: float = 30) -> tuple[int, list[str]]:
         """Wait for the next connection's end; return s6-tlsd's exit code and its stderr lines.
 
+        ``ended`` is then the pid of the process that served it.
+
         The lines are everything on the shared stderr that is not tcpserver's
         own log: what s6-tlsd (or prog) wrote.
         """
@@ -116,6 +127,7 @@ class TcpServer:
             line = self.log.readline(timeout)
             assert line, f"tcpserver's log ended; so far {lines}"
             if line.startswith("tcpserver: end "):
+                self.ended = int(line.split()[2])
                 status = int(line.rsplit(" ", 1)[1])
                 return os.waitstatus_to_exitcode(status), lines
             if not line.startswith("tcpserver: "):
@@ -227,13 +239,32 @@ def finish(proc: subprocess.Popen, timeout: float = 30) -> tuple[int, bytes, str
 def fatal(stderr: str | list[str], prog: str) -> str:
     """The text of the single ``PROG: fatal: ...`` line that is all of ``stderr``.
 
-    Fails if there is anything else: a second line, a traceback.
+    The ``peer IP:PORT pid N: `` that starts the line of a connection is left
+    out (``connection_fatal`` checks it).  Fails if there is anything else: a
+    second line, a traceback.
     """
     lines = stderr if isinstance(stderr, list) else stderr.splitlines()
     assert len(lines) == 1, f"expected one line on stderr, got {lines}"
-    head = f"{prog}: fatal: "
-    assert lines[0].startswith(head), lines[0]
-    return lines[0][len(head) :]
+    match = re.fullmatch(rf"{re.escape(prog)}: fatal: (?:{CONNECTION})?(.*)", lines[0])
+    assert match, lines[0]
+    return match[1]
+
+
+CONNECTION = r"peer \S+ pid [0-9]+: "  # what a connection's log lines start with
+
+
+def unprefixed(text: str) -> str:
+    """``text`` (a program's stderr) without the ``peer IP:PORT pid N: `` of its lines."""
+    return re.sub(rf"^([\w-]+: \w+: ){CONNECTION}", r"\1", text, flags=re.M)
+
+
+def connection_fatal(line: str, prog: str, pid: int, ip: str = "127.0.0.1") -> str:
+    """The text of ``line``, which must be ``PROG: fatal: peer IP:PORT pid PID: text``."""
+    match = re.fullmatch(
+        rf"{re.escape(prog)}: fatal: peer {re.escape(ip)}:[0-9]+ pid {pid}: (.*)", line
+    )
+    assert match, line
+    return match[1]
 
 
 def openssl_subject(cert: str) -> str:

@@ -98,6 +98,7 @@ KEY_UPDATE = 24
 
 MAX_RECORD = 16384 + 256  # a TLS 1.3 record's content, type and padding
 _CMSG_SPACE = socket.CMSG_SPACE(1)
+NO_MODULE = "this kernel has no tls module"
 
 
 class Unavailable(Exception):
@@ -125,6 +126,26 @@ def tcp_socket(rfd: int, wfd: int) -> str | None:
     with socket.socket(fileno=os.dup(rfd)) as sock:
         if sock.family not in (socket.AF_INET, socket.AF_INET6) or sock.type != socket.SOCK_STREAM:
             return "the ciphertext descriptor is not a TCP socket"
+    return None
+
+
+def kernel_refusal() -> str | None:
+    """Why this kernel can take no connection's records at all; None if it may.
+
+    Asked of a fresh TCP socket, at start: Linux looks the ``tls`` module up
+    (loading it, for a user allowed to) before it checks that the socket is
+    connected, so ENOTCONN means the module is there and ENOENT that it is
+    not.  A connection may still be refused later for its own reasons (a
+    suite the kernel lacks).  Never raises.
+    """
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.IPPROTO_TCP, TCP_ULP, b"tls")
+    except OSError as exc:
+        if exc.errno == errno.ENOENT:
+            return NO_MODULE
+        if exc.errno != errno.ENOTCONN:
+            return f"unable to attach the tls module: {exc.strerror}"
     return None
 
 
@@ -254,7 +275,7 @@ class KernelTls:
             self.sock.setsockopt(socket.IPPROTO_TCP, TCP_ULP, b"tls")
         except OSError as exc:
             if exc.errno == errno.ENOENT:
-                raise Unavailable("this kernel has no tls module") from None
+                raise Unavailable(NO_MODULE) from None
             if exc.errno == errno.ENOTCONN:  # the kernel takes only an established connection
                 raise Unavailable("the peer already ended its side of the connection") from None
             raise Unavailable(f"unable to attach the tls module: {exc.strerror}") from None

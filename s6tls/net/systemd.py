@@ -1,7 +1,8 @@
 """systemd's side of a service: listening sockets handed over, readiness told back.
 
 ``listening_sockets`` takes the sockets of a socket unit (``LISTEN_FDS``
-and ``LISTEN_PID``, as ``sd_listen_fds`` reads them, from fd 3 on);
+and ``LISTEN_PID``, as ``sd_listen_fds`` reads them, from fd 3 on), which
+``refuse_listening_sockets`` refuses for a program that serves one connection;
 ``notify`` sends a state such as ``READY=1`` to ``NOTIFY_SOCKET``
 (``Type=notify``).  Both take their variables out of the environment, so
 that the applications never see them.
@@ -9,10 +10,11 @@ that the applications never see them.
 
 import os
 import socket
-from collections.abc import MutableMapping
+from collections.abc import Mapping, MutableMapping
 
 from ..errors import UsageError
 from ..numbers import decimal
+from .ucspi import ONE_EACH
 
 FIRST_FD = 3  # SD_LISTEN_FDS_START
 
@@ -44,6 +46,20 @@ def listening_sockets(environ: MutableMapping[str, str]) -> list[socket.socket]:
         sock.setblocking(False)
         sockets.append(sock)
     return sockets
+
+
+def refuse_listening_sockets(environ: Mapping[str, str]) -> None:
+    """Raise ``UsageError`` (100) if systemd passed this process listening sockets.
+
+    For the programs that serve the one connection on their stdin and
+    stdout (s6-tlsd, s6-ucspitlsd): a socket unit without ``Accept=yes``
+    passes its listening sockets (``LISTEN_FDS``) and no connection, so no
+    client would ever be served.
+    """
+    if environ.get("LISTEN_FDS") and environ.get("LISTEN_PID") == str(os.getpid()):
+        raise UsageError(
+            f"systemd passed listening sockets (LISTEN_FDS), not a connection: {ONE_EACH}"
+        )
 
 
 def notify(environ: MutableMapping[str, str], state: str) -> str | None:

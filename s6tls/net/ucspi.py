@@ -8,9 +8,10 @@ reads the same facts from the socket itself.
 
 import os
 import socket
+import stat
 from collections.abc import Mapping, Sequence
 
-from ..errors import SystemFailure
+from ..errors import SystemFailure, UsageError
 
 
 def peer_address(ip: str, port: int | str) -> str:
@@ -18,19 +19,57 @@ def peer_address(ip: str, port: int | str) -> str:
     return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
 
 
-def check_fds(fds: Sequence[int]) -> None:
-    """Raise ``SystemFailure`` (111) unless every network fd in ``fds`` is open.
+# What to do when a program that serves one connection is given a listening socket.
+ONE_EACH = (
+    "give one connection per process (systemd: Accept=yes; systemd-socket-activate:"
+    " --inetd -a; inetd: nowait), or listen with s6-tlsserver"
+)
+_KINDS = (
+    (stat.S_ISCHR, "a character device (a terminal, /dev/null)"),
+    (stat.S_ISREG, "a regular file"),
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISBLK, "a block device"),
+)
 
-    111, not 100: the contract is silent here, and skarnet's s6-tlsc dies
-    with 111 ("unable to check network fds") in this case.
+
+def check_fds(fds: Sequence[int]) -> None:
+    """Refuse network fds that cannot carry a connection, before any byte is read.
+
+    Raises ``SystemFailure`` (111) for a closed descriptor: the contract is
+    silent here, and skarnet's s6-tlsc dies with 111 ("unable to check
+    network fds") in this case.  Raises ``UsageError`` (100) for a listening
+    socket (a super-server that passes its socket instead of a connection:
+    systemd's ``Accept=no``, ``systemd-socket-activate --inetd`` without
+    ``-a``), which would wait for a connection nobody accepts, and for
+    anything but a socket or a pipe (a terminal, /dev/null, a file), whose
+    EOF would be blamed on the peer.
     """
     for fd in fds:
         try:
-            os.fstat(fd)
+            mode = os.fstat(fd).st_mode
         except OSError as exc:
             raise SystemFailure(
                 f"unable to check network fds: descriptor {fd}: {exc.strerror}"
             ) from None
+        kind = next((what for test, what in _KINDS if test(mode)), None)
+        if kind is not None:
+            raise UsageError(
+                f"{_name(fd)} is {kind}, not a socket or a pipe:"
+                " run under a super-server, which gives each connection its descriptors"
+            )
+        if stat.S_ISSOCK(mode) and _listening(fd):
+            raise UsageError(f"{_name(fd)} is a listening socket, not a connection: {ONE_EACH}")
+
+
+def _name(fd: int) -> str:
+    """``stdin``, ``stdout``, or ``network descriptor N``."""
+    return {0: "stdin", 1: "stdout"}.get(fd, f"network descriptor {fd}")
+
+
+def _listening(fd: int) -> bool:
+    """True if the socket on ``fd`` listens (SO_ACCEPTCONN)."""
+    with socket.socket(fileno=os.dup(fd)) as sock:
+        return bool(sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN))
 
 
 def network_peer(net: tuple[int, int], environ: Mapping[str, str]) -> str:

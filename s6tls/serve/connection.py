@@ -62,10 +62,13 @@ class Setup:
     ) -> int:
         """Drop privileges, then ``tunnel.serve_connection`` for this program.
 
-        Its lines are logged as ``peer IP:PORT pid N``.
+        This process now serves this connection: every line of its log, the
+        fatal line that ends it included, names ``peer IP:PORT pid N``.
         """
         from .tunnel import serve_connection  # the TLS modules: only once the setup is good
 
+        log = self.log.about(peer, os.getpid())
+        self.log.prefix = log.prefix
         self.drop_privileges()
         return serve_connection(
             self.cfg,
@@ -73,7 +76,7 @@ class Setup:
             rfd,
             wfd,
             self.app,
-            self.log.about(peer, os.getpid()),
+            log,
             app_fds=app_fds,
             environ=self.environ,
             extra_env=extra_env,

@@ -61,13 +61,14 @@ def handshake_failed(link: Link, exc: S6tlsError) -> S6tlsError:
 
     The link's descriptors are closed (after our alert, a FIN).  A
     ``HandshakeError`` names why the peer was rejected when one of our
-    checks rejected it.
+    checks rejected it (``VerifyNotes.refusal``).
     """
     notes = link.conn.get_app_data()
     link.close()
-    reasons = notes.reasons if isinstance(notes, VerifyNotes) else []
-    if isinstance(exc, HandshakeError) and reasons and reasons[0] != str(exc):
-        return HandshakeError(f"{reasons[0]} ({exc})")
+    if isinstance(exc, HandshakeError) and isinstance(notes, VerifyNotes):
+        refusal = notes.refusal(str(exc))
+        if refusal:
+            return HandshakeError(refusal)
     return exc
 
 

@@ -71,7 +71,8 @@ def _engine_main(
     """The child: wait for the command, handshake, notify, pump; always ``os._exit``.
 
     Its fatal line is the program's own (``s6-ucspitlsd: fatal: ...``), as
-    for s6-tlsd: the engine is the process that ends.
+    for s6-tlsd: the engine is the process that ends; like every line of
+    ``log``, it names the peer and prog's pid.
     """
     code: int = ExitCode.SYSTEM
     try:
@@ -79,7 +80,7 @@ def _engine_main(
         code = engine(setup, net, app, ctl, log)
     except BaseException as exc:  # whatever it is: one line, and the child still exits
         code, line = failure(exc)
-        setup.log.fatal(line)
+        log.fatal(line)
     finally:
         os._exit(code)
 

@@ -16,9 +16,10 @@ names the variable, the field it fills, the programs it applies to and the
 function that checks its value.  A program ignores the rows that do not
 apply to it, as s6-networking does.
 
-DTLS (s6-dtlsserver, s6-dtlsclient) is the field ``dtls``: the same policy
-where DTLS 1.2 allows it (version 1.2 only, PSK through TLS 1.2's PSK
-suites, no TLS 1.3 suites, no session directory), plus the rows of
+With ``PSKFILE``, TLS 1.2's PSK suites (``PSK_CIPHERS``) come first in the
+default ``TLS_CIPHERS``.  DTLS (s6-dtlsserver, s6-dtlsclient) is the field
+``dtls``: the same policy where DTLS 1.2 allows it (version 1.2 only, PSK
+through TLS 1.2's PSK suites, no TLS 1.3 suites, no session directory), plus the rows of
 ``DTLS_VARIABLES``: the MTU and the bounds of the handshake's
 retransmission timer.
 
@@ -53,13 +54,14 @@ DEFAULT_CIPHERS = (
 # TLS 1.3 suites whose hash is SHA-256: the only ones an external PSK can use.
 PSK_SUITES = ("TLS_AES_128_GCM_SHA256", "TLS_CHACHA20_POLY1305_SHA256")
 VERSIONS = ("1.2", "1.3")
-# DTLS: 1.2 only (the OpenSSL in use has no DTLS 1.3); the largest UDP payload by
-# default, so that a datagram fits a 1280-byte IPv6 packet (40 + 8 bytes of headers);
-# TLS 1.2's PSK suites, forward-secret first, put before DEFAULT_CIPHERS with PSKFILE.
-DTLS_MTU = 1232
-DTLS_PSK_CIPHERS = (
+# TLS 1.2's PSK suites, forward-secret first, put before DEFAULT_CIPHERS with PSKFILE
+# (every program: without them a server with PSKFILE alone has no TLS 1.2 suite).
+PSK_CIPHERS = (
     "ECDHE-PSK-CHACHA20-POLY1305:PSK-AES128-GCM-SHA256:PSK-AES256-GCM-SHA384:PSK-CHACHA20-POLY1305"
 )
+# DTLS: 1.2 only (the OpenSSL in use has no DTLS 1.3); the largest UDP payload by
+# default, so that a datagram fits a 1280-byte IPv6 packet (40 + 8 bytes of headers).
+DTLS_MTU = 1232
 # OpenSSL's own retransmission timer: 1 s, doubling to 60 s.  pyOpenSSL's binding
 # cannot replace it (no DTLS_set_timer_cb), so s6tls can wait longer, never less.
 OPENSSL_TIMER_MS = (1000, 60000)
@@ -179,10 +181,10 @@ class TlsConfig:
             for v in rows
             if role in v.roles and environ.get(v.name)
         }
+        if "pskfile" in policy:
+            policy.setdefault("ciphers", f"{PSK_CIPHERS}:{DEFAULT_CIPHERS}")
         if dtls:
             policy.setdefault("max_version", "1.2")
-            if "pskfile" in policy:
-                policy.setdefault("ciphers", f"{DTLS_PSK_CIPHERS}:{DEFAULT_CIPHERS}")
             policy.pop("session_dir", None)
         servername = None
         if role == "client" and options.servername is not None:
@@ -237,6 +239,8 @@ class TlsConfig:
                 raise UsageError("-Y and -y need CAFILE or CADIR to check client certificates")
             if self.allow_lists and o.peer_verify != "required":
                 raise UsageError("TLS_PEER_* allow-lists need -y: they match client certificates")
+            if self.crlfile and o.peer_verify == "none":
+                raise UsageError("CRLFILE needs -Y or -y: it checks client certificates")
         else:
             if o.verify_cert and not has_ca and not self.pskfile:
                 raise UsageError("CAFILE or CADIR must be set (or use --no-verify-cert)")
@@ -249,6 +253,8 @@ class TlsConfig:
                 raise UsageError("PSK_IDENTITY needs PSKFILE")
             if self.ocsp and not o.verify_cert:
                 raise UsageError("TLS_OCSP=require cannot be met with --no-verify-cert")
+            if self.crlfile and not o.verify_cert:
+                raise UsageError("CRLFILE is not checked with --no-verify-cert")
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,8 @@ server the cookie callbacks of the stateless exchange (``dtls.cookie``).
 The policy: TLS 1.2 and 1.3 only (``TLS_MIN_VERSION``/``TLS_MAX_VERSION``),
 the server's order of suites and groups wins, and a value OpenSSL does not
 accept in ``TLS_CIPHERS``, ``TLS_CIPHERSUITES`` or ``TLS_GROUPS`` is a
-``UsageError`` (100) naming the variable.
+``UsageError`` (100) naming the variable, as is a server's ``TLS_CIPHERS``
+that leaves its keys no TLS 1.2 suite (``check_tls12_suites``).
 
 Peer checks run inside the handshake: the chain (with CRLs when
 ``CRLFILE`` is set) through OpenSSL's own verification, the rest
@@ -24,6 +25,7 @@ server name a client sends in the SNI callback.  A refusal sends an alert
 and leaves its reason in the connection's ``VerifyNotes``.
 """
 
+import contextlib
 import datetime
 import functools
 import os
@@ -57,17 +59,44 @@ TICKET_KEY_LIFETIME = 12 * 3600.0
 Warn = Callable[[str], None]
 
 
+# What OpenSSL says when a refusal of ours failed the handshake: no more than our reason.
+CONSEQUENCES = frozenset(("callback failed", "no shared cipher", "no suitable signature algorithm"))
+
+
 @dataclass
 class VerifyNotes:
     """What one connection's callbacks learnt; kept as the connection's app data.
 
     ``reasons``: why a check refused the peer, first one first.
     ``psk_identity``: the PSK identity the handshake used, if any.
+    ``psk_offered``: the first PSK identity a client offered a server.
+    ``psk_only``: a server whose only credential is PSKFILE.
     """
 
     reasons: list[str] = field(default_factory=list)
     psk_identity: str | None = None
     sessions: SessionStore | None = None  # a client with TLS_SESSION_DIR
+    psk_offered: str | None = None
+    psk_only: bool = False
+
+    def refusal(self, openssl: str) -> str | None:
+        """The line for a handshake that failed with OpenSSL's ``openssl``; None: that one.
+
+        Our reason, when a check of ours refused the peer or a PSK-only
+        server got no PSK it knows; OpenSSL's text follows in brackets only
+        where it adds to it, not where it is what our refusal made OpenSSL
+        say (``CONSEQUENCES``) or what our reason already says.
+        """
+        reason = self.reasons[0] if self.reasons else None
+        if reason is None and self.psk_only and self.psk_identity is None:
+            reason = (
+                "client offered no PSK, and PSKFILE is all this server has"
+                if self.psk_offered is None
+                else f"client offered PSK identity {self.psk_offered}, which is not in PSKFILE"
+            )
+        if reason is None or openssl in reason or openssl in CONSEQUENCES:
+            return reason
+        return f"{reason} ({openssl})"
 
 
 @functools.cache
@@ -115,6 +144,8 @@ class Contexts:
     def _install(self, creds: Credentials) -> None:
         """Build the context from ``creds`` and make it current; on error keep the old one."""
         context = make_context(self.cfg, creds, tickets=self.tickets)
+        if self.cfg.role == "server" and (self.cfg.dtls or self.cfg.min_version == "1.2"):
+            check_tls12_suites(self.cfg, context, creds)
         self.creds, self.context, self.born = creds, context, time.monotonic()
 
     def reload(self) -> None:
@@ -171,6 +202,61 @@ def make_context(cfg: TlsConfig, creds: Credentials, *, tickets: bool = False) -
     has_default = creds.keypair is not None or bool(creds.psks)
     ossl.set_servername_callback(ctx, _sni_switcher(named, has_default))
     return ctx
+
+
+def check_tls12_suites(cfg: TlsConfig, ctx: SSL.Context, creds: Credentials) -> None:
+    """Refuse a TLS_CIPHERS that leaves a server's keys no TLS 1.2 suite to serve with.
+
+    OpenSSL takes a cipher string as long as it names suites, then refuses
+    every TLS 1.2 client with "no shared cipher" when none of them fits the
+    keys (``eNULL``; RSA suites and an ECDSA key; certificate suites and
+    PSKFILE alone).  So a client offering every suite (and the server's
+    first PSK) sends its ClientHello to ``ctx``, in memory, once per kind of
+    key the server has (the default keypair, the SNI ones); an alert instead
+    of a ServerHello is a refusal.  ``ctx`` is finished: it makes a connection.
+
+    Raises ``UsageError`` (100) naming TLS_CIPHERS and the keypair.
+    """
+    probes: dict[object, tuple[str | None, str]] = {}
+    if creds.keypair is not None and cfg.keypair is not None:
+        probes[type(creds.keypair.key)] = (None, f"CERTFILE {cfg.keypair.certfile}")
+    elif creds.psks:
+        probes[None] = (None, f"PSKFILE {cfg.pskfile}")
+    for name, pair in creds.sni:
+        probes.setdefault(type(pair.key), (name.replace("*", "probe", 1), f"CERTFILE:{name}"))
+    or_later = "" if cfg.dtls else ", or set TLS_MIN_VERSION=1.3"
+    for servername, what in probes.values():
+        if not _serves_tls12(ctx, servername, creds.psks[:1], dtls=cfg.dtls):
+            raise UsageError(
+                f"invalid TLS_CIPHERS: none of its TLS 1.2 suites can be used with {what}:"
+                f" give suites for its key{or_later}"
+            )
+
+
+def _serves_tls12(
+    ctx: SSL.Context, servername: str | None, psks: tuple[tuple[bytes, bytes], ...], *, dtls: bool
+) -> bool:
+    """True if ``ctx`` answers a TLS 1.2 ClientHello offering every suite with a ServerHello."""
+    probe = SSL.Context(SSL.DTLS_METHOD if dtls else SSL.TLS_METHOD)
+    probe.set_max_proto_version(_DTLS1_2_VERSION if dtls else SSL.TLS1_2_VERSION)
+    probe.set_cipher_list(b"ALL:COMPLEMENTOFALL:@SECLEVEL=0")
+    if psks:
+        ossl.set_psk_client_callback(probe, lambda _conn: psks[0])
+    client, server = SSL.Connection(probe, None), SSL.Connection(ctx, None)
+    client.set_connect_state()
+    if servername:
+        client.set_tlsext_host_name(servername.encode("ascii"))
+    server.set_accept_state()
+    with contextlib.suppress(SSL.WantReadError):
+        client.do_handshake()  # writes the ClientHello, then waits
+    server.bio_write(client.bio_read(65536))
+    with contextlib.suppress(SSL.Error):
+        server.do_handshake()  # a ServerHello, or an alert
+    try:
+        answer = server.bio_read(65536)
+    except SSL.WantReadError:
+        answer = b""
+    return answer[:1] != b"\x15"  # an alert record
 
 
 def _base_context(cfg: TlsConfig, creds: Credentials) -> SSL.Context:
@@ -315,9 +401,12 @@ def _set_psk(ctx: SSL.Context, cfg: TlsConfig, creds: Credentials) -> None:
 
     def lookup(conn: SSL.Connection, identity: bytes) -> bytes | None:
         # Also called with a session ticket's identity, which no line matches.
+        notes = _notes(conn)
+        if notes.psk_offered is None:
+            notes.psk_offered = identity.decode("ascii", "replace")
         key = keys.get(identity)
         if key is not None:
-            _notes(conn).psk_identity = identity.decode("ascii")
+            notes.psk_identity = identity.decode("ascii")
         return key
 
     ossl.set_psk_server_callback(ctx, lookup)
@@ -439,6 +528,7 @@ def prepare_connection(cfg: TlsConfig, conn: SSL.Connection) -> VerifyNotes:
     notes = VerifyNotes()
     conn.set_app_data(notes)
     if cfg.role == "server":
+        notes.psk_only = bool(cfg.pskfile) and cfg.keypair is None and not cfg.sni_keypairs
         conn.set_accept_state()
         return notes
     if cfg.servername and not cfg.servername_is_ip:

@@ -10,7 +10,7 @@ prompts for a passphrase.
 Raises ``ConfigError`` (exit 96) with one line that names the file and what
 to do: unreadable, neither PEM nor DER, a key that does not match its
 certificate, an encrypted key without ``KEYPASSFILE``.  What works but is
-likely wrong (an expired certificate, a key others can read) goes into
+likely wrong (an expired certificate or CRL, a key others can read) goes into
 ``Credentials.warnings``.
 """
 
@@ -71,7 +71,7 @@ def load_credentials(cfg: TlsConfig, now: datetime.datetime | None = None) -> Cr
     )
     needs_trust = cfg.verify_peer != "none"
     cas = _load_cas(cfg.cafile, warnings) if cfg.cafile and needs_trust else ()
-    crls = _load_crls(cfg.crlfile) if cfg.crlfile and needs_trust else ()
+    crls = _load_crls(cfg.crlfile, now, warnings) if cfg.crlfile and needs_trust else ()
     psks = _load_psks(cfg.pskfile, warnings) if cfg.pskfile else ()
     if cfg.psk_identity and cfg.psk_identity.encode() not in dict(psks):
         raise ConfigError(f"PSK_IDENTITY {cfg.psk_identity} is not in PSKFILE {cfg.pskfile}")
@@ -176,17 +176,39 @@ def _load_cas(path: str, warnings: list[str]) -> tuple[x509.Certificate, ...]:
     return cas
 
 
-def _load_crls(path: str) -> tuple[x509.CertificateRevocationList, ...]:
+def _load_crls(
+    path: str, now: datetime.datetime, warnings: list[str]
+) -> tuple[x509.CertificateRevocationList, ...]:
+    """The CRLs in ``path``; one warning for each that has expired or is not valid yet.
+
+    OpenSSL refuses every certificate such a CRL covers ("CRL has expired"):
+    the warning says so at start and at each reload, before clients do.
+    """
     data = _read("CRLFILE", path)
     try:
         if is_pem(data):
             blocks = _PEM_CRL.findall(data)
             if not blocks:
                 raise ValueError("no CRL")
-            return tuple(x509.load_pem_x509_crl(b) for b in blocks)
-        return (x509.load_der_x509_crl(data),)
+            crls = tuple(x509.load_pem_x509_crl(b) for b in blocks)
+        else:
+            crls = (x509.load_der_x509_crl(data),)
     except ValueError:
         raise ConfigError(f"CRLFILE {path} holds no PEM or DER CRL: give a CRL file") from None
+    for crl in crls:
+        which = f"the CRL of {crl.issuer.rfc4514_string()} in CRLFILE {path}"
+        expiry = crl.next_update_utc
+        if expiry is not None and expiry < now:
+            warnings.append(
+                f"{which} expired on {timestamp(expiry)}: every certificate it covers"
+                " will be refused until it is replaced"
+            )
+        elif crl.last_update_utc > now:
+            warnings.append(
+                f"{which} is not valid before {timestamp(crl.last_update_utc)}: every"
+                " certificate it covers will be refused until then"
+            )
+    return crls
 
 
 def _load_ocsp(
