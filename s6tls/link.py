@@ -90,11 +90,39 @@ def new_link(ctx: SSL.Context, rfd: int, wfd: int) -> "Link":
     return BioLink(ctx, rfd, wfd)
 
 
+class InfoWatch:
+    """What a connection's one info callback watches; held by its link.
+
+    ``close_notify`` becomes True when the peer's close_notify alert is
+    read.  ``handshake`` (kernel TLS: ``ktls.keys.HandshakeWatch``), if set
+    before the handshake, is fed too.  It holds no reference to the link or
+    the connection: the callback OpenSSL keeps makes no reference cycle, so
+    a finished connection is freed at once (a long-lived worker would keep
+    a cycle until a full collection).
+    """
+
+    __slots__ = ("close_notify", "handshake")
+
+    def __init__(self) -> None:
+        self.close_notify = False
+        self.handshake: HandshakeWatch | None = None
+
+    def on_info(self, conn: SSL.Connection, where: int, ret: int) -> None:
+        # SSL_CB_READ_ALERT is two bits (alert | read): testing either one
+        # alone would also count the close_notify we send ourselves under -S.
+        read_alert = where & SSL.SSL_CB_READ_ALERT == SSL.SSL_CB_READ_ALERT
+        if read_alert and ret & 0xFF == _ALERT_CLOSE_NOTIFY:
+            self.close_notify = True
+        if self.handshake is not None:
+            self.handshake.on_info(conn, where, ret)
+
+
 class Link:
     """What the handshake and the engine need from the ciphertext side.
 
     ``close_notify_received`` becomes True when the peer's close_notify
     alert was read (``recv`` returns 0 for it and for a bare EOF alike).
+    ``handshake_watch``, for kernel TLS, is set before the handshake.
     ``max_datagram`` is set by a datagram link (DTLS) once its handshake is
     done: the most cleartext one datagram carries; the engine then runs in
     datagram mode.
@@ -103,25 +131,27 @@ class Link:
     conn: SSL.Connection
     rfd: int
     wfd: int
-    close_notify_received = False
-    # Set before the handshake for kernel TLS (ktls_keys.HandshakeWatch): the
-    # connection's one info callback feeds it too.
-    handshake_watch: "HandshakeWatch | None" = None
+    info: InfoWatch
     max_datagram: int | None = None
 
     def _watch_alerts(self) -> None:
-        """Set ``close_notify_received`` when the peer's close_notify is read."""
+        """Give the connection its info callback (``InfoWatch``)."""
+        self.info = InfoWatch()
+        self.conn.set_info_callback(self.info.on_info)
 
-        # SSL_CB_READ_ALERT is two bits (alert | read): testing either one
-        # alone would also count the close_notify we send ourselves under -S.
-        def on_info(conn: SSL.Connection, where: int, ret: int) -> None:
-            read_alert = where & SSL.SSL_CB_READ_ALERT == SSL.SSL_CB_READ_ALERT
-            if read_alert and ret & 0xFF == _ALERT_CLOSE_NOTIFY:
-                self.close_notify_received = True
-            if self.handshake_watch is not None:
-                self.handshake_watch.on_info(conn, where, ret)
+    @property
+    def close_notify_received(self) -> bool:
+        """True once the peer's close_notify was read."""
+        return self.info.close_notify
 
-        self.conn.set_info_callback(on_info)
+    @property
+    def handshake_watch(self) -> "HandshakeWatch | None":
+        """Kernel TLS's watch of the handshake, fed by the info callback; None if unset."""
+        return self.info.handshake
+
+    @handshake_watch.setter
+    def handshake_watch(self, watch: "HandshakeWatch | None") -> None:
+        self.info.handshake = watch
 
     def handshake_step(self) -> None:
         """Advance the handshake; return once it is complete.
