@@ -155,6 +155,9 @@ def test_connections_above_c_are_refused_and_counted_per_ip_with_C(server_env, p
     server, port = start_server(["-v", "-c", "2"], ["cat"], server_env)
     reap.append(server)
     held = [tls_connect(port, pki["ca"]) for _ in range(2)]
+    for conn in held:  # a round trip: the server's side of the handshake is done too
+        conn.sendall(b"running")
+        assert conn.recv(100) == b"running"
     read_log_until(server, "allow", 2)
     with pytest.raises((ssl.SSLError, OSError)):
         extra = tls_connect(port, pki["ca"])
