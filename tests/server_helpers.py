@@ -32,16 +32,19 @@ def start_server(
     env: Mapping[str, str],
     host: str = "127.0.0.1",
     name: str = "s6-tlsserver",
+    new_session: bool = False,
 ) -> tuple[subprocess.Popen, int]:
     """Start ``name -1 args host 0 prog``; return it and the port it wrote once bound.
 
-    ``name``: s6-tlsserver, or s6-dtlsserver.
+    ``name``: s6-tlsserver, or s6-dtlsserver.  ``new_session``: in a session
+    (and process group) of its own, which the caller can kill as a whole.
     """
     proc = subprocess.Popen(
         [*program(name), "-1", *args, host, "0", *prog],
         env=dict(env),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
+        start_new_session=new_session,
     )
     assert proc.stdout is not None
     line = proc.stdout.readline()  # -1: the port and a newline, once the socket listens

@@ -1,0 +1,109 @@
+"""s6-tlsserver's pool of workers (issue 21): what the supervisor and its workers promise.
+
+Real processes and real TLS: s6-tlsserver as a command, or its own code in
+a forked child of the test where a test patches it (the object count, the
+injected fault).  The applications tell the test what they see on a FIFO
+(``worker_helpers.fifo_lines``); the clients run in one poll loop
+(``worker_helpers.Loop``).  Every wait is on a line, a descriptor or a
+pidfd, with a deadline; each server runs in a process group of its own,
+killed and reaped at the end of its test whatever happened.
+"""
+
+import os
+import signal
+import ssl
+from collections import Counter
+
+import pytest
+from server_helpers import tls_connect
+from tls_peer import client_context
+from worker_helpers import (
+    Reports,
+    Server,
+    process_state,
+    wait_reaped,
+)
+
+# An application that says on the FIFO ($0) when it starts (its client's port,
+# its pid, its parent: the worker) and when its input ends; it echoes meanwhile.
+REPORTING_CAT = (
+    'printf "start %s %s %s\\n" "$TCPREMOTEPORT" $$ $PPID >"$0"; cat;'
+    ' printf "eof %s\\n" "$TCPREMOTEPORT" >"$0"'
+)
+
+
+@pytest.fixture
+def client_ctx(pki):
+    return client_context(pki["ca"])
+
+
+@pytest.fixture
+def reports(tmp_path):
+    """A FIFO the applications write their lines to, read all along."""
+    fifo = Reports(tmp_path / "reports")
+    yield fifo
+    fifo.close()
+
+
+def round_trip(conn: ssl.SSLSocket, data: bytes = b"ping") -> None:
+    """``data`` there and back: the connection runs, its application too."""
+    conn.sendall(data)
+    got = b""
+    while len(got) < len(data):
+        chunk = conn.recv(len(data) - len(got))
+        assert chunk, f"EOF after {got!r}"
+        got += chunk
+    assert got == data
+
+
+def hung_up(conn: ssl.SSLSocket) -> bool:
+    """True if the server's end of ``conn`` is gone (EOF or reset)."""
+    try:
+        return conn.recv(1) == b""
+    except (ConnectionResetError, ssl.SSLError):
+        return True
+
+
+def test_a_worker_killed_while_serving_is_logged_and_replaced_and_its_applications_see_eof(
+    server_env, pki, reports
+):
+    """kill -9 of a worker with connections: one warning line, its applications see
+    EOF on their input and are reaped (no zombie), its clients see the end, a new
+    worker takes its place (--workers of them again) and serves a new connection,
+    and the other worker's connections go on.  The other worker is stopped
+    (SIGSTOP) meanwhile, so that only a replacement can take that connection."""
+    prog = ["sh", "-c", REPORTING_CAT, str(reports.path)]
+    with Server.start(["-v", "-H", "--workers", "2"], prog, server_env) as server:
+        clients = [tls_connect(server.port, pki["ca"]) for _ in range(10)]
+        for conn in clients:
+            round_trip(conn)
+        assert len(server.workers()) == 2
+        started = reports.wait(r"^start (\d+) (\d+) (\d+)$", 10)
+        starts = {int(m[1]): (int(m[2]), int(m[3])) for m in started}
+        victim = Counter(worker for _app, worker in starts.values()).most_common(1)[0][0]
+        [other] = set(server.workers()) - {victim}
+        orphans = {port: app for port, (app, worker) in starts.items() if worker == victim}
+
+        os.kill(other, signal.SIGSTOP)
+        try:
+            os.kill(victim, signal.SIGKILL)
+            server.log.wait(rf"^s6-tlsserver: warning: worker {victim} ended with status 137$")
+            reports.wait(rf"^eof ({'|'.join(map(str, orphans))})$", len(orphans))
+            wait_reaped(orphans.values())  # by the supervisor, their subreaper
+            assert all(hung_up(c) for c in clients if c.getsockname()[1] in orphans)
+            assert process_state(other) == "T"  # long since: only a new worker can accept
+            late = tls_connect(server.port, pki["ca"])
+            round_trip(late)
+            [late_start] = reports.wait(rf"^start {late.getsockname()[1]} \d+ (\d+)$")
+        finally:
+            os.kill(other, signal.SIGCONT)
+        replacement = int(late_start[1])
+        assert replacement not in (victim, other)
+        assert server.workers() == sorted((replacement, other))
+        for conn in clients:
+            if conn.getsockname()[1] not in orphans:
+                round_trip(conn, b"still served")
+        for conn in [*clients, late]:
+            conn.close()
+        server.log.wait(r"info: end ", 10 - len(orphans) + 1)
+        assert server.stop() == 0
