@@ -107,3 +107,22 @@ def test_a_worker_killed_while_serving_is_logged_and_replaced_and_its_applicatio
             conn.close()
         server.log.wait(r"info: end ", 10 - len(orphans) + 1)
         assert server.stop() == 0
+
+
+def test_sigterm_after_a_reload_counts_the_old_workers_connections_and_lets_them_finish(
+    server_env, pki
+):
+    """SIGHUP, then SIGTERM while a connection of the old worker runs: the one stop
+    line comes at once and counts it (the old worker reports again at SIGTERM,
+    though it stopped taking connections at SIGHUP), and it still finishes."""
+    with Server.start(["-v", "-H", "--workers", "1"], ["cat"], server_env) as server:
+        with tls_connect(server.port, pki["ca"]) as conn:
+            round_trip(conn)
+            os.kill(server.pid, signal.SIGHUP)
+            server.log.wait("info: reloaded the keypairs$")
+            round_trip(conn, b"after SIGHUP")
+            os.kill(server.pid, signal.SIGTERM)
+            line = "stopped accepting, 1 connection running, 0 handshakes dropped"
+            server.log.wait(f"info: {line}$", timeout=10)
+            round_trip(conn, b"after SIGTERM")
+        assert server.wait() == 0

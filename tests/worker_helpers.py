@@ -213,6 +213,10 @@ class Server:
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
         """Send ``sig`` and wait for the server's exit; its exit code."""
         os.kill(self.pid, sig)
+        return self.wait(timeout)
+
+    def wait(self, timeout: float = 30) -> int:
+        """Wait for the server's exit; its exit code."""
         self.code = self._reap(timeout)
         return self.code
 

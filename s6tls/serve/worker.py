@@ -25,8 +25,10 @@ What is a worker's own:
   ones, SIGQUIT also sends SIGTERM to the applications, SIGHUP (a reload:
   newer workers take over) only stops taking connections; the worker exits
   0 once its last connection is over.  SIGUSR1 says that a connection of
-  ours lost its slot (``admission``).  The stop is reported to the
-  supervisor on the report pipe: ``stopped RUNNING DROPPED``;
+  ours lost its slot (``admission``).  Each is reported to the supervisor
+  on the report pipe: ``retired`` once SIGHUP stopped the taking of
+  connections, ``stopped RUNNING DROPPED`` at each SIGTERM, SIGINT or
+  SIGQUIT (after a SIGHUP too: a retired worker still has its count to give);
 * name look-ups and other blocking work run in a small thread pool
   (``submit``), whose results wake the loop through a pipe; connections
   from one address share one look-up.
@@ -365,20 +367,19 @@ class Worker:
                 self._sync(conn)
 
     def _stop(self, drop: bool) -> None:
-        """Stop taking connections; with ``drop``, drop the early ones.  Report it once."""
-        if self.stopping:
-            if drop:
-                self._drop_early()
-            return
-        self.stopping = True
-        self._watch_listeners(False)
-        for listener in self.listeners:
-            listener.close()
-        self.listeners = []
-        dropped = self._drop_early() if drop else 0
-        running = len(self.conns)
+        """Stop taking connections; with ``drop``, drop the early ones.  Report it."""
+        if not self.stopping:
+            self.stopping = True
+            self._watch_listeners(False)
+            for listener in self.listeners:
+                listener.close()
+            self.listeners = []
+        line = "retired"
+        if drop:
+            dropped = self._drop_early()
+            line = f"stopped {len(self.conns)} {dropped}"
         with contextlib.suppress(OSError):  # the supervisor is gone: nothing to tell
-            os.write(self.report, f"stopped {running} {dropped}\n".encode())
+            os.write(self.report, f"{line}\n".encode())
 
     def _drop_early(self) -> int:
         early = [c for c in self.conns.values() if c.early]
