@@ -15,12 +15,17 @@ import ssl
 from collections import Counter
 
 import pytest
-from server_helpers import tls_connect
+from conftest import write_leaf
+from server_helpers import END_LINE, tls_connect
 from tls_peer import client_context
 from worker_helpers import (
+    Echo,
+    Loop,
     Reports,
     Server,
+    client_socket,
     process_state,
+    vars_of,
     wait_reaped,
 )
 
@@ -30,6 +35,7 @@ REPORTING_CAT = (
     'printf "start %s %s %s\\n" "$TCPREMOTEPORT" $$ $PPID >"$0"; cat;'
     ' printf "eof %s\\n" "$TCPREMOTEPORT" >"$0"'
 )
+STREAMED = 1 << 18  # what each streaming client moves before, and again after, a reload
 
 
 @pytest.fixture
@@ -54,6 +60,11 @@ def round_trip(conn: ssl.SSLSocket, data: bytes = b"ping") -> None:
         assert chunk, f"EOF after {got!r}"
         got += chunk
     assert got == data
+
+
+def der(leaf) -> bytes:
+    """A trustme leaf's certificate, DER."""
+    return ssl.PEM_cert_to_DER_cert(leaf.cert_chain_pems[0].bytes().decode())
 
 
 def hung_up(conn: ssl.SSLSocket) -> bool:
@@ -106,6 +117,53 @@ def test_a_worker_killed_while_serving_is_logged_and_replaced_and_its_applicatio
         for conn in [*clients, late]:
             conn.close()
         server.log.wait(r"info: end ", 10 - len(orphans) + 1)
+        assert server.stop() == 0
+
+
+def test_sighup_under_load_drops_no_connection_and_a_new_one_gets_the_new_certificate(
+    ca, pki, client_ctx, tmp_path
+):
+    """20 connections stream both ways through cat while the certificate files are
+    replaced and SIGHUP is sent: each goes on streaming past the reload and ends
+    with every byte back (length and SHA-256 both ways, status 0, no warning), and
+    a connection made once ``reloaded the keypairs`` is logged gets the new
+    certificate, from a new worker."""
+    old, new = ca.issue_cert("localhost"), ca.issue_cert("localhost")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    write_leaf(old, cert, key)
+    env = {**os.environ, "CERTFILE": str(cert), "KEYFILE": str(key)}
+    with Server.start(["-v", "-H", "--workers", "2"], ["cat"], env) as server:
+        loop = Loop(Echo(client_ctx, client_socket(server.port), seed=n) for n in range(20))
+        clients = loop.clients
+        try:
+            loop.start(timeout=120)
+            loop.wait(lambda: all(c.received >= STREAMED for c in clients))
+            old_workers = server.workers()
+            write_leaf(new, cert, key)
+            os.kill(server.pid, signal.SIGHUP)
+            server.log.wait("info: reloaded the keypairs$")
+            with tls_connect(server.port, pki["ca"]) as fresh:
+                assert fresh.getpeercert(binary_form=True) == der(new)
+                round_trip(fresh)
+                fresh_port = fresh.getsockname()[1]
+            marks = [c.received for c in clients]
+            loop.wait(
+                lambda: all(c.received >= m + STREAMED for c, m in zip(clients, marks, strict=True))
+            )
+            for client in clients:
+                client.finish()
+            loop.wake()
+            loop.join(timeout=60)
+        finally:
+            loop.close()
+        assert [vars_of(c) for c in clients if not c.intact] == []
+        ends = server.log.wait(END_LINE.pattern, len(clients) + 1)
+        assert {int(m[2]): int(m[4]) for m in ends} == dict.fromkeys(
+            [*(c.port for c in clients), fresh_port], 0
+        )
+        [fresh_line] = server.log.matching(rf"peer 127.0.0.1:{fresh_port} pid (\d+): sni ")
+        assert int(fresh_line[1]) not in old_workers
+        assert server.log.matching(r": warning: ") == []
         assert server.stop() == 0
 
 

@@ -13,8 +13,10 @@ are asked for), so that it can read the files again on SIGHUP.
 * SIGHUP: the files are read again into new contexts (a failure keeps the
   old ones, with a warning); new workers are forked with them, and the old
   ones stop taking connections and end once theirs are over: no connection
-  is dropped.  The session ticket key changes with them, and at least every
-  12 hours the same way.
+  is dropped.  ``reloaded the keypairs`` is logged once every old worker
+  said it stopped taking connections: a client that connects after that
+  line gets the new contexts.  The session ticket key changes with them,
+  and at least every 12 hours the same way.
 * SIGTERM, SIGINT: the listening stops; every worker drops the connections
   still before TLS or in their handshake and lets the running ones finish;
   one line sums it up.  SIGQUIT also sends SIGTERM to the applications.
@@ -110,6 +112,7 @@ class Supervisor:
         self.stopping = False
         self.unreported: set[int] | None = None  # at a stop: the workers yet to report
         self.stopped = [0, 0]  # what they reported: connections running, handshakes dropped
+        self.reloads: list[set[int]] = []  # per reload not yet logged: the old workers yet to stop
         now = time.monotonic()
         self.look_at = now + LOOK_INTERVAL  # the next look at the table's counts
         self.line_at = now  # no summary line before then
@@ -151,6 +154,7 @@ class Supervisor:
             self.look_at = now + LOOK_INTERVAL
         if not self.stopping and self.setup.contexts.rotate_if_due():
             self._roll()
+        self._log_reloads_if_done()
         self._log_stop_if_done()
 
     def _ready(self, notify: bool) -> None:
@@ -257,6 +261,8 @@ class Supervisor:
             self._read_report(worker)  # what it said before it went
             if self.unreported is not None:
                 self.unreported.discard(pid)  # a worker that died runs nothing any more
+            for old in self.reloads:
+                old.discard(pid)  # nor takes a connection
             os.close(worker.report)
             self.table.release_worker(worker.index)
             self.free_indexes.append(worker.index)
@@ -266,12 +272,16 @@ class Supervisor:
                 self._fork_worker()
 
     def _read_report(self, worker: WorkerProcess) -> None:
-        """What ``worker`` wrote on its report pipe: ``stopped RUNNING DROPPED`` lines."""
+        """What ``worker`` wrote on its report pipe: ``retired`` (it no longer takes
+        connections) and ``stopped RUNNING DROPPED`` (also at a stop) lines."""
         with contextlib.suppress(BlockingIOError):
             worker.buffer += os.read(worker.report, 256)
         while b"\n" in worker.buffer:
             line, worker.buffer = worker.buffer.split(b"\n", 1)
             words = line.split()
+            if words[:1] in ([b"retired"], [b"stopped"]):
+                for old in self.reloads:
+                    old.discard(worker.pid)
             unreported = self.unreported or set()
             if len(words) == 3 and words[0] == b"stopped" and worker.pid in unreported:
                 unreported.discard(worker.pid)
@@ -325,12 +335,16 @@ class Supervisor:
         except S6tlsError as exc:
             self.log.warn(f"unable to reload the keypairs, keeping the old ones: {exc}")
             return
-        self.log.info("reloaded the keypairs")
-        if not self.stopping:
-            self._roll()
+        # Logged once the old workers stopped taking connections (``_log_reloads_if_done``).
+        self.reloads.append(set() if self.stopping else self._roll())
 
-    def _roll(self) -> None:
-        """New workers with the current contexts; the old ones finish and go."""
+    def _log_reloads_if_done(self) -> None:
+        while self.reloads and not self.reloads[0]:
+            self.reloads.pop(0)
+            self.log.info("reloaded the keypairs")
+
+    def _roll(self) -> set[int]:
+        """New workers with the current contexts; the old ones finish and go.  The old pids."""
         old = [w for w in self.workers.values() if not w.retired]
         for _ in range(self.wanted):
             self._fork_worker()
@@ -338,6 +352,7 @@ class Supervisor:
             worker.retired = True
             with contextlib.suppress(ProcessLookupError):
                 os.kill(worker.pid, signal.SIGHUP)
+        return {w.pid for w in old}
 
 
 def _become_subreaper() -> None:
