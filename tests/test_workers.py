@@ -11,6 +11,7 @@ killed and reaped at the end of its test whatever happened.
 
 import os
 import signal
+import socket
 import ssl
 from collections import Counter
 
@@ -184,3 +185,36 @@ def test_sigterm_after_a_reload_counts_the_old_workers_connections_and_lets_them
             server.log.wait(f"info: {line}$", timeout=10)
             round_trip(conn, b"after SIGTERM")
         assert server.wait() == 0
+
+
+@pytest.mark.parametrize("version", ["TLSv1_2", "TLSv1_3"])
+def test_a_session_ticket_one_worker_issued_is_resumed_by_another(server_env, pki, version):
+    """--workers 2: a client resumes, on another worker, the session whose ticket
+    the first worker issued (SSL_SESSION_RESUMED=1 in the application's
+    environment, and the client sees it resumed).  The issuer is killed first, so
+    that another worker must serve the resumptions: the other one, or the
+    issuer's replacement, forked later with the same ticket key."""
+    tell = ["sh", "-c", 'echo "$SSL_SESSION_RESUMED $PPID"']
+    ctx = ssl.create_default_context(cafile=pki["ca"])
+    ctx.maximum_version = ssl.TLSVersion[version]
+
+    def served(session: ssl.SSLSession | None = None) -> tuple[list[bytes], ssl.SSLSession, bool]:
+        """What the application said, the session and whether it was resumed."""
+        sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+        with ctx.wrap_socket(sock, server_hostname="localhost", session=session) as conn:
+            said = b""
+            while chunk := conn.recv(100):  # to the end: TLS 1.3's tickets come meanwhile
+                said += chunk
+            return said.split(), conn.session, conn.session_reused
+
+    with Server.start(["-v", "-H", "-S", "--workers", "2"], tell, server_env) as server:
+        (issued, issuer), ticket, _reused = served()
+        assert issued == b"0" and ticket.has_ticket
+        os.kill(int(issuer), signal.SIGKILL)
+        server.log.wait(rf"warning: worker {int(issuer)} ended with status 137$")
+        resumptions = [served(ticket) for _ in range(4)]
+        assert [reused for _said, _session, reused in resumptions] == [True] * 4
+        said = [said for said, _session, _reused in resumptions]
+        assert {resumed for resumed, _worker in said} == {b"1"}, said
+        assert {int(worker) for _resumed, worker in said} <= set(server.workers())
+        assert server.stop() == 0
