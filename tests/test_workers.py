@@ -30,6 +30,8 @@ from worker_helpers import (
     wait_reaped,
 )
 
+from s6tls.serve.admission import Reason, Table, Ticket
+
 # An application that says on the FIFO ($0) when it starts (its client's port,
 # its pid, its parent: the worker) and when its input ends; it echoes meanwhile.
 REPORTING_CAT = (
@@ -218,3 +220,25 @@ def test_a_session_ticket_one_worker_issued_is_resumed_by_another(server_env, pk
         assert {resumed for resumed, _worker in said} == {b"1"}, said
         assert {int(worker) for _resumed, worker in said} <= set(server.workers())
         assert server.stop() == 0
+
+
+def test_no_early_connection_is_dropped_for_a_newcomer_that_gets_no_slot_either():
+    """The shared table has two slots per -c: a connection made room for keeps its
+    slot until its worker drops it.  Once every slot is taken, a newcomer is refused
+    without evicting anyone: evicting would drop an early connection for nothing,
+    and leave -c one short (500 concurrent connects above ended with 49 of 50)."""
+    table = Table(2, 40, 1)
+    evicted: list[int] = []
+    try:
+        for n in range(4):  # two early connections, then two that make room
+            ticket = table.admit(
+                f"192.0.2.{n}", 1000, 0, lambda _pid, slot, _gen: evicted.append(slot)
+            )
+            assert isinstance(ticket, Ticket)
+        assert (len(evicted), table.count) == (2, 2)
+        newcomer = table.admit("192.0.2.9", 1000, 0, lambda _pid, slot, _gen: evicted.append(slot))
+        assert newcomer is Reason.REFUSED_ALL
+        assert (len(evicted), table.count) == (2, 2)
+        assert table.take_counts() == {Reason.EVICTED_ALL: 2, Reason.REFUSED_ALL: 1}
+    finally:
+        table.close()
