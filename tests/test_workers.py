@@ -10,6 +10,7 @@ killed and reaped at the end of its test whatever happened.
 """
 
 import os
+import re
 import signal
 import socket
 import ssl
@@ -17,10 +18,12 @@ from collections import Counter
 
 import pytest
 from conftest import write_leaf
-from server_helpers import END_LINE, tls_connect
+from server_helpers import ALLOW_LINE, END_LINE, tls_connect
 from tls_peer import client_context
 from worker_helpers import (
+    SUMMARY,
     Echo,
+    Holder,
     Loop,
     Reports,
     Server,
@@ -220,6 +223,63 @@ def test_a_session_ticket_one_worker_issued_is_resumed_by_another(server_env, pk
         assert {resumed for resumed, _worker in said} == {b"1"}, said
         assert {int(worker) for _resumed, worker in said} <= set(server.workers())
         assert server.stop() == 0
+
+
+def test_c_and_C_hold_exactly_across_workers_under_five_hundred_concurrent_connects(
+    server_env, client_ctx, reports
+):
+    """--workers 2 -c 50 -C 30, 500 connects at once from two addresses, each client
+    holding on once its application runs: exactly 50 applications run, at most 30
+    from one address (each says so on the FIFO, and each is alive), no count in the
+    log's lines goes above 50, and the 450 others are refused or dropped early, as
+    the summed-up warnings say (their dropped ones each end 98 with no application)."""
+    tell = 'printf "start %s %s %s\\n" "$TCPREMOTEIP" "$TCPREMOTEPORT" $$ >"$0"; echo ok; exec cat'
+    args = ["-v", "-H", "--workers", "2", "-c", "50", "-C", "30", "-b", "1024"]
+    with Server.start(args, ["sh", "-c", tell, str(reports.path)], server_env) as server:
+        sources = ("127.0.0.1", "127.0.0.2")
+        holders = [
+            Holder(client_ctx, client_socket(server.port, sources[n % 2], wait=False))
+            for n in range(500)
+        ]
+        loop = Loop(holders)
+        try:
+            loop.run(timeout=60)
+            running = {(h.ip, h.port) for h in holders if h.running}
+            assert len(running) == 50, [vars_of(h) for h in holders if not h.running][:5]
+            starts = reports.wait(r"^start (\S+) (\d+) (\d+)$", 50)
+            assert {(m[1], int(m[2])) for m in starts} == running
+            assert max(Counter(m[1] for m in starts).values()) <= 30
+            assert [process_state(int(m[3])) in (None, "Z") for m in starts] == [False] * 50
+            _refused, dropped = summed_up(server.log, 450)
+            made_room = r": dropped in the handshake, to make room$"
+            server.log.wait(made_room, dropped)
+            assert len(server.log.matching(made_room)) == dropped
+        finally:
+            loop.close()
+        ends = server.log.wait(END_LINE.pattern, dropped + 50)
+        assert {(m[1], int(m[2])) for m in ends if m[3] != "-"} == running
+        assert {int(m[4]) for m in ends if m[3] != "-"} == {0}
+        assert {int(m[4]) for m in ends if m[3] == "-"} <= {98}
+        counts = [int(m[3]) for m in server.log.matching(ALLOW_LINE.pattern)]
+        counts += [int(m[5]) for m in ends]
+        assert max(counts) == 50
+        assert server.stop() == 0
+
+
+def summed_up(log, total: int) -> tuple[int, int]:
+    """(refused, dropped) from the supervisor's summed-up warnings, once they add up to
+    ``total``; every reason they give is one of the limits."""
+    lines: list = []
+    refused = dropped = 0
+    while refused + dropped < total:
+        lines = log.wait(SUMMARY.pattern, len(lines) + 1, timeout=15)
+        refused = sum(int(m[1] or 0) for m in lines)
+        dropped = sum(int(m[3] or 0) for m in lines)
+    for m in lines:
+        reasons = ", ".join(r for r in (m[2], m[4]) if r).split(", ")
+        assert all(re.fullmatch(r"\d+ (over|for) -(c 50|C 30)", r) for r in reasons), m[0]
+    assert refused + dropped == total, [m[0] for m in lines]
+    return refused, dropped
 
 
 def test_no_early_connection_is_dropped_for_a_newcomer_that_gets_no_slot_either():

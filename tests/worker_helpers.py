@@ -300,12 +300,21 @@ _POLLHUP_WHEN_REAPED = _pollhup_when_reaped()
 # -- clients ------------------------------------------------------------------------------
 
 
-def client_socket(port: int, source: str = "127.0.0.1") -> socket.socket:
-    """A TCP socket bound to ``source`` (its port is known before it connects), connected."""
+def client_socket(port: int, source: str = "127.0.0.1", *, wait: bool = True) -> socket.socket:
+    """A TCP socket bound to ``source`` (its port is known before it connects), connecting.
+
+    ``wait``: connected when returned; else the connection is under way (a
+    ``Client`` sends its hello once the socket is writable).
+    """
     sock = socket.socket()
     sock.bind((source, 0))
-    sock.settimeout(10)
-    sock.connect(("127.0.0.1", port))
+    if wait:
+        sock.settimeout(10)
+        sock.connect(("127.0.0.1", port))
+    else:
+        sock.setblocking(False)
+        code = sock.connect_ex(("127.0.0.1", port))
+        assert code == errno.EINPROGRESS, os.strerror(code)
     return sock
 
 
@@ -319,7 +328,7 @@ class Client:
 
     def __init__(self, ctx: SSL.Context, sock: socket.socket) -> None:
         self.sock = sock
-        self.port = sock.getsockname()[1]
+        self.ip, self.port = sock.getsockname()[:2]
         sock.setblocking(False)
         self.conn = SSL.Connection(ctx, None)
         self.conn.set_connect_state()
@@ -581,5 +590,5 @@ class Loop:
 
 def vars_of(client: object) -> dict:
     """What a client looks like, in an assertion message."""
-    keep = ("port", "ending", "sent", "received", "handshaken", "running", "sc")
+    keep = ("ip", "port", "ending", "sent", "received", "handshaken", "running", "sc")
     return {k: v for k, v in vars(client).items() if k in keep}
