@@ -94,6 +94,7 @@ datagram at a time and UDP has neither half-close nor FIN, so
   closed; nothing lingers.
 """
 
+import copy
 import signal
 from enum import Enum
 
@@ -415,12 +416,15 @@ class Lifetime:
     def result(self) -> int | None:
         """The application's wait status; None if there is none.
 
-        Raises the tunnel's ``TlsRuntimeError`` if it ended with one.
+        Raises the tunnel's ``TlsRuntimeError`` if it ended with one: a copy,
+        since raising the one the machine keeps would give it a traceback that
+        holds this frame, and so the machine (a reference cycle per connection
+        in a worker, kept until a full collection).
         """
         if not self.finished:
             raise LifetimeError("the tunnel is not over")
         if self.error is not None:
-            raise self.error
+            raise copy.copy(self.error)
         return self.status
 
     def take_signals(self) -> list[int]:

@@ -9,9 +9,11 @@ finite, and, at the end, that the result is the application's status.
 Then one test per rule, named after it.
 """
 
+import gc
 import math
 import os
 import signal
+import weakref
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -590,6 +592,26 @@ def test_an_error_closes_the_pipes_then_sigterm_then_sigkill_and_waits():
     m.app_exited(signal.SIGKILL)
     with pytest.raises(TlsRuntimeError, match="bad record mac"):
         m.result()
+
+
+def test_a_machine_that_raised_its_error_is_freed_once_dropped():
+    """A worker runs many tunnels in one process: once ``result`` raised a tunnel's
+    error, dropping the machine frees it at once.  (Raising the very exception the
+    machine keeps gave it a traceback holding ``result``'s frame, so the machine:
+    a cycle per failed connection, kept until a full collection.)"""
+    m = Lifetime()
+    m.peer_failed("TLS error: bad record mac")
+    close_descriptors(m)
+    m.app_exited(exited(0))
+    with pytest.raises(TlsRuntimeError, match="bad record mac"):
+        m.result()
+    gone = weakref.ref(m)
+    gc.disable()
+    try:
+        del m
+        assert gone() is None
+    finally:
+        gc.enable()
 
 
 def test_authenticated_data_still_reaches_the_application_after_an_error():
