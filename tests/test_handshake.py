@@ -1,13 +1,16 @@
 """The handshake's -K deadline: checked before every step, whatever the peer does."""
 
+import gc
 import os
+import socket
+import weakref
 
 import pytest
 from engine_harness import contexts
 
 from s6tls.errors import HandshakeTimeout
 from s6tls.link import new_link
-from s6tls.tls.handshake import handshake
+from s6tls.tls.handshake import handshake, handshake_step
 
 # A handshake record of 16 KiB that starts a ClientHello announced as 128 KiB long.
 STREAM = b"\x16\x03\x01\x40\x00" + b"\x01" + (131000).to_bytes(3, "big") + bytes(16380)
@@ -46,3 +49,25 @@ def test_the_deadline_is_checked_before_every_step_while_a_byte_is_always_ready(
     link.close()
     for fd in (to_server_w, from_server_r):
         os.close(fd)
+
+
+def test_a_step_that_must_wait_leaves_no_reference_cycle(pki):
+    """A worker steps many handshakes in one process: the WouldBlock a step returns
+    holds no traceback, so that a link (and the connection whose step it was) is
+    freed once dropped, not at the next full collection, which may never come."""
+    sctx, _cctx = contexts(pki)
+    ours, theirs = socket.socketpair()
+    fd = theirs.detach()
+    link = new_link(sctx, fd, fd)
+    link.conn.set_accept_state()
+    wait = handshake_step(link)  # no ClientHello yet
+    assert wait is not None and wait.__traceback__ is None
+    link.close()
+    gone = weakref.ref(link)
+    gc.disable()
+    try:
+        del link
+        assert gone() is None
+    finally:
+        gc.enable()
+        ours.close()

@@ -68,12 +68,15 @@ def handshake_step(link: Link) -> WouldBlock | None:
 
     Raises ``HandshakeError`` (97): the handshake failed, either side
     rejected the other, or the peer closed the connection.  Closes nothing.
+    The ``WouldBlock`` returned was never raised: the one caught holds, through
+    its traceback, this frame and its caller's, which hold it (a reference
+    cycle per connection in a worker, kept until a full collection).
     """
     wait: WouldBlock | None = None
     try:
         link.handshake_step()
     except WouldBlock as wb:
-        wait = wb
+        wait = WouldBlock(wb.fd, wb.events, wb.pending)
     except (SSL.ZeroReturnError, PeerGone):
         raise HandshakeError("peer closed the connection during the handshake") from None
     except SSL.SysCallError as exc:
@@ -84,7 +87,7 @@ def handshake_step(link: Link) -> WouldBlock | None:
     try:
         link.flush()
     except WouldBlock as wb:
-        wait = wb
+        wait = WouldBlock(wb.fd, wb.events, wb.pending)
     except PeerGone:
         raise HandshakeError("peer closed the connection during the handshake") from None
     return wait
