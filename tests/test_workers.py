@@ -39,6 +39,8 @@ from worker_helpers import (
     wait_reaped,
 )
 
+from s6tls.lifetime import Op
+from s6tls.operations import Operations
 from s6tls.serve.admission import Reason, Table, Ticket
 from s6tls.serve.worker import Worker
 
@@ -376,3 +378,51 @@ def test_a_worker_holds_no_more_objects_after_ten_thousand_connections_than_afte
     print(f"objects {first} -> {last}, RSS {first_rss} -> {last_rss} kB")
     assert last - first < 1_000, (first, last)
     assert last_rss - first_rss < 5_000, (first_rss, last_rss)
+
+
+MARKER = b"a fault is injected where this is written to the application"
+
+
+def injecting_a_fault() -> None:
+    """Patches for a forked server: writing data with ``MARKER`` to an application
+    raises RuntimeError, as a bug of ours in the middle of a connection would."""
+    write_app = Operations.PERFORM[Op.WRITE_APP]
+
+    def write_app_or_fail(self: Operations) -> None:
+        if MARKER in bytes(self.m.inbound.data()):
+            raise RuntimeError("injected")
+        write_app(self)
+
+    Operations.PERFORM[Op.WRITE_APP] = write_app_or_fail
+
+
+def test_a_fault_while_serving_one_connection_ends_it_alone_and_fifty_others_finish_intact(
+    server_env, client_ctx
+):
+    """--workers 1 serves 51 connections at once through cat; writing one of them
+    to its application raises an exception (patched in): that connection alone
+    ends, status 111, with one warning naming its client, while the 50 others move
+    256 KiB each way intact (length and SHA-256), status 0, in the same worker."""
+    args = ["-v", "-H", "--workers", "1", "-c", "60", "-C", "60"]
+    with Server.fork(args, ["cat"], server_env, injecting_a_fault) as server:
+        clients = [
+            Echo(client_ctx, client_socket(server.port), size=1 << 18, seed=n) for n in range(50)
+        ]
+        faulty = Echo(client_ctx, client_socket(server.port), data=MARKER)
+        loop = Loop([*clients, faulty])
+        try:
+            loop.run(timeout=60)
+        finally:
+            loop.close()
+        assert [vars_of(c) for c in clients if not c.intact] == []
+        assert faulty.received == 0 and faulty.ending in ("eof", "reset"), vars_of(faulty)
+        ends = server.log.wait(END_LINE.pattern, 51)
+        statuses = {int(m[2]): int(m[4]) for m in ends}
+        assert statuses == {**dict.fromkeys((c.port for c in clients), 0), faulty.port: 111}
+        [worker] = server.workers()
+        warning = (
+            f"peer 127.0.0.1:{faulty.port} pid {worker}: internal error: RuntimeError: injected"
+        )
+        assert [m[0] for m in server.log.matching(": warning: .*")] == [f": warning: {warning}"]
+        assert {int(m[1]) for m in server.log.matching(r": peer \S+ pid (\d+): ")} == {worker}
+        assert server.stop() == 0
