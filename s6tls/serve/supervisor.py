@@ -8,8 +8,9 @@ connections; it serves none itself, and stays what it was (root, when ids
 are asked for), so that it can read the files again on SIGHUP.
 
 * Readiness (-1): the port and a newline on stdout, and ``READY=1`` to
-  systemd's ``NOTIFY_SOCKET``, once listening; stdin and stdout then go to
-  /dev/null, as s6-tcpserver's do.
+  systemd's ``NOTIFY_SOCKET``, once listening with the workers started;
+  stdin and stdout then go to /dev/null, as s6-tcpserver's do (the
+  workers' at once).
 * SIGHUP: the files are read again into new contexts (a failure keeps the
   old ones, with a warning); new workers are forked with them, and the old
   ones stop taking connections and end once theirs are over: no connection
@@ -124,10 +125,10 @@ class Supervisor:
         _become_subreaper()
         with SelfPipe(signals) as selfpipe:
             self.selfpipe = selfpipe
-            self._ready(notify)
             gc.freeze()  # keep the pages shared with the workers shared
             for _ in range(self.wanted):
                 self._fork_worker()
+            self._ready(notify)
             while self.listeners or self.workers:
                 self._once()
         return ExitCode.OK
@@ -154,7 +155,8 @@ class Supervisor:
         self._log_stop_if_done()
 
     def _ready(self, notify: bool) -> None:
-        """Tell whoever waits that the server listens, then detach stdin and stdout."""
+        """Tell whoever waits that the server listens and its workers are started;
+        then detach stdin and stdout."""
         null = os.open(os.devnull, os.O_RDWR)  # before readiness: no failure after it
         local = self.listeners[0].getsockname()
         self.log.info(f"listening on {peer_address(unmap(local[0]), local[1])}")
@@ -166,10 +168,7 @@ class Supervisor:
         problem = systemd.notify(self.setup.environ, "READY=1")
         if problem:
             self.log.warn(problem)
-        # Close stdin and stdout as s6-tcpserver does, keeping the numbers on /dev/null.
-        for fd in (0, 1):
-            os.dup2(null, fd)
-        os.close(null)
+        _detach_stdio(null)
 
     def _summarise(self, now: float) -> None:
         """One line for the refusals and evictions counted, at most every ``SUMMARY_INTERVAL``.
@@ -226,6 +225,7 @@ class Supervisor:
         try:
             for other in self.workers.values():
                 os.close(other.report)
+            _detach_stdio()  # the readiness pipe is the supervisor's to write, and close
             self.selfpipe.__exit__(None, None, None)  # its handlers and pipe are not ours
             _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
             if os.getppid() != supervisor:  # it died before that: as if told
@@ -338,6 +338,18 @@ class Supervisor:
             worker.retired = True
             with contextlib.suppress(ProcessLookupError):
                 os.kill(worker.pid, signal.SIGHUP)
+
+
+def _detach_stdio(null: int | None = None) -> None:
+    """Close stdin and stdout as s6-tcpserver does, keeping the numbers on /dev/null.
+
+    ``null``: a descriptor of /dev/null, closed here (else one is opened).
+    """
+    if null is None:
+        null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1):
+        os.dup2(null, fd)
+    os.close(null)
 
 
 def _become_subreaper() -> None:
