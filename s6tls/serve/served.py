@@ -22,7 +22,10 @@ ends the connection with its documented code and one line naming the peer;
 worker calls it when a method raised, and the connection alone ends, 111.
 """
 
+import fcntl
 import os
+import struct
+import termios
 import time
 from collections.abc import Callable
 from enum import Enum
@@ -109,6 +112,7 @@ class Served:
         self._until: float | None = None  # the phase's own deadline
         self._failed: tuple[int, str] | None = None  # abort()'s code and line
         self.again = False  # stopped at its bound with work left: step again at once
+        self.spoke = False  # the peer sent a byte of its handshake
 
     # -- what the worker asks --------------------------------------------------
 
@@ -242,6 +246,7 @@ class Served:
         cfg = worker.setup.cfg
         fd, self.fd = self.fd, -1  # the link owns it now
         self.link = open_link(cfg, worker.setup.ctx, fd, fd, self.hello)
+        self.spoke = self.hello is not None  # a DTLS ClientHello, verified
         self.hello = None
         self.phase = Phase.HANDSHAKE
         self._waits = {}
@@ -250,6 +255,8 @@ class Served:
 
     def _handshake(self) -> None:
         assert self.link is not None
+        if not self.spoke:
+            self.spoke = _queued(self.link.rfd) > 0
         try:
             wait = handshake_step(self.link)
         except S6tlsError as exc:
@@ -266,10 +273,15 @@ class Served:
         self._run()
 
     def fail_handshake(self, exc: S6tlsError) -> None:
-        """The handshake failed (97) or timed out (98): one line, and the end."""
+        """The handshake failed (97) or timed out (98): one line, and the end.
+
+        A warning, unless the peer never sent a byte (a port scan, a health
+        check, a silent socket): then an info line, so that such peers do not
+        decide how much is logged.
+        """
         assert self.link is not None
         error = handshake_failed(self.link, exc)
-        self.log.warn(str(error))
+        (self.log.warn if self.spoke else self.log.info)(str(error))
         self._done(error.exit_code)
 
     # -- running ----------------------------------------------------------------------
@@ -330,3 +342,11 @@ class Served:
     def app_pid(self) -> int | None:
         """The application's pid, once spawned."""
         return self.app.pid if self.app is not None else None
+
+
+def _queued(fd: int) -> int:
+    """The bytes waiting to be read on the socket ``fd`` (0 if it cannot say)."""
+    try:
+        return struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0]
+    except OSError:
+        return 0

@@ -157,6 +157,8 @@ class Worker:
                 listener = next((s for s in self.listeners if s.fileno() == fd), None)
                 if listener is not None and not self.stopping:
                     self.take(self, listener)
+                    if self.evictions:  # ours made room: drop them now, their slots back
+                        self.drop_evicted()
         for cid in list(self.busy):
             conn = self.conns.get(cid)
             self.busy.discard(cid)
