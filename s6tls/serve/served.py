@@ -31,6 +31,8 @@ from collections.abc import Callable
 from enum import Enum
 from typing import TYPE_CHECKING, Any, Protocol
 
+from OpenSSL import SSL
+
 from ..cli import Log, failure
 from ..deadline import after_ms, earliest
 from ..engine import machine_for, operations_for
@@ -39,12 +41,14 @@ from ..lifetime import Lifetime, Stats
 from ..link import Link
 from ..net.rules import apply_env
 from ..operations import Operations
+from ..tls.config import TlsConfig
 from ..tls.handshake import handshake_step
 from .admission import Table, Ticket
 from .tunnel import Application, closing, ended, handshake_failed, open_link, start_application
 
 if TYPE_CHECKING:
     from ..net.gate import Gate
+    from ..tls.perclient import ClientContexts
     from .connection import Setup
 
 
@@ -56,6 +60,7 @@ class Host(Protocol):
     pid: int
     table: Table
     gate: "Gate | None"
+    client_contexts: "ClientContexts"
 
     def watch_app(self, pid: int, conn: "Served") -> None:
         """``conn``'s application is ``pid``: its exit is ``conn``'s to hear."""
@@ -106,6 +111,8 @@ class Served:
         self.ops: Operations | None = None
         self.stats = Stats()
         self.prog: tuple[str, ...] = worker.setup.app
+        self.cfg: TlsConfig = worker.setup.cfg  # an access rule may give its own TLS settings
+        self.ctx: SSL.Context = worker.setup.ctx
         self.hello: bytes | None = None  # DTLS: the verified ClientHello
         self.env_changes: list[tuple[str, str | None]] = []  # an access rule's, applied last
         self._waits: dict[int, int] = {}
@@ -242,10 +249,9 @@ class Served:
 
     def begin_handshake(self) -> None:
         """TLS starts on the socket, with the worker's context, under -K."""
-        worker = self.worker
-        cfg = worker.setup.cfg
+        cfg = self.cfg
         fd, self.fd = self.fd, -1  # the link owns it now
-        self.link = open_link(cfg, worker.setup.ctx, fd, fd, self.hello)
+        self.link = open_link(cfg, self.ctx, fd, fd, self.hello)
         self.spoke = self.hello is not None  # a DTLS ClientHello, verified
         self.hello = None
         self.phase = Phase.HANDSHAKE
@@ -289,11 +295,11 @@ class Served:
     def _run(self) -> None:
         """Spawn the application, then let the machine decide."""
         assert self.link is not None
-        setup = self.worker.setup
-        environ = {**setup.environ, **self.env}
+        cfg = self.cfg
+        environ = {**self.worker.setup.environ, **self.env}
         apply_env(environ, self.env_changes)
         try:
-            self.app = start_application(setup.cfg, self.link, self.prog, environ, None, (0, 1))
+            self.app = start_application(cfg, self.link, self.prog, environ, None, (0, 1))
         except S6tlsError as exc:
             self.link.close()
             self.log.warn(str(exc))
@@ -301,9 +307,9 @@ class Served:
             return
         for fd in self.app.ours:
             os.set_blocking(fd, False)
-        self.machine = machine_for(self.link, app=True, stats=self.stats, **closing(setup.cfg))
+        self.machine = machine_for(self.link, app=True, stats=self.stats, **closing(cfg))
         self.ops = operations_for(
-            self.machine, self.link, self.app.ours, self.app.pid, setup.cfg.options.ktls
+            self.machine, self.link, self.app.ours, self.app.pid, cfg.options.ktls
         )
         self.phase = Phase.RUNNING
         self.worker.watch_app(self.app.pid, self)
@@ -329,7 +335,7 @@ class Served:
             self._done(exc.exit_code)
             return
         assert status is not None
-        self._done(ended(self.worker.setup.cfg, self.link, self.app, self.stats, status, self.log))
+        self._done(ended(self.cfg, self.link, self.app, self.stats, status, self.log))
 
     def _done(self, code: int) -> None:
         self.phase = Phase.DONE

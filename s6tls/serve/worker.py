@@ -50,6 +50,7 @@ from ..cli import Log, plural
 from ..deadline import earliest, wait_ms
 from ..errors import ExitCode
 from ..selfpipe import SelfPipe, read_signals
+from ..tls.perclient import ClientContexts
 from .admission import Reason, Table, Ticket
 from .served import Phase, Served
 
@@ -104,6 +105,7 @@ class Worker:
         self.take = take
         self.report = report
         self.gate = gate
+        self.client_contexts = ClientContexts("server", setup.cfg, setup.environ, self.log.warn)
         self.maxconn = table.maxconn
         self.epoll = select.epoll()
         self.conns: dict[int, Served] = {}  # id -> connection
