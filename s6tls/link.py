@@ -10,8 +10,11 @@ between them and the descriptors.
 ``new_link`` builds the one link of a connection; the handshake and the
 engine both use it.  Every operation is non-blocking: one that must wait
 raises ``WouldBlock(fd, events)``; a send to a peer that reads nothing more
-raises ``PeerGone``; a TLS failure raises pyOpenSSL's ``SSL.Error``.  Nothing
-here decides *when* to do what: that is ``lifetime``'s job.
+raises ``PeerGone``; a TLS failure raises pyOpenSSL's ``SSL.Error``, and so
+does every other failure of the ciphertext descriptors (a reset, EIO): an
+``SSL.SysCallError`` with the errno, as OpenSSL reports a socket's, so that
+the peer's failures never look like ours.  Nothing here decides *when* to do
+what: that is ``lifetime``'s job.
 """
 
 import contextlib
@@ -155,7 +158,17 @@ class Link:
         return False
 
     def flush(self) -> None:
-        """Write out ciphertext the TLS object produced (memory BIOs only)."""
+        """Write out ciphertext the TLS object produced (memory BIOs only).
+
+        Raises ``WouldBlock`` and ``PeerGone`` only: a write that fails
+        otherwise (a reset, EIO) raises ``PeerGone`` too, since our write
+        side is over, and keeps the failure in ``failure``.
+        """
+
+    @property
+    def failure(self) -> SSL.Error | None:
+        """The failure of a write ``flush`` ended with; every later TLS operation raises it."""
+        return None
 
     def shut_write(self) -> None:
         """Flush what TLS produced, then shut our write side (TCP half-close)."""
@@ -263,14 +276,22 @@ class BioLink(Link):
         self._out = memoryview(b"")
         self._eof = False
         self._notify_sent = False
+        self._failure: SSL.SysCallError | None = None
+
+    @property
+    def failure(self) -> SSL.Error | None:
+        return self._failure
 
     def _tls(self, op: Callable[..., T], *args: object) -> T:
         """``op`` with at most one read of ``rfd`` in between two tries.
 
         So one call does a bounded amount of work even against a peer whose
         bytes never stop coming: the caller gets ``WouldBlock`` back, and
-        checks its deadlines, between two reads.
+        checks its deadlines, between two reads.  A failure of a write
+        (``failure``) is raised first.
         """
+        if self._failure is not None:
+            raise self._failure
         try:
             return op(*args)
         except SSL.WantReadError:
@@ -290,6 +311,8 @@ class BioLink(Link):
             n = os.readv(self.rfd, [self._inbuf])
         except BlockingIOError:
             raise WouldBlock(self.rfd, select.POLLIN) from None
+        except OSError as exc:
+            raise ssl_failure(exc) from None
         if n:
             self.conn.bio_write(self._inbuf[:n])
         else:
@@ -304,20 +327,35 @@ class BioLink(Link):
 
     def send(self, view: memoryview) -> int:
         # Backpressure: encrypt more only once the last record is out.  One
-        # record at a time, so that one bio_read takes all of it.
-        self.flush()
-        return self._tls(self.conn.send, view[:RECORD])
+        # record at a time, so that one bio_read takes all of it; written at
+        # once, so that a failure to write it is this send's.
+        self._write_out()
+        n = self._tls(self.conn.send, view[:RECORD])
+        with contextlib.suppress(WouldBlock):  # the loop's flush finishes it
+            self._write_out()
+        return n
 
     def notify(self) -> None:
         if not self._notify_sent:  # a second SSL_shutdown would read the peer
             self.conn.shutdown()
             self._notify_sent = True
-        self.flush()
+        self._write_out()
 
     def has_output(self) -> bool:
         return bool(self._out) or pending_output(self.conn) > 0
 
     def flush(self) -> None:
+        try:
+            self._write_out()
+        except SSL.SysCallError:  # our write side is over; the next TLS operation raises it
+            raise PeerGone from None
+
+    def _write_out(self) -> None:
+        """``flush``, except that a failed write raises its ``SSL.SysCallError``.
+
+        Any failure but EPIPE (a reset, EIO) also ends our write side and
+        stays in ``failure``.
+        """
         while self._out or pending_output(self.conn):
             if not self._out:
                 self._out = memoryview(self.conn.bio_read(BUFSIZE))
@@ -332,6 +370,10 @@ class BioLink(Link):
                 self._out = memoryview(b"")
                 self.abandon_write()
                 raise PeerGone from None
+            except OSError as exc:
+                self._failure = ssl_failure(exc)
+                self.abandon_write()
+                raise self._failure from None
             self._out = self._out[n:]
 
     def shut_write(self) -> None:
@@ -352,3 +394,8 @@ class BioLink(Link):
         if self.rfd >= 0:
             os.close(self.rfd)
             self.rfd = -1
+
+
+def ssl_failure(exc: OSError) -> SSL.SysCallError:
+    """A failure of a ciphertext descriptor, as OpenSSL reports one on a socket (the errno)."""
+    return SSL.SysCallError(exc.errno, exc.strerror)

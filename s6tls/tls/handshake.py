@@ -50,11 +50,8 @@ def handshake(link: Link, timeout_ms: int = 0, clock: Callable[[], float] = time
     while True:
         if deadline is not None and clock() >= deadline:
             raise HandshakeTimeout("handshake timed out")
-        wait: WouldBlock | None = None
         try:
-            link.handshake_step()
-        except WouldBlock as wb:
-            wait = wb
+            wait = _step(link)
         except (SSL.ZeroReturnError, PeerGone):
             raise HandshakeError("peer closed the connection during the handshake") from None
         except SSL.SysCallError as exc:
@@ -62,17 +59,33 @@ def handshake(link: Link, timeout_ms: int = 0, clock: Callable[[], float] = time
             raise HandshakeError(f"peer vanished during the handshake: {reason}") from None
         except SSL.Error as exc:
             raise HandshakeError(ssl_error_text(exc)) from None
-        try:
-            link.flush()
-        except WouldBlock as wb:
-            wait = wb
-        except PeerGone:
-            raise HandshakeError("peer closed the connection during the handshake") from None
         if wait is None:
             return
         poller.register(wait.fd, wait.events)
         poller.poll(wait_ms(earliest(deadline, link.wakeup()), clock()))
         poller.unregister(wait.fd)
+
+
+def _step(link: Link) -> WouldBlock | None:
+    """One step of the handshake and the flush of what it produced: what to wait for, or None.
+
+    None once the handshake is complete and written out.  Raises what the
+    link raises; a write that failed raises its failure (``link.failure``).
+    """
+    wait: WouldBlock | None = None
+    try:
+        link.handshake_step()
+    except WouldBlock as wb:
+        wait = wb
+    try:
+        link.flush()
+    except WouldBlock as wb:
+        wait = wb
+    except PeerGone:
+        if link.failure is not None:
+            raise link.failure from None
+        raise
+    return wait
 
 
 def connection_facts(conn: SSL.Connection) -> dict[str, str]:
