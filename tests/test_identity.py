@@ -16,17 +16,20 @@ import sys
 
 import pytest
 from certs import TestCA
-from conftest import program
+from conftest import STARTED, program
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 from OpenSSL import SSL
 from openssl_peer import s_client
 from server_helpers import lines_with, serving
+from test_faults import s_server
 from ucspi_helpers import (
     CLIENT_PRINT_ENV,
     SERVER_PRINT_ENV,
     direct_pair,
     fatal,
+    finish,
+    spawn_tlsc,
     spawn_tlsd,
     tcp_pair,
     touch_then,
@@ -101,8 +104,8 @@ def test_each_allow_list_admits_its_client_and_refuses_the_others_in_the_handsha
             leaf = leaves[kind]
             peer = s_client(port, "-cert", leaf.cert_path, "-key", leaf.key_path)
             assert (b"admitted" in peer.out) == (kind in admitted), (kind, peer.err)
-            if kind not in admitted:
-                assert "alert" in peer.err  # refused inside the handshake
+            if kind not in admitted:  # refused inside the handshake, with what is wrong
+                assert "alert bad certificate" in peer.err, peer.err
         refusals = lines_with(server, "not admitted", 4 - len(admitted))
     assert all(" TLS_PEER_" in line for line in refusals)
 
@@ -142,6 +145,25 @@ def test_the_client_checks_its_allow_lists_and_pins_with_or_without_the_chain(ca
         wrong = client_run(port, ["--no-verify-cert"], {"TLS_PEER_SPKI": spki(leaves["dns"])})
         assert wrong.returncode == 97
         assert b"certificate not admitted by TLS_PEER_SPKI" in wrong.stderr
+
+
+def test_a_certificate_that_cannot_be_parsed_is_refused_with_bad_certificate_not_a_crash(ca):
+    """Two subjectAltName extensions, on which cryptography raises: a refusal in the
+    handshake (97, its reason, bad_certificate), at -v 3 and with --no-verify-cert too."""
+    two = ca.issue_with_two_sans("two-sans", "DNS:localhost", "DNS:other.example")
+    server, port = s_server({"server_cert": two.cert_path, "server_key": two.key_path})
+    STARTED.append(server)
+    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+    code, _out, client_err = finish(spawn_tlsc(["-v", "3", "--no-verify-cert"], ["true"], {}, sock))
+    server.terminate()  # it may wait for its next connection
+    _out, err = server.communicate(timeout=30)
+    assert code == 97, client_err
+    fatal_lines = [line for line in client_err.splitlines() if ": fatal: " in line]
+    assert fatal_lines == [
+        "s6-tlsc: fatal: unable to check the peer's certificate:"
+        " Duplicate 2.5.29.17 extension found (invalid certificate; certificate verify failed)"
+    ]
+    assert b"alert bad certificate" in err
 
 
 # --- the peer's certificate in the environment --------------------------------------------

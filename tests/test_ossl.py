@@ -124,6 +124,30 @@ def test_servername_callback_switches_context_or_refuses_with_unrecognized_name(
     assert "unrecognized name" in str(client_error)
 
 
+def fail(*_args: object) -> int:
+    raise ValueError("a check that raises")
+
+
+@pytest.mark.parametrize(
+    ("verify", "alert"),
+    [
+        (lambda conn, cert, error, depth: error, None),  # OpenSSL's own verdict: trusted
+        (lambda conn, cert, error, depth: ossl.CERT_REJECTED * (depth == 0), "bad certificate"),
+        (fail, "bad certificate"),  # whatever it raises refuses, never reaches cffi
+    ],
+)
+def test_a_verify_callback_chooses_the_alert_of_its_refusal(verify, alert, server_cert, ca):
+    client = client_context(ca)
+    ossl.set_verify_callback(client, SSL.VERIFY_PEER, verify)
+    s, c = connections(server_context(server_cert), client)
+    server_error, client_error = handshake(s, c)
+    if alert is None:
+        assert (server_error, client_error) == (None, None)
+    else:
+        assert "certificate verify failed" in str(client_error)
+        assert f"alert {alert}" in str(server_error)  # not pyOpenSSL's internal_error
+
+
 def test_a_serialised_session_resumes_from_another_client_context(server_cert, ca):
     server = server_context(server_cert)
     server.set_session_cache_mode(SSL.SESS_CACHE_OFF)  # tickets only, as s6-tlsserver

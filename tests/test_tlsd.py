@@ -424,7 +424,7 @@ def test_wildcard_keypair_passes_name_verification_but_not_for_two_labels(
         "certificate does not match the server name a.b.wild.example (certificate verify failed)"
     )
     assert server[0] == 97
-    assert fatal(server[2], "s6-tlsd") == "tlsv1 alert internal error"
+    assert fatal(server[2], "s6-tlsd") == "tls alert bad certificate"
 
 
 # --- close handling ----------------------------------------------------------------------

@@ -4,10 +4,10 @@ pyOpenSSL runs on the OpenSSL that cryptography bundles, and exposes that
 library's cffi binding as ``OpenSSL._util.lib``/``ffi``.  This module is the
 only place that calls it, for what pyOpenSSL has no method for: key-exchange
 groups, PSK callbacks, a server-name callback that can refuse a name with an
-alert, session (de)serialisation and reuse, the one-line form of a name, the
-text of a verification error, and, for the engine's hot path, decryption
-straight into a buffer and the size of a memory BIO.  Nothing here loads a
-second copy of libssl.
+alert, a verify callback that chooses its alert, session (de)serialisation
+and reuse, the one-line form of a name, the text of a verification error,
+and, for the engine's hot path, decryption straight into a buffer and the
+size of a memory BIO.  Nothing here loads a second copy of libssl.
 
 Every callback handed to OpenSSL is kept alive on the pyOpenSSL object it
 belongs to, and never lets a Python exception reach cffi: it answers OpenSSL
@@ -22,6 +22,9 @@ from OpenSSL.crypto import X509
 
 # RFC 8446 alert numbers OpenSSL takes from a server-name callback.
 ALERT_UNRECOGNIZED_NAME = 112
+# The verdict of a verify callback that refuses a certificate: OpenSSL answers
+# X509_V_ERR_CERT_REJECTED with the bad_certificate alert.
+CERT_REJECTED: int = lib.X509_V_ERR_CERT_REJECTED
 _SSL_TLSEXT_ERR_OK = 0
 _SSL_TLSEXT_ERR_ALERT_FATAL = 2
 
@@ -76,6 +79,40 @@ def set_servername_callback(ctx: SSL.Context, accept: Callable[[SSL.Connection],
 
 def _refuse_name(*_exc: object) -> int:
     return _SSL_TLSEXT_ERR_ALERT_FATAL
+
+
+def set_verify_callback(
+    ctx: SSL.Context, mode: int, verify: Callable[[SSL.Connection, X509, int, int], int]
+) -> None:
+    """Check the peer's chain with ``verify(conn, cert, error, depth)``, at each certificate.
+
+    ``error`` is OpenSSL's verdict on ``cert``: 0 (``X509_V_OK``) or an
+    ``X509_V_ERR_*`` code.  ``verify`` returns the verdict to keep: 0 accepts
+    the certificate, a code refuses the handshake with OpenSSL's alert for
+    that code (``CERT_REJECTED``: bad_certificate; a chain error keeps its
+    own: unknown_ca, certificate_expired...).  pyOpenSSL's ``set_verify``
+    cannot choose: OpenSSL 3 answers its refusals with internal_error.  An
+    exception in ``verify`` refuses with ``CERT_REJECTED``.  ``mode``:
+    ``SSL.VERIFY_*`` flags.
+    """
+
+    def callback(ok: int, store: object) -> int:
+        try:
+            x509 = lib.X509_STORE_CTX_get_current_cert(store)
+            lib.X509_up_ref(x509)
+            cert = X509._from_raw_x509_ptr(x509)
+            ssl = lib.X509_STORE_CTX_get_ex_data(store, lib.SSL_get_ex_data_X509_STORE_CTX_idx())
+            error = 0 if ok else lib.X509_STORE_CTX_get_error(store)
+            depth = lib.X509_STORE_CTX_get_error_depth(store)
+            verdict = verify(SSL.Connection._reverse_mapping[ssl], cert, error, depth)
+        except Exception:
+            verdict = CERT_REJECTED
+        lib.X509_STORE_CTX_set_error(store, verdict)
+        return 0 if verdict else 1
+
+    cb = ffi.callback("int (*)(int, X509_STORE_CTX *)", callback, onerror=_zero)
+    _keep(ctx, cb)
+    lib.SSL_CTX_set_verify(ctx._context, mode, cb)
 
 
 def set_psk_server_callback(
