@@ -292,22 +292,22 @@ def client_hello_with_sni(servername: bytes) -> bytes:
     return record[:3] + struct.pack(">H", len(handshake)) + handshake
 
 
-NOT_A_HOST_NAME = "client sent a server name that is not a valid host name"
+NOT_A_NAME = "client sent an invalid server name (not labels of printable ASCII)"
 
 
 @pytest.mark.parametrize(
     ("servername", "reason"),
     [
-        (b"x\ns6-tlsd: warning: forged line", NOT_A_HOST_NAME),
-        (b"red\x1b[31m.example", NOT_A_HOST_NAME),
+        (b"x\ns6-tlsd: warning: forged line", NOT_A_NAME),
+        (b"red\x1b[31m.example", NOT_A_NAME),
         (b"a" * 300, "bad extension"),  # OpenSSL's own limit, 255 octets, comes first
-        (b"a..b", NOT_A_HOST_NAME),
-        (b"-a.example", NOT_A_HOST_NAME),
-        (b"a_b.example", NOT_A_HOST_NAME),
-        ("bücher.example".encode(), NOT_A_HOST_NAME),
+        (b"a..b", NOT_A_NAME),
+        (b"a b.example", NOT_A_NAME),
+        (b"a" * 64 + b".example", NOT_A_NAME),
+        ("bücher.example".encode(), NOT_A_NAME),
     ],
 )
-def test_a_server_name_that_is_not_a_host_name_gets_unrecognized_name(
+def test_a_server_name_that_is_no_name_gets_unrecognized_name_even_at_k_0(
     servername, reason, ca, leaves, tmp_path
 ):
     marker = tmp_path / "started"
@@ -325,15 +325,32 @@ def test_a_server_name_that_is_not_a_host_name_gets_unrecognized_name(
     assert not marker.exists()
 
 
-def test_a_valid_server_name_still_gets_through(ca, leaves):
+@pytest.mark.parametrize(
+    "servername", [b"LocalHost", b"localhost.", b"my_host.example", b"-a.example", b"a" * 63]
+)
+def test_a_name_of_printable_labels_gets_through_at_k_0_which_ignores_it(servername, ca, leaves):
+    """Underscores (internal networks, containers) and a final dot are names: never fatal."""
     server, client = tcp_pair()
     tlsd = spawn_tlsd([], ["true"], server_env(ca, leaves["server"]), server)
     with client:
-        client.sendall(client_hello_with_sni(b"LocalHost"))
+        client.sendall(client_hello_with_sni(servername))
         client.settimeout(20)
         assert client.recv(1) == b"\x16"  # a ServerHello, not an alert
     tlsd.kill()
     tlsd.communicate(timeout=30)
+
+
+@pytest.mark.parametrize("sent", ["my_host.example", "MY_HOST.example."])
+def test_a_name_with_an_underscore_or_a_final_dot_chooses_its_keypair_at_k_1(sent, ca, leaves):
+    named = ca.issue("my-host", "DNS:my-host.example")
+    env = server_env(
+        ca, leaves["server"], **{"CERTFILE:my_host.example": named.cert_path,
+                                  "KEYFILE:my_host.example": named.key_path},
+    )  # fmt: skip
+    with serving(["-k", "1"], SERVER_PRINT_ENV, env) as (_server, port):
+        peer = s_client(port, "-servername", sent, "-showcerts", brief=False)
+    assert "CN=my-host" in peer.out.decode() or "CN = my-host" in peer.out.decode(), peer.err
+    assert f"'SSL_TLS_SNI_SERVERNAME': '{sent}'" in peer.out.decode()
 
 
 # --- the client's server name: IP literals and international names --------------------------

@@ -41,7 +41,7 @@ from OpenSSL.crypto import X509, X509StoreFlags
 
 from ..dtls.cookie import Cookies
 from ..errors import ConfigError, UsageError
-from ..net.names import is_host_name
+from ..net.names import server_name
 from . import ossl
 from .config import TlsConfig
 from .credentials import Credentials, LoadedKeypair, load_credentials
@@ -370,9 +370,9 @@ def _guarded(what: str, callback: Callable[..., T], refusal: T) -> Callable[...,
 def sni_lookup(names: dict[str, SSL.Context], servername: str) -> SSL.Context | None:
     """The context for ``servername``: an exact match, else ``*.`` + its parent.
 
-    A wildcard stands for exactly one label, as in certificates.
+    ``servername`` is as ``names.server_name`` gives it (lower case, no
+    final dot).  A wildcard stands for exactly one label, as in certificates.
     """
-    servername = servername.lower()  # a host name: no trailing dot
     if servername in names:
         return names[servername]
     _label, dot, parent = servername.partition(".")
@@ -382,10 +382,13 @@ def sni_lookup(names: dict[str, SSL.Context], servername: str) -> SSL.Context | 
 def _sni_switcher(
     names: dict[str, SSL.Context], has_default: bool
 ) -> Callable[[SSL.Connection], bool]:
-    """The SNI callback: refuse a name that is not a host name, switch to its keypair.
+    """The SNI callback: refuse a name that is no name, switch to the name's keypair.
 
-    A server name that is not a valid host name (LDH labels, at most 253
-    octets) is refused with the ``unrecognized_name`` alert.  Without a
+    A server name that ``names.server_name`` refuses (a control character,
+    a byte outside ASCII, an empty label) is refused with the
+    ``unrecognized_name`` alert, whatever the SNI level, since the
+    application and the log would see it.  Any other name is looked up in
+    ``names`` (empty at -k 0, which chooses nothing by name).  Without a
     default keypair (-k 2) and no match, the handshake will fail for want of
     a certificate; the reason names the server name, not only OpenSSL's "no
     suitable signature algorithm".
@@ -393,9 +396,9 @@ def _sni_switcher(
 
     def switch(conn: SSL.Connection) -> bool:
         raw = conn.get_servername()
-        name = raw.decode("ascii", "replace") if raw else ""
-        if raw and not is_host_name(name):
-            _note(conn, "client sent a server name that is not a valid host name")
+        name = server_name(raw) if raw else ""
+        if name is None:
+            _note(conn, "client sent an invalid server name (not labels of printable ASCII)")
             return False
         sub = sni_lookup(names, name) if name else None
         if sub is not None:
