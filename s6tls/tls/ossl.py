@@ -212,18 +212,38 @@ def use_session_der(conn: SSL.Connection, der: bytes) -> bool:
 
 
 def subject_oneline(cert: X509) -> str:
-    """The certificate's subject in OpenSSL's one-line form (``X509_NAME_oneline``).
+    r"""The certificate's subject in OpenSSL's one-line form, made unambiguous.
 
-    ``/`` inside a value is ``\\/``, bytes outside printable ASCII are
-    ``\\xHH``: the form libtls gives to s6-networking's applications.
+    ``/label=value`` for each entry, as ``X509_NAME_oneline`` writes it: the
+    label is OpenSSL's short name (``CN``, ``emailAddress``) or the OID; in
+    a value, ``/`` and ``+`` are ``\/`` and ``\+``, bytes outside printable
+    ASCII ``\xHH``; each value is its bytes as the certificate encodes them.
+    Unlike OpenSSL, a backslash in a value is ``\\``, so that no two
+    subjects read the same: ``O=a\`` then ``CN=admin`` is
+    ``/O=a\\/CN=admin``, one ``O=a/CN=admin`` is ``/O=a\/CN=admin``.
     """
-    text = lib.X509_NAME_oneline(lib.X509_get_subject_name(cert._x509), ffi.NULL, 0)
-    if text == ffi.NULL:
-        raise MemoryError("X509_NAME_oneline")
-    try:
-        return ffi.string(text).decode("ascii", "replace")
-    finally:
-        lib.OPENSSL_free(text)
+    name = lib.X509_get_subject_name(cert._x509)
+    labels: list[str | None] = []
+    values = []
+    for i in range(lib.X509_NAME_entry_count(name)):
+        entry = lib.X509_NAME_get_entry(name, i)
+        nid = lib.OBJ_obj2nid(lib.X509_NAME_ENTRY_get_object(entry))
+        short = lib.OBJ_nid2sn(nid) if nid != lib.NID_undef else ffi.NULL
+        labels.append(ffi.string(short).decode("ascii") if short != ffi.NULL else None)
+        data = lib.X509_NAME_ENTRY_get_data(entry)
+        raw = ffi.buffer(lib.ASN1_STRING_get0_data(data), lib.ASN1_STRING_length(data))[:]
+        values.append("".join(_ONELINE[byte] for byte in raw))
+    if None in labels:  # OpenSSL has no name for the OID: its dotted form, as OpenSSL writes it
+        oids = [attribute.oid.dotted_string for attribute in cert.to_cryptography().subject]
+        labels = [label or oid for label, oid in zip(labels, oids, strict=True)]
+    return "".join(f"/{label}={value}" for label, value in zip(labels, values, strict=True))
+
+
+# How subject_oneline writes each byte of a value.
+_ONELINE = [
+    f"\\x{byte:02X}" if not 0x20 <= byte <= 0x7E else "\\" * (chr(byte) in "/+\\") + chr(byte)
+    for byte in range(256)
+]
 
 
 def verify_error_text(errnum: int) -> str:
