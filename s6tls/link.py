@@ -100,7 +100,9 @@ class Link:
     alert was read (``recv`` returns 0 for it and for a bare EOF alike).
     ``max_datagram`` is set by a datagram link (DTLS) once its handshake is
     done: the most cleartext one datagram carries; the engine then runs in
-    datagram mode.
+    datagram mode.  ``icmp_news`` is the text of the last ICMP error a
+    datagram link was told about its peer (which is no ending), for the
+    message of a handshake that then times out.
     """
 
     conn: SSL.Connection
@@ -111,6 +113,7 @@ class Link:
     # connection's one info callback feeds it too.
     handshake_watch: "HandshakeWatch | None" = None
     max_datagram: int | None = None
+    icmp_news: str | None = None
 
     def _watch_alerts(self) -> None:
         """Set ``close_notify_received`` when the peer's close_notify is read."""

@@ -38,7 +38,8 @@ def handshake(link: Link, timeout_ms: int = 0, clock: Callable[[], float] = time
         clock: the monotonic clock it is measured with (``link.wakeup``'s).
 
     Raises:
-        HandshakeTimeout: the limit passed (exit 98).
+        HandshakeTimeout: the limit passed (exit 98); the message ends with
+            the link's ``icmp_news``, if any.
         HandshakeError: the handshake failed, either side rejected the other,
             or the peer closed the connection (exit 97).
 
@@ -49,7 +50,8 @@ def handshake(link: Link, timeout_ms: int = 0, clock: Callable[[], float] = time
     poller = select.poll()
     while True:
         if deadline is not None and clock() >= deadline:
-            raise HandshakeTimeout("handshake timed out")
+            news = f" (the peer's host said: {link.icmp_news})" if link.icmp_news else ""
+            raise HandshakeTimeout(f"handshake timed out{news}")
         try:
             wait = _step(link)
         except (SSL.ZeroReturnError, PeerGone):

@@ -272,18 +272,3 @@ def recv_into(conn: SSL.Connection, view: memoryview, nbytes: int) -> int:
     if result <= 0:
         conn._raise_ssl_error(conn._ssl, result)
     return result
-
-
-def use_socket(conn: SSL.Connection, sock: object) -> None:
-    """Move ``conn`` from its memory BIOs onto the socket ``sock`` (a ``socket.socket``).
-
-    For a DTLS server: ``DTLSv1_listen`` ran on memory BIOs with the
-    ClientHello it verified, which OpenSSL keeps for the handshake; the rest
-    of the handshake and the records then go through the connected UDP
-    socket, one datagram per read and per write, as on a connection made
-    with that socket.  OpenSSL frees the memory BIOs.
-    """
-    if lib.SSL_set_fd(conn._ssl, sock.fileno()) != 1:  # type: ignore[attr-defined]
-        raise MemoryError("SSL_set_fd")
-    conn._into_ssl = conn._from_ssl = None
-    conn._socket = sock
