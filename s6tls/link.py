@@ -310,17 +310,25 @@ class BioLink(Link):
 
     def _fill(self) -> None:
         """Move ciphertext from ``rfd`` into the TLS object."""
-        try:
-            n = os.readv(self.rfd, [self._inbuf])
-        except BlockingIOError:
-            raise WouldBlock(self.rfd, select.POLLIN) from None
-        except OSError as exc:
-            raise ssl_failure(exc) from None
+        n = self._read()
         if n:
             self.conn.bio_write(self._inbuf[:n])
         else:
             self._eof = True
             self.conn.bio_shutdown()
+
+    def _read(self) -> int:
+        """Read ``rfd`` once into the input buffer; return how much.
+
+        Raises ``WouldBlock`` when nothing is there, and any other failure
+        as its ``SSL.SysCallError`` (``ssl_failure``).
+        """
+        try:
+            return os.readv(self.rfd, [self._inbuf])
+        except BlockingIOError:
+            raise WouldBlock(self.rfd, select.POLLIN) from None
+        except OSError as exc:
+            raise ssl_failure(exc) from None
 
     def recv(self, view: memoryview) -> int:
         try:

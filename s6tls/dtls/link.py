@@ -163,13 +163,11 @@ class DatagramLink(BioLink):
     def _fill(self) -> None:
         """Give OpenSSL the next datagram; an empty one, or an ICMP error, is skipped."""
         try:
-            n = os.readv(self.rfd, [self._inbuf])
-        except BlockingIOError:
-            raise WouldBlock(self.rfd, select.POLLIN) from None
-        except OSError as exc:
-            if exc.errno not in ICMP_ERRORS:
-                raise ssl_failure(exc) from None
-            self.icmp_news = exc.strerror  # consumed: the association goes on
+            n = self._read()
+        except SSL.SysCallError as exc:
+            if exc.args[0] not in ICMP_ERRORS:
+                raise
+            self.icmp_news = exc.args[1]  # consumed: the association goes on
             n = 0
         if not n:
             raise WouldBlock(self.rfd, select.POLLIN)  # poll says at once if more is there
