@@ -313,6 +313,25 @@ def test_a_client_told_the_port_is_closed_retransmits_until_K(client_env):
     )
 
 
+@pytest.mark.xfail(strict=True, reason="engine: lead")
+def test_an_application_that_exits_without_reading_a_datagram_ends_with_its_status(
+    dtls_server, pki
+):
+    """Its SEQPACKET socket then says ECONNRESET: the application's ending, not ours (111)."""
+    exits_unread = [
+        sys.executable,
+        "-c",
+        "import select, sys; select.select([0], [], []); sys.exit(3)",
+    ]
+    proc, port = dtls_server([], exits_unread)
+    client = DtlsClient(port, pki["ca"])
+    client.handshake()
+    client.send(b"never read\n")
+    assert "closed by application exited status 3" in lines_until(proc, "status")[-1]
+    assert client.recv(timeout=30) is None  # our close_notify
+    client.close()
+
+
 def test_a_peer_that_vanishes_mid_handshake_is_dropped_at_the_K_limit(dtls_server, pki):
     proc, port = dtls_server(["-K", "1500"], ["true"])
     client = DtlsClient(port, pki["ca"])
