@@ -194,11 +194,15 @@ class Operations:
 
         None when there is nothing and the application is dead (the machine
         took that as the end); ``WouldBlock`` when there is nothing yet (the
-        buffer's memory is given back meanwhile).
+        buffer's memory is given back meanwhile).  A datagram socketpair
+        whose application closed its end with datagrams unread reports a
+        reset: that is its end too.
         """
         outbound = self.m.outbound
         try:
             return os.readv(self.cread, [outbound.space()])
+        except ConnectionResetError:  # a socketpair whose other end closed with data unread
+            return 0
         except BlockingIOError:
             outbound.release()
             if self.m.app_read_blocked():
@@ -219,7 +223,7 @@ class Operations:
             n = os.write(self.cwrite, m.inbound.data())
         except BlockingIOError:
             raise WouldBlock(self.cwrite, select.POLLOUT) from None
-        except BrokenPipeError:
+        except (BrokenPipeError, ConnectionResetError):  # it reads nothing more: its ending
             m.app_gone()
         else:
             m.app_written(n)

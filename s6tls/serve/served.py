@@ -36,13 +36,13 @@ from OpenSSL import SSL
 from ..cli import Log, failure
 from ..deadline import after_ms, earliest
 from ..engine import machine_for, operations_for
-from ..errors import ExitCode, HandshakeTimeout, S6tlsError, TlsRuntimeError
+from ..errors import ExitCode, S6tlsError, TlsRuntimeError
 from ..lifetime import Lifetime, Stats
 from ..link import Link
 from ..net.rules import apply_env
 from ..operations import Operations
 from ..tls.config import TlsConfig
-from ..tls.handshake import handshake_step
+from ..tls.handshake import handshake_step, handshake_timeout
 from .admission import Table, Ticket
 from .tunnel import Application, closing, ended, handshake_failed, open_link, start_application
 
@@ -166,7 +166,8 @@ class Served:
             self.step()
         elif self._until is not None and now >= self._until:
             if self.phase is Phase.HANDSHAKE:
-                self.fail_handshake(HandshakeTimeout("handshake timed out"))
+                assert self.link is not None
+                self.fail_handshake(handshake_timeout(self.link))
             else:
                 self.before_tls_timeout()
         elif self.phase is Phase.HANDSHAKE:
