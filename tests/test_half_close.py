@@ -28,7 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from conftest import STARTED, program
 from openssl_peer import s_client
-from server_helpers import free_port, serving
+from server_helpers import END_LINE, free_port, serving
 from test_faults import s_server, wait_listening
 
 RUNS = 50
@@ -144,11 +144,7 @@ def statuses(server: subprocess.Popen) -> list[str]:
     """The status of each connection the server ended (``-v``), once it is stopped."""
     server.terminate()
     _out, err = server.communicate(timeout=30)
-    return [
-        line.split(" status ")[1].split()[0]
-        for line in err.decode().splitlines()
-        if " end pid " in line
-    ]
+    return [end[3] for end in END_LINE.findall(err.decode())]
 
 
 def test_curl_to_an_application_that_closes_its_output_and_keeps_reading(half_closing_server, pki):

@@ -34,6 +34,7 @@ from ucspi_helpers import (
     spawn_tlsd,
     tcp_pair,
     touch_then,
+    unprefixed,
 )
 
 from s6tls.tls.peer import certificate_facts
@@ -161,7 +162,7 @@ def test_a_certificate_that_cannot_be_parsed_is_refused_with_bad_certificate_not
     server.terminate()  # it may wait for its next connection
     _out, err = server.communicate(timeout=30)
     assert code == 97, client_err
-    fatal_lines = [line for line in client_err.splitlines() if ": fatal: " in line]
+    fatal_lines = [line for line in unprefixed(client_err).splitlines() if ": fatal: " in line]
     assert fatal_lines == [
         "s6-tlsc: fatal: unable to check the peer's certificate:"
         " Duplicate 2.5.29.17 extension found (invalid certificate; certificate verify failed)"

@@ -4,8 +4,6 @@ s6-tlsc is given network descriptors that are not one socket, so its link
 works on memory BIOs (``link.BioLink``), and the test, a TLS server on their
 other ends, breaks them the way the kernel reports a peer's end:
 
-* a pty (a serial line): s6-tlsc holds the master, the test the slave, in raw
-  mode; once the slave is closed, reading the master fails with EIO;
 * a socketpair for reading: the test's end holds bytes s6-tlsc's end sent
   (written there before s6-tlsc started) and is closed unread, so reading
   s6-tlsc's end fails with ECONNRESET;
@@ -15,6 +13,11 @@ other ends, breaks them the way the kernel reports a peer's end:
 Each fault comes once in the handshake (exit 97, ``peer vanished during the
 handshake: ...``) and once while the application runs (exit 98,
 ``connection broken: ...``), with the errno's text and nothing else on stderr.
+
+A pty (a serial line) fails with EIO once its other side is closed.  The
+programs refuse a terminal as their network (``s6-tlsc: fatal: network
+descriptor 6 is a character device``, 100), so the pty is tested on the
+link itself, in-process: the handshake's error, and the engine's reading.
 """
 
 import errno
@@ -24,13 +27,21 @@ import select
 import socket
 import struct
 import subprocess
+import threading
 import tty
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import pytest
-from tls_peer import TlsPeer, server_context
+from OpenSSL import SSL
+from tls_peer import TlsPeer, client_context, server_context
 from ucspi_helpers import fatal, finish, spawn_tlsc_on, tcp_pair
+
+from s6tls.errors import HandshakeError
+from s6tls.link import BioLink, Link, WouldBlock, new_link
+from s6tls.sizes import RECORD
+from s6tls.tls.handshake import handshake
+from s6tls.tls.reasons import error_reason
 
 TIMEOUT = 30
 # The application: says it runs, then waits for one line, answers it, reads to the end.
@@ -42,11 +53,7 @@ class Channel:
 
     def __init__(self, kind: str) -> None:
         self.kind = kind
-        if kind == "pty":
-            master, slave = pty.openpty()
-            tty.setraw(slave)
-            self.theirs, self.ours = (master, master), (slave, slave)
-        elif kind == "socketpair":
+        if kind == "socketpair":
             x, y = socket.socketpair()
             x.send(b"unread")  # y never reads it: closing y resets x
             r, w = os.pipe()
@@ -60,10 +67,10 @@ class Channel:
 
     @property
     def errno_text(self) -> str:
-        return os.strerror(errno.EIO if self.kind == "pty" else errno.ECONNRESET)
+        return os.strerror(errno.ECONNRESET)
 
     def break_it(self) -> None:
-        """The fault: s6-tlsc's next read (pty, socketpair) or write (tcp) fails."""
+        """The fault: s6-tlsc's next read (socketpair) or write (tcp) fails."""
         fd = self.ours[1] if self.kind == "socketpair" else self.ours[0]
         if self.kind == "tcp":
             linger = struct.pack("ii", 1, 0)
@@ -97,7 +104,7 @@ def tlsc(channel: Channel, pki: dict[str, str]) -> Iterator[subprocess.Popen]:
         channel.close()
 
 
-@pytest.mark.parametrize("kind", ["pty", "socketpair", "tcp"])
+@pytest.mark.parametrize("kind", ["socketpair", "tcp"])
 def test_a_broken_network_descriptor_in_the_handshake_is_the_peer_vanishing_97(kind, pki):
     channel = Channel(kind)
     channel.break_it()  # s6-tlsc's ClientHello, or the reading of its answer, fails
@@ -107,7 +114,7 @@ def test_a_broken_network_descriptor_in_the_handshake_is_the_peer_vanishing_97(k
     assert fatal(err, "s6-tlsc") == f"peer vanished during the handshake: {channel.errno_text}"
 
 
-@pytest.mark.parametrize("kind", ["pty", "socketpair", "tcp"])
+@pytest.mark.parametrize("kind", ["socketpair", "tcp"])
 def test_a_broken_network_descriptor_after_the_handshake_is_a_broken_connection_98(kind, pki):
     channel = Channel(kind)
     with tlsc(channel, pki) as proc:
@@ -121,3 +128,42 @@ def test_a_broken_network_descriptor_after_the_handshake_is_a_broken_connection_
         code, _out, err = finish(proc, TIMEOUT)
     assert code == 98, err
     assert fatal(err, "s6-tlsc") == f"connection broken: {channel.errno_text}"
+
+
+def pty_link(pki: dict[str, str]) -> tuple[Link, int]:
+    """A client link on a pty's master (memory BIOs: not a socket), and the raw slave."""
+    master, slave = pty.openpty()
+    tty.setraw(slave)
+    ctx = client_context(pki["ca"])
+    link = new_link(ctx, master, master)
+    assert isinstance(link, BioLink)
+    link.conn.set_connect_state()
+    link.conn.set_tlsext_host_name(b"localhost")
+    return link, slave
+
+
+def test_a_pty_closed_in_the_handshake_is_the_peer_vanishing_97(pki):
+    link, slave = pty_link(pki)
+    os.close(slave)  # the line hangs up: reading the master fails with EIO
+    with pytest.raises(HandshakeError) as info:
+        handshake(link, TIMEOUT * 1000)
+    assert str(info.value) == f"peer vanished during the handshake: {os.strerror(errno.EIO)}"
+    link.close()
+
+
+def test_a_pty_closed_after_the_handshake_is_a_broken_connection_98(pki):
+    link, slave = pty_link(pki)
+    peer = TlsPeer(server_context(pki["server_cert"], pki["server_key"]), slave, server=True)
+    done = threading.Thread(target=peer.handshake)
+    done.start()
+    handshake(link, TIMEOUT * 1000)
+    done.join(TIMEOUT)
+    peer.close()  # closes the slave: the master reads EIO
+    with pytest.raises(SSL.SysCallError) as info:
+        while True:  # what the engine does for RECV, until the failure
+            try:
+                link.recv(memoryview(bytearray(RECORD)))
+            except WouldBlock as wb:
+                assert select.select([wb.fd], [], [], TIMEOUT)[0]
+    assert error_reason(info.value) == f"connection broken: {os.strerror(errno.EIO)}"
+    link.close()

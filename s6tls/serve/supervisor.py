@@ -14,7 +14,8 @@ are asked for), so that it can read the files again on SIGHUP.
 * SIGHUP: the files are read again into new contexts (a failure keeps the
   old ones, with a warning); new workers are forked with them, and the old
   ones stop taking connections and end once theirs are over: no connection
-  is dropped.  The session ticket key changes with them, and at least every
+  is dropped.  ``reloaded the keypairs`` is logged once no old worker takes
+  a new connection.  The session ticket key changes with them, and at least every
   12 hours the same way.
 * SIGTERM, SIGINT: the listening stops; every worker drops the connections
   still before TLS or in their handshake and lets the running ones finish;
@@ -108,6 +109,10 @@ class Supervisor:
         self.table = Table(settings.maxconn, settings.localmaxconn, max(64, 8 * workers))
         self.workers: dict[int, WorkerProcess] = {}  # pid -> worker
         self.free_indexes = list(reversed(range(max(64, 8 * workers))))
+        # systemd's readiness socket: ours, told once the workers are up; never theirs
+        self.ready_to = {"NOTIFY_SOCKET": setup.environ.pop("NOTIFY_SOCKET", "")}
+        self.rolling: set[int] = set()  # old workers yet to stop taking connections
+        self.roll_line: str | None = None  # logged once they all did
         self.stopping = False
         self.unreported: set[int] | None = None  # at a stop: the workers yet to report
         self.stopped = [0, 0]  # what they reported: connections running, handshakes dropped
@@ -165,7 +170,7 @@ class Supervisor:
                 os.write(1, f"{local[1]}\n".encode())
             except OSError as exc:
                 self.log.warn(f"unable to notify readiness: {exc.strerror}")
-        problem = systemd.notify(self.setup.environ, "READY=1")
+        problem = systemd.notify(self.ready_to, "READY=1")
         if problem:
             self.log.warn(problem)
         _detach_stdio(null)
@@ -257,6 +262,7 @@ class Supervisor:
             self._read_report(worker)  # what it said before it went
             if self.unreported is not None:
                 self.unreported.discard(pid)  # a worker that died runs nothing any more
+            self._rolled(pid)
             os.close(worker.report)
             self.table.release_worker(worker.index)
             self.free_indexes.append(worker.index)
@@ -272,6 +278,8 @@ class Supervisor:
         while b"\n" in worker.buffer:
             line, worker.buffer = worker.buffer.split(b"\n", 1)
             words = line.split()
+            if words[:1] == [b"stopped"]:
+                self._rolled(worker.pid)
             unreported = self.unreported or set()
             if len(words) == 3 and words[0] == b"stopped" and worker.pid in unreported:
                 unreported.discard(worker.pid)
@@ -325,19 +333,38 @@ class Supervisor:
         except S6tlsError as exc:
             self.log.warn(f"unable to reload the keypairs, keeping the old ones: {exc}")
             return
-        self.log.info("reloaded the keypairs")
-        if not self.stopping:
-            self._roll()
+        if self.stopping:
+            self.log.info("reloaded the keypairs")
+        else:
+            self._roll("reloaded the keypairs")
 
-    def _roll(self) -> None:
-        """New workers with the current contexts; the old ones finish and go."""
+    def _roll(self, line: str | None = None) -> None:
+        """New workers with the current contexts; the old ones finish and go.
+
+        ``line`` is logged once no old worker takes a new connection any
+        more: from then on every new connection has the new contexts.
+        """
         old = [w for w in self.workers.values() if not w.retired]
         for _ in range(self.wanted):
             self._fork_worker()
+        self.rolling = {w.pid for w in old}
+        self.roll_line = line
         for worker in old:
             worker.retired = True
             with contextlib.suppress(ProcessLookupError):
                 os.kill(worker.pid, signal.SIGHUP)
+        self._rolled(None)
+
+    def _rolled(self, pid: int | None) -> None:
+        """Worker ``pid`` stopped taking connections, or died (None: neither).
+
+        Once every old worker did, the line of the roll is logged.
+        """
+        if pid is not None:
+            self.rolling.discard(pid)
+        if not self.rolling and self.roll_line is not None:
+            self.log.info(self.roll_line)
+            self.roll_line = None
 
 
 def _detach_stdio(null: int | None = None) -> None:

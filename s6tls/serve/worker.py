@@ -369,16 +369,17 @@ class Worker:
                 self._sync(conn)
 
     def _stop(self, drop: bool) -> None:
-        """Stop taking connections; with ``drop``, drop the early ones.  Report it once."""
-        if self.stopping:
-            if drop:
-                self._drop_early()
-            return
-        self.stopping = True
-        self._watch_listeners(False)
-        for listener in self.listeners:
-            listener.close()
-        self.listeners = []
+        """Stop taking connections; with ``drop``, drop the early ones.  Report each time.
+
+        A worker told to stop taking connections (SIGHUP) may later be told
+        to stop (SIGTERM): the supervisor waits for both reports.
+        """
+        if not self.stopping:
+            self.stopping = True
+            self._watch_listeners(False)
+            for listener in self.listeners:
+                listener.close()
+            self.listeners = []
         dropped = self._drop_early() if drop else 0
         running = len(self.conns)
         with contextlib.suppress(OSError):  # the supervisor is gone: nothing to tell
