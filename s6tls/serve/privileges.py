@@ -11,7 +11,7 @@ a check of the start-up as those ids (a directory they must write to).
 
 import contextlib
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 from ..errors import SystemFailure, UsageError
@@ -115,14 +115,7 @@ def as_ids(ids: Ids) -> Iterator[None]:
         yield
         return
     groups, egid, euid = os.getgroups(), os.getegid(), os.geteuid()
-    try:
-        os.setgroups(list(ids.groups))
-        if ids.gid is not None:
-            os.setegid(ids.gid)
-        if ids.uid is not None:
-            os.seteuid(ids.uid)
-    except OSError as exc:
-        raise SystemFailure(f"unable to take the ids to check them: {exc.strerror}") from None
+    _take(ids, os.setegid, os.seteuid, "take the ids to check them")
     try:
         yield
     finally:
@@ -142,13 +135,22 @@ def drop_privileges(ids: Ids) -> None:
     sees to it before it builds the contexts): the new user may not be allowed to
     read the Python installation (one under a 0700 home, for instance).
     """
-    if not ids.wanted:
-        return
+    if ids.wanted:
+        _take(ids, os.setgid, os.setuid, "drop privileges")
+
+
+def _take(
+    ids: Ids, setgid: Callable[[int], None], setuid: Callable[[int], None], what: str
+) -> None:
+    """The groups of ``ids``, then its gid and uid, with ``setgid`` and ``setuid``.
+
+    Raises ``SystemFailure``, "unable to ``what``", if the kernel refuses.
+    """
     try:
         os.setgroups(list(ids.groups))
         if ids.gid is not None:
-            os.setgid(ids.gid)
+            setgid(ids.gid)
         if ids.uid is not None:
-            os.setuid(ids.uid)
+            setuid(ids.uid)
     except OSError as exc:
-        raise SystemFailure(f"unable to drop privileges: {exc.strerror}") from None
+        raise SystemFailure(f"unable to {what}: {exc.strerror}") from None

@@ -50,7 +50,7 @@ from ..net.gate import Gate
 from ..net.ucspi import peer_address, unmap
 from ..selfpipe import SelfPipe
 from .admission import Reason, Table
-from .app import exit_code
+from .app import exit_code, reaped
 from .connection import Setup
 from .worker import SIGNALS as WORKER_SIGNALS
 from .worker import Take, Worker, summary_line
@@ -249,13 +249,7 @@ class Supervisor:
             os._exit(code)
 
     def _reap(self) -> None:
-        while True:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
-            if pid == 0:
-                return
+        for pid, status in reaped():
             worker = self.workers.pop(pid, None)
             if worker is None:
                 continue  # an application a dead worker left behind

@@ -52,6 +52,7 @@ from ..errors import ExitCode
 from ..selfpipe import SelfPipe, read_signals
 from ..tls.perclient import ClientContexts
 from .admission import Reason, Table, Ticket
+from .app import reaped
 from .served import Phase, Served
 
 if TYPE_CHECKING:
@@ -353,13 +354,7 @@ class Worker:
             self.drop_evicted()
 
     def _reap(self) -> None:
-        while True:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
-            if pid == 0:
-                return
+        for pid, status in reaped():
             conn = self.apps.pop(pid, None)
             if conn is None:
                 continue
