@@ -159,7 +159,7 @@ class Served:
             self.before_tls_ready(fd, revents)
 
     def on_time(self, now: float) -> None:
-        """The deadline may have come."""
+        """The deadline may have come (the worker may ask early: nothing is due then)."""
         if self.phase is Phase.RUNNING:
             assert self.machine is not None
             self.machine.tick(now)
@@ -171,7 +171,10 @@ class Served:
             else:
                 self.before_tls_timeout()
         elif self.phase is Phase.HANDSHAKE:
-            self._handshake()  # a DTLS retransmission is due
+            assert self.link is not None
+            wakeup = self.link.wakeup()
+            if wakeup is not None and now >= wakeup:
+                self._handshake()  # a DTLS retransmission is due
 
     def on_exit(self, status: int) -> None:
         """The application was reaped with wait ``status``."""

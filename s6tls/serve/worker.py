@@ -238,15 +238,24 @@ class Worker:
         self.registered[cid] = dict(wanted)
         if conn.again and not done:
             self.busy.add(cid)
-        when = None if done else conn.deadline()
-        if when != self.timer_of.get(cid):
-            if when is None:
-                self.timer_of.pop(cid, None)
-            else:
-                self.timer_of[cid] = when
-                heapq.heappush(self.timers, (when, next(self.seq), cid))
+        self._schedule(cid, None if done else conn.deadline())
         if done and (conn.app is None or conn.app.pid not in self.apps):
             self._forget(conn)
+
+    def _schedule(self, cid: int, when: float | None) -> None:
+        """Wake connection ``cid`` at ``when`` (None: never).
+
+        A deadline that moves later (an idle timeout, each time data moves)
+        keeps the entry already in the heap: when it comes, the connection is
+        asked, and tells its real deadline then.  So the heap holds about one
+        entry per connection, however busy.
+        """
+        scheduled = self.timer_of.get(cid)
+        if when is None:
+            self.timer_of.pop(cid, None)
+        elif scheduled is None or when < scheduled:
+            self.timer_of[cid] = when
+            heapq.heappush(self.timers, (when, next(self.seq), cid))
 
     def _register(self, fd: int, events: int) -> None:
         try:
