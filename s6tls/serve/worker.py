@@ -248,7 +248,8 @@ class Worker:
         A deadline that moves later (an idle timeout, each time data moves)
         keeps the entry already in the heap: when it comes, the connection is
         asked, and tells its real deadline then.  So the heap holds about one
-        entry per connection, however busy.
+        entry per connection, however busy; entries left by connections that
+        ended are dropped once they are half of it.
         """
         scheduled = self.timer_of.get(cid)
         if when is None:
@@ -256,6 +257,9 @@ class Worker:
         elif scheduled is None or when < scheduled:
             self.timer_of[cid] = when
             heapq.heappush(self.timers, (when, next(self.seq), cid))
+            if len(self.timers) > 2 * len(self.timer_of) + 64:  # mostly stale: rebuild
+                self.timers = [t for t in self.timers if self.timer_of.get(t[2]) == t[0]]
+                heapq.heapify(self.timers)
 
     def _register(self, fd: int, events: int) -> None:
         try:
