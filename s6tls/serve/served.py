@@ -118,6 +118,7 @@ class Served:
         self._waits: dict[int, int] = {}
         self._until: float | None = None  # the phase's own deadline
         self._failed: tuple[int, str] | None = None  # abort()'s code and line
+        self.cid = -1  # its number in its worker, once added
         self.again = False  # stopped at its bound with work left: step again at once
         self.spoke = False  # the peer sent a byte of its handshake
 

@@ -109,14 +109,15 @@ class Worker:
         self.client_contexts = ClientContexts("server", setup.cfg, setup.environ, self.log.warn)
         self.maxconn = table.maxconn
         self.epoll = select.epoll()
-        self.conns: dict[int, Served] = {}  # id -> connection
+        self.conns: dict[int, Served] = {}  # its number (``Served.cid``) -> connection
         self.fds: dict[int, Served] = {}  # registered descriptor -> its connection
         self.registered: dict[int, dict[int, int]] = {}  # id -> {fd: events}
         self.apps: dict[int, Served] = {}  # application pid -> its connection
         self.timers: list[tuple[float, int, int]] = []  # (deadline, seq, id), lazily pruned
         self.timer_of: dict[int, float] = {}  # id -> the deadline in the heap
         self.busy: set[int] = set()  # connections to step again at once
-        self.seq = itertools.count()
+        self.seq = itertools.count()  # of the timers, so that equal deadlines never compare more
+        self.ids = itertools.count()  # of the connections
         self.stopping = False
         self.paused_until: float | None = None
         self.trouble: tuple[str, int | None] | None = None
@@ -193,7 +194,7 @@ class Worker:
 
     def add(self, conn: Served) -> None:
         """Serve ``conn``, just admitted: its ``allow`` line, then its start."""
-        cid = id(conn)
+        cid = conn.cid = next(self.ids)
         self.conns[cid] = conn
         self.registered[cid] = {}
         ip, _, port = conn.peer.rpartition(":")
@@ -220,7 +221,7 @@ class Worker:
 
     def _sync(self, conn: Served) -> None:
         """Registrations and timer as ``conn`` says now; forget it once it is done."""
-        cid = id(conn)
+        cid = conn.cid
         if cid not in self.conns:
             return
         done = conn.code is not None
@@ -269,7 +270,7 @@ class Worker:
 
     def _forget(self, conn: Served) -> None:
         """``conn`` is over: its slot goes back, its ``end`` line."""
-        cid = id(conn)
+        cid = conn.cid
         del self.conns[cid]
         del self.registered[cid]
         self.timer_of.pop(cid, None)
@@ -320,9 +321,9 @@ class Worker:
         """
         waiting = self.jobs.get(key)
         if waiting is not None:
-            waiting.append((id(conn), then))
+            waiting.append((conn.cid, then))
             return
-        self.jobs[key] = [(id(conn), then)]
+        self.jobs[key] = [(conn.cid, then)]
         if self.pool is None:
             self.pool = ThreadPoolExecutor(POOL_THREADS, thread_name_prefix="s6tls-lookup")
 
