@@ -2,9 +2,10 @@
 
 ``Log`` writes every line s6tls prints on stderr, in skarnet's format
 (``PROGRAM: fatal: ...``, ``warning``, ``info``), and escapes every byte
-outside printable ASCII as ``\\xHH``: nothing a peer sends (a server name, a
-certificate subject, an alert text) can start a new line or move the
-terminal.  Lines about one connection carry its peer and pid:
+outside printable ASCII, and the backslash, as ``\\xHH``: nothing a peer
+sends (a server name, a certificate subject, an alert text) can start a new
+line, move the terminal or read as another string.  Lines about one
+connection carry its peer and pid:
 ``s6-tlsserver: warning: peer [::1]:41000 pid 77: tlsv1 alert unknown ca``.
 
 ``failure`` is the only place that turns an exception into an exit code
@@ -23,21 +24,22 @@ from typing import NoReturn
 from .errors import ExitCode, S6tlsError
 from .options import BadUsage, ShowText
 
-_UNPRINTABLE = re.compile(r"[^\x20-\x7e]+")
+_ESCAPED = re.compile(r"[^\x20-\x5b\x5d-\x7e]+")  # and the backslash
 
 
 def escape(text: str) -> str:
     r"""``text`` with every byte outside printable ASCII written ``\xHH``.
 
-    Characters are taken as their UTF-8 bytes (lone surrogates, from bytes
-    that were not UTF-8, as the bytes they stand for).
+    The backslash too (``\x5C``), so that an escape and text that looks
+    like one differ.  Characters are taken as their UTF-8 bytes (lone
+    surrogates, from bytes that were not UTF-8, as the bytes they stand for).
     """
 
     def hexes(match: re.Match[str]) -> str:
         raw = match.group().encode("utf-8", "surrogateescape")
         return "".join(f"\\x{byte:02X}" for byte in raw)
 
-    return _UNPRINTABLE.sub(hexes, text)
+    return _ESCAPED.sub(hexes, text)
 
 
 def plural(count: int, noun: str) -> str:

@@ -53,7 +53,8 @@ def run(
         pid: the application's pid, reaped here; ``None`` if there is no
             child to watch.
         close_notify: -S: on application EOF send close_notify before the TCP
-            half-close (-s, the default, only half-closes).
+            half-close; -s, the default, only half-closes under TLS 1.2
+            (under TLS 1.3 a close_notify always comes first: ``lifetime``).
         strict_close_notify: -J: a peer EOF without close_notify is an error
             (-j, the default, takes it as a plain EOF).
         idle_timeout: seconds without application data in either direction

@@ -13,7 +13,7 @@ States, each with a name:
 
 * ``Out``, our sending direction (application -> peer): ``OPEN`` (the
   application's output is read and sent), ``DRAINING`` (its output ended:
-  the rest is sent), ``NOTIFYING`` (our close_notify is being written, -S),
+  the rest is sent), ``NOTIFYING`` (our close_notify is being written: -S, or TLS 1.3),
   ``SHUTTING`` (our write side is being shut once what TLS produced is out),
   ``ABANDONING`` (a forced close ran out of time: our write side is shut at
   once, without close_notify), ``CLOSED``.
@@ -35,7 +35,11 @@ Rules (s6-networking's -s/-S, -j/-J, and ours where it is silent):
   ``BUFSIZE`` bytes.
 * Application EOF: once its output is sent, our write side is closed, with a
   close_notify first under -S, a bare half-close under -s.  The other
-  direction keeps flowing.
+  direction keeps flowing.  Under TLS 1.3 the close_notify comes first under
+  -s too: there it closes only its sender's direction (RFC 8446 6.1, which
+  requires it before the write side is closed), and OpenSSL 3 peers take an
+  EOF without one for an error.  -s keeps its meaning (a bare half-close)
+  under TLS 1.2 only, where a close_notify ends both directions.
 * Peer close_notify or EOF: once what it sent is written, the application's
   input is closed.  An EOF without close_notify is an error under -J (while
   the application still reads).  Under TLS 1.2 with -S a close_notify ends
@@ -57,8 +61,8 @@ Rules (s6-networking's -s/-S, -j/-J, and ours where it is silent):
   our last records reach it before any RST.
 * Idle: when no application data moved for the idle timeout, which fires
   once, both buffers are dropped, the application's pipes closed, and our
-  write side closed as in a forced close (close_notify under -S only if it
-  can be written within ``LINGER``), then the linger.
+  write side closed as in a forced close (close_notify under -S or TLS 1.3, only
+  if it can be written within ``LINGER``), then the linger.
 * Error after the handshake (a bad record, an alert, a reset, a truncation
   under -J): the network is closed at once, and the application's output.
   What was authenticated before the error is still written to its input.
@@ -272,7 +276,8 @@ class Lifetime:
     """The state and rules of one tunnel; see the module docstring.
 
     Args:
-        close_notify: -S.
+        close_notify: -S; implied under TLS 1.3 (see the module docstring),
+            so ``self.close_notify`` says whether our end sends one.
         strict_close_notify: -J.
         tls12: the connection is TLS 1.2 (a close_notify then ends both ways).
         app: True when there is an application to watch (a pid).
@@ -302,9 +307,9 @@ class Lifetime:
     ) -> None:
         self.max_datagram = max_datagram
         self.datagram = max_datagram is not None
-        self.close_notify = close_notify or self.datagram
         self.strict_close_notify = strict_close_notify
         self.tls12 = tls12 or self.datagram
+        self.close_notify = close_notify or self.datagram or not self.tls12
         # A side is read while its buffer's end is below this: anywhere in a
         # stream, only at the start (an empty buffer) in datagram mode.
         self._room = 1 if self.datagram else BUFSIZE

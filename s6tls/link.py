@@ -10,8 +10,11 @@ between them and the descriptors.
 ``new_link`` builds the one link of a connection; the handshake and the
 engine both use it.  Every operation is non-blocking: one that must wait
 raises ``WouldBlock(fd, events)``; a send to a peer that reads nothing more
-raises ``PeerGone``; a TLS failure raises pyOpenSSL's ``SSL.Error``.  Nothing
-here decides *when* to do what: that is ``lifetime``'s job.
+raises ``PeerGone``; a TLS failure raises pyOpenSSL's ``SSL.Error``, and so
+does every other failure of the ciphertext descriptors (a reset, EIO): an
+``SSL.SysCallError`` with the errno, as OpenSSL reports a socket's, so that
+the peer's failures never look like ours.  Nothing here decides *when* to do
+what: that is ``lifetime``'s job.
 """
 
 import contextlib
@@ -125,7 +128,9 @@ class Link:
     ``handshake_watch``, for kernel TLS, is set before the handshake.
     ``max_datagram`` is set by a datagram link (DTLS) once its handshake is
     done: the most cleartext one datagram carries; the engine then runs in
-    datagram mode.
+    datagram mode.  ``icmp_news`` is the text of the last ICMP error a
+    datagram link was told about its peer (which is no ending), for the
+    message of a handshake that then times out.
     """
 
     conn: SSL.Connection
@@ -133,6 +138,7 @@ class Link:
     wfd: int
     info: InfoWatch
     max_datagram: int | None = None
+    icmp_news: str | None = None
 
     def _watch_alerts(self) -> None:
         """Give the connection its info callback (``InfoWatch``)."""
@@ -185,7 +191,17 @@ class Link:
         return False
 
     def flush(self) -> None:
-        """Write out ciphertext the TLS object produced (memory BIOs only)."""
+        """Write out ciphertext the TLS object produced (memory BIOs only).
+
+        Raises ``WouldBlock`` and ``PeerGone`` only: a write that fails
+        otherwise (a reset, EIO) raises ``PeerGone`` too, since our write
+        side is over, and keeps the failure in ``failure``.
+        """
+
+    @property
+    def failure(self) -> SSL.Error | None:
+        """The failure of a write ``flush`` ended with; every later TLS operation raises it."""
+        return None
 
     def shut_write(self) -> None:
         """Flush what TLS produced, then shut our write side (TCP half-close)."""
@@ -293,14 +309,22 @@ class BioLink(Link):
         self._out = memoryview(b"")
         self._eof = False
         self._notify_sent = False
+        self._failure: SSL.SysCallError | None = None
+
+    @property
+    def failure(self) -> SSL.Error | None:
+        return self._failure
 
     def _tls(self, op: Callable[..., T], *args: object) -> T:
         """``op`` with at most one read of ``rfd`` in between two tries.
 
         So one call does a bounded amount of work even against a peer whose
         bytes never stop coming: the caller gets ``WouldBlock`` back, and
-        checks its deadlines, between two reads.
+        checks its deadlines, between two reads.  A failure of a write
+        (``failure``) is raised first.
         """
+        if self._failure is not None:
+            raise self._failure
         try:
             return op(*args)
         except SSL.WantReadError:
@@ -316,15 +340,25 @@ class BioLink(Link):
 
     def _fill(self) -> None:
         """Move ciphertext from ``rfd`` into the TLS object."""
-        try:
-            n = os.readv(self.rfd, [self._inbuf])
-        except BlockingIOError:
-            raise WouldBlock(self.rfd, select.POLLIN) from None
+        n = self._read()
         if n:
             self.conn.bio_write(self._inbuf[:n])
         else:
             self._eof = True
             self.conn.bio_shutdown()
+
+    def _read(self) -> int:
+        """Read ``rfd`` once into the input buffer; return how much.
+
+        Raises ``WouldBlock`` when nothing is there, and any other failure
+        as its ``SSL.SysCallError`` (``ssl_failure``).
+        """
+        try:
+            return os.readv(self.rfd, [self._inbuf])
+        except BlockingIOError:
+            raise WouldBlock(self.rfd, select.POLLIN) from None
+        except OSError as exc:
+            raise ssl_failure(exc) from None
 
     def recv(self, view: memoryview) -> int:
         try:
@@ -334,20 +368,35 @@ class BioLink(Link):
 
     def send(self, view: memoryview) -> int:
         # Backpressure: encrypt more only once the last record is out.  One
-        # record at a time, so that one bio_read takes all of it.
-        self.flush()
-        return self._tls(self.conn.send, view[:RECORD])
+        # record at a time, so that one bio_read takes all of it; written at
+        # once, so that a failure to write it is this send's.
+        self._write_out()
+        n = self._tls(self.conn.send, view[:RECORD])
+        with contextlib.suppress(WouldBlock):  # the loop's flush finishes it
+            self._write_out()
+        return n
 
     def notify(self) -> None:
         if not self._notify_sent:  # a second SSL_shutdown would read the peer
             self.conn.shutdown()
             self._notify_sent = True
-        self.flush()
+        self._write_out()
 
     def has_output(self) -> bool:
         return bool(self._out) or pending_output(self.conn) > 0
 
     def flush(self) -> None:
+        try:
+            self._write_out()
+        except SSL.SysCallError:  # our write side is over; the next TLS operation raises it
+            raise PeerGone from None
+
+    def _write_out(self) -> None:
+        """``flush``, except that a failed write raises its ``SSL.SysCallError``.
+
+        Any failure but EPIPE (a reset, EIO) also ends our write side and
+        stays in ``failure``.
+        """
         while self._out or pending_output(self.conn):
             if not self._out:
                 self._out = memoryview(self.conn.bio_read(BUFSIZE))
@@ -362,6 +411,10 @@ class BioLink(Link):
                 self._out = memoryview(b"")
                 self.abandon_write()
                 raise PeerGone from None
+            except OSError as exc:
+                self._failure = ssl_failure(exc)
+                self.abandon_write()
+                raise self._failure from None
             self._out = self._out[n:]
 
     def shut_write(self) -> None:
@@ -382,3 +435,8 @@ class BioLink(Link):
         if self.rfd >= 0:
             os.close(self.rfd)
             self.rfd = -1
+
+
+def ssl_failure(exc: OSError) -> SSL.SysCallError:
+    """A failure of a ciphertext descriptor, as OpenSSL reports one on a socket (the errno)."""
+    return SSL.SysCallError(exc.errno, exc.strerror)

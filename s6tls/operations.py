@@ -152,22 +152,9 @@ class Operations:
 
     def _pass(self) -> bool:
         """Try each wanted operation once; True if any of them did something."""
-        m, blocked, perform = self.m, self.blocked, self.PERFORM
-        progress = False
-        for op in DATA_OPS:
-            if op not in blocked and m.wants(op):
-                try:
-                    perform[op](self)
-                    progress = True
-                except WouldBlock as wb:
-                    blocked[op] = (wb.fd, wb.events)
-        for op in m.control_ops():
-            if op not in blocked and m.wants(op):
-                try:
-                    perform[op](self)
-                    progress = True
-                except WouldBlock as wb:
-                    blocked[op] = (wb.fd, wb.events)
+        progress = self._try(DATA_OPS)
+        progress = self._try(self.m.control_ops()) or progress  # as the data ops left it
+        blocked = self.blocked
         if FLUSH not in blocked and self.link.has_output():
             try:
                 self.link.flush()
@@ -175,6 +162,19 @@ class Operations:
                 blocked[FLUSH] = (wb.fd, wb.events)
             except PeerGone:
                 self._peer_gone()
+        return progress
+
+    def _try(self, ops: tuple[Op, ...]) -> bool:
+        """Perform each of ``ops`` the machine wants now; True if any did something."""
+        m, blocked, perform = self.m, self.blocked, self.PERFORM
+        progress = False
+        for op in ops:
+            if op not in blocked and m.wants(op):
+                try:
+                    perform[op](self)
+                    progress = True
+                except WouldBlock as wb:
+                    blocked[op] = (wb.fd, wb.events)
         return progress
 
     # -- the application ---------------------------------------------------------
@@ -194,11 +194,15 @@ class Operations:
 
         None when there is nothing and the application is dead (the machine
         took that as the end); ``WouldBlock`` when there is nothing yet (the
-        buffer's memory is given back meanwhile).
+        buffer's memory is given back meanwhile).  A datagram socketpair
+        whose application closed its end with datagrams unread reports a
+        reset: that is its end too.
         """
         outbound = self.m.outbound
         try:
             return os.readv(self.cread, [outbound.space()])
+        except ConnectionResetError:  # a socketpair whose other end closed with data unread
+            return 0
         except BlockingIOError:
             outbound.release()
             if self.m.app_read_blocked():
@@ -219,7 +223,7 @@ class Operations:
             n = os.write(self.cwrite, m.inbound.data())
         except BlockingIOError:
             raise WouldBlock(self.cwrite, select.POLLOUT) from None
-        except BrokenPipeError:
+        except (BrokenPipeError, ConnectionResetError):  # it reads nothing more: its ending
             m.app_gone()
         else:
             m.app_written(n)

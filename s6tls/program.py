@@ -33,7 +33,7 @@ from .cli import Log, run_main
 from .errors import AppNotExecutable, AppNotFound
 from .options import Operand, Opt, Settings
 from .serve.connection import Setup
-from .serve.privileges import Ids, check_ids, ids_from_config, ids_from_options
+from .serve.privileges import Ids, as_ids, check_ids, ids_from_config, ids_from_options
 from .tls.config import Options, Role, TlsConfig, no_tickets_conf
 
 if TYPE_CHECKING:
@@ -138,6 +138,11 @@ def start(program: Program, argv: Sequence[str], log: Log) -> int:
     cfg = TlsConfig.from_env(program.role, os.environ, tls, dtls=program.dtls)
     ids = check_ids(_asked_ids(settings, cfg))
     check_app(app[0])
+    if cfg.session_dir:  # written after the drop: checked as the ids it will be written as
+        from .tls.sessions import check_directory
+
+        with as_ids(ids):
+            check_directory(cfg.session_dir)
     conf = None if cfg.role == "client" or program.issues_tickets else no_tickets_conf(os.environ)
     if conf:
         os.environ["OPENSSL_CONF"] = conf  # OpenSSL reads it once, as it starts below

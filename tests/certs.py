@@ -7,6 +7,7 @@ over its own database to revoke, make CRLs and answer OCSP requests.
 Everything is written under one directory, keys with mode 0600.
 """
 
+import base64
 import datetime
 import ipaddress
 import subprocess
@@ -60,6 +61,21 @@ def _san(value: str) -> x509.GeneralName:
         "email": lambda: x509.RFC822Name(text),
         "IP": lambda: x509.IPAddress(ipaddress.ip_address(text)),
     }[kind]()
+
+
+def _der(tag: int, content: bytes) -> bytes:
+    """One DER TLV."""
+    size = len(content)
+    if size < 0x80:
+        return bytes([tag, size]) + content
+    length = size.to_bytes((size.bit_length() + 7) // 8, "big")
+    return bytes([tag, 0x80 | len(length)]) + length + content
+
+
+def _oid_der(oid: x509.ObjectIdentifier) -> bytes:
+    """The DER of an OID whose arcs after the first two are below 128."""
+    first, second, *rest = (int(arc) for arc in oid.dotted_string.split("."))
+    return _der(0x06, bytes([40 * first + second, *rest]))
 
 
 def _new_key(kind: str):
@@ -169,6 +185,38 @@ class TestCA:
         pem = cert.public_bytes(serialization.Encoding.PEM) + self.chain_pem
         cert_path = self._write(f"{stem}.pem", pem)
         return Leaf(cert, key, cert_path, self._write_key(f"{stem}.key", key))
+
+    def issue_with_two_sans(self, stem: str, first: str, second: str) -> Leaf:
+        """A leaf with two subjectAltName extensions, which RFC 5280 forbids.
+
+        cryptography makes no such certificate and parses none (it raises):
+        the second is made under another OID of the same length, which is
+        then put right in the signed bytes, signed again by this CA.
+        """
+        placeholder = x509.ObjectIdentifier("2.5.29.99")
+        key = _new_key("ec")
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, stem)])
+        second_san = x509.SubjectAlternativeName([_san(second)]).public_bytes()
+        draft = (
+            self._builder(subject, key.public_key(), NOW - DAY, NOW + DAY)
+            .issuer_name(self.cert.subject)
+            .add_extension(x509.SubjectAlternativeName([_san(first)]), critical=False)
+            .add_extension(x509.UnrecognizedExtension(placeholder, second_san), critical=False)
+            .sign(self.key, hashes.SHA256())
+        )
+        signed = draft.tbs_certificate_bytes
+        assert signed.count(_oid_der(placeholder)) == 1
+        san_oid = _oid_der(x509.ExtensionOID.SUBJECT_ALTERNATIVE_NAME)
+        tbs = signed.replace(_oid_der(placeholder), san_oid)
+        der = draft.public_bytes(serialization.Encoding.DER)
+        after_tbs = der[der.index(signed) + len(signed) :]  # the algorithm, then the signature
+        algorithm = after_tbs[: len(after_tbs) - len(_der(0x03, b"\x00" + draft.signature))]
+        signature = self.key.sign(tbs, ec.ECDSA(hashes.SHA256()))
+        body = tbs + algorithm + _der(0x03, b"\x00" + signature)
+        pem = b"-----BEGIN CERTIFICATE-----\n"
+        pem += base64.encodebytes(_der(0x30, body)) + b"-----END CERTIFICATE-----\n"
+        cert_path = self._write(f"{stem}.pem", pem)
+        return Leaf(draft, key, cert_path, self._write_key(f"{stem}.key", key))
 
     # --- the real openssl ca / ocsp over this CA's database ------------------------------
 

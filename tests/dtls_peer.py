@@ -13,6 +13,7 @@ import os
 import select
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -141,6 +142,31 @@ def stop(proc: subprocess.Popen) -> tuple[int, str]:
     proc.send_signal(signal.SIGTERM)
     _out, err = proc.communicate(timeout=30)
     return proc.returncode, err.decode()
+
+
+def _checksum(data: bytes) -> int:
+    """The Internet checksum (RFC 1071) of ``data``."""
+    total = sum(struct.unpack(f"!{len(data) // 2}H", data + b"\0" * (len(data) % 2)))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
+
+
+def forge_port_unreachable(victim: tuple[str, int], peer: tuple[str, int]) -> None:
+    """Tell ``victim``'s host, as any router could, that ``peer``'s UDP port is closed.
+
+    An ICMP port unreachable (type 3, code 3) quoting a datagram from
+    ``victim`` to ``peer`` (IPv4), from a raw socket, which needs root: a UDP
+    socket at ``victim`` connected to ``peer`` gets ECONNREFUSED on its next call.
+    """
+    quoted = struct.pack(
+        "!BBHHHBBH4s4sHHHH", 0x45, 0, 28, 0, 0, 64, socket.IPPROTO_UDP, 0,
+        socket.inet_aton(victim[0]), socket.inet_aton(peer[0]), victim[1], peer[1], 8, 0,
+    )  # fmt: skip
+    icmp = struct.pack("!BBHI", 3, 3, 0, 0) + quoted
+    icmp = icmp[:2] + struct.pack("!H", _checksum(icmp)) + icmp[4:]
+    with socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP) as raw:
+        raw.sendto(icmp, (victim[0], 0))
 
 
 def free_udp_port() -> int:

@@ -472,6 +472,12 @@ def test_escape_writes_every_byte_outside_printable_ascii_as_hex():
     assert escape(b"\xff\xfe".decode("utf-8", "surrogateescape")) == "\\xFF\\xFE"
 
 
+def test_escape_tells_an_escape_from_text_that_looks_like_one():
+    """A backslash is escaped too: a peer cannot write what reads as an escaped byte."""
+    assert escape("a\\b") == "a\\x5Cb"
+    assert escape("x\\x0Ay") != escape("x\ny")
+
+
 def test_every_log_line_is_one_line_whatever_it_holds(capsys):
     log = Log("s6-tlsd", verbosity=2).about("[::1]:4000", 77)
     log.info("sni x\ns6-tlsd: info: forged\x1b[2J")

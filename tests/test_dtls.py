@@ -18,8 +18,20 @@ import sys
 import time
 
 import pytest
-from conftest import program
-from dtls_peer import APPS, ECHO, DtlsClient, client_hello, lines_until, s_server_dtls, stop
+from conftest import STARTED, program
+from dtls_peer import (
+    APPS,
+    ECHO,
+    DtlsClient,
+    client_hello,
+    forge_port_unreachable,
+    free_udp_port,
+    lines_until,
+    memory_client,
+    next_flight,
+    s_server_dtls,
+    stop,
+)
 from openssl_peer import s_client
 from server_helpers import child_pids, fd_count
 from test_psk import KEY, psk_server_env
@@ -237,23 +249,88 @@ def test_an_idle_association_is_closed_both_ways(dtls_server, pki):
     client.close()
 
 
-def test_a_peer_whose_port_closed_ends_the_association_at_the_next_datagram(
-    dtls_server, pki, tmp_path
-):
-    """UDP's only news of a vanished peer: ICMP port unreachable, on the connected socket."""
+def test_a_peer_whose_port_closed_is_no_ending_the_idle_timeout_ends_it(dtls_server, pki, tmp_path):
+    """UDP's only news of a vanished peer, ICMP port unreachable, can be forged: no ending."""
     gone = tmp_path / "gone"
     os.mkfifo(gone)  # prog's second datagram waits for the client to be gone
     script = f"head -n 1 >/dev/null; echo one; read x <{gone}; echo two; cat >/dev/null"
-    proc, port = dtls_server([], ["sh", "-c", script])
+    proc, port = dtls_server(["--idle-timeout", "1"], ["sh", "-c", script])
     client = DtlsClient(port, pki["ca"])
     client.handshake()
     client.send(b"go\n")
     assert client.recv() == b"one\n"
-    client.close()  # gone, without a close_notify
+    client.close()  # gone, without a close_notify: "two" earns an ICMP port unreachable
     with open(gone, "w") as fifo:
         fifo.write("\n")
-    lines = lines_until(proc, "status 98")
-    assert any(line.endswith(": connection broken: Connection refused") for line in lines), lines
+    lines = lines_until(proc, "status")
+    assert "closed by idle timeout status 0" in lines[-1], lines
+    assert not any("Connection refused" in line for line in lines), lines
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a raw socket needs root")
+def test_a_forged_port_unreachable_ends_no_association_on_either_side(
+    dtls_server, client_env, tmp_path
+):
+    forged = tmp_path / "forged"
+    os.mkfifo(forged)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as a:  # the forgery itself works
+        a.bind(("127.0.0.1", 0))
+        a.connect(("127.0.0.1", free_udp_port()))
+        forge_port_unreachable(a.getsockname(), a.getpeername())
+        with pytest.raises(ConnectionRefusedError):
+            a.recv(1)
+    proc, port = dtls_server([], ECHO)
+    script = (
+        f'echo "$UDPLOCALPORT"; echo one >&7; head -n 1 <&6; read x <{forged};'
+        " echo two >&7; head -n 1 <&6"
+    )
+    client = subprocess.Popen(
+        [*program("s6-dtlsclient"), "-k", "localhost", "127.0.0.1", str(port), "sh", "-c", script],
+        env=client_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    STARTED.append(client)
+    assert client.stdout is not None
+    client_port = int(client.stdout.readline())
+    assert client.stdout.readline() == b"one\n"  # the association is up, both sides idle
+    server_side, client_side = ("127.0.0.1", port), ("127.0.0.1", client_port)
+    forge_port_unreachable(server_side, client_side)
+    forge_port_unreachable(client_side, server_side)
+    with open(forged, "w") as fifo:
+        fifo.write("\n")
+    out, err = client.communicate(timeout=30)
+    assert (client.returncode, out, err) == (0, b"two\n", b"")
+    lines = lines_until(proc, "status")
+    assert "closed by close_notify status 0" in lines[-1], lines
+
+
+def test_a_client_told_the_port_is_closed_retransmits_until_K(client_env):
+    """The ICMP answer to its ClientHello may be forged: no ending, but the timeout says it."""
+    res = subprocess.run(
+        [*program("s6-dtlsclient"), "-K", "1500", "127.0.0.1", str(free_udp_port()), "true"],
+        env=client_env, capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert res.returncode == 98, res.stderr
+    assert fatal(res.stderr, "s6-dtlsclient") == (
+        "handshake timed out (the peer's host said: Connection refused)"
+    )
+
+
+def test_an_application_that_exits_without_reading_a_datagram_ends_with_its_status(
+    dtls_server, pki
+):
+    """Its SEQPACKET socket then says ECONNRESET: the application's ending, not ours (111)."""
+    exits_unread = [
+        sys.executable,
+        "-c",
+        "import select, sys; select.select([0], [], []); sys.exit(3)",
+    ]
+    proc, port = dtls_server([], exits_unread)
+    client = DtlsClient(port, pki["ca"])
+    client.handshake()
+    client.send(b"never read\n")
+    assert "closed by application exited status 3" in lines_until(proc, "status")[-1]
+    assert client.recv(timeout=30) is None  # our close_notify
+    client.close()
 
 
 def test_a_peer_that_vanishes_mid_handshake_is_dropped_at_the_K_limit(dtls_server, pki):
@@ -366,3 +443,24 @@ def test_a_session_is_resumed_by_another_child(dtls_server, pki, tmp_path):
     first = s_client(port, *ca, "-sess_out", session)
     second = s_client(port, *ca, "-sess_in", session)
     assert (first.out, second.out) == (b"resumed=0\n", b"resumed=1\n"), second.err
+
+
+def test_a_sixty_kilobyte_client_hello_is_answered_by_its_first_record(dtls_server, pki):
+    """Only the first record of a verified ClientHello matters: 60 KB after it change nothing
+    (they once travelled to a child inside a 64 KiB message, and crashed it: 111)."""
+    proc, port = dtls_server(["-v", "-K", "1000"], ["cat"])
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.connect(("127.0.0.1", port))
+    sock.settimeout(20)
+    conn = memory_client()
+    sock.send(next_flight(conn))
+    hello = next_flight(conn, sock.recv(1 << 16))  # with its cookie
+    sock.send(hello + b"\x00" * 60_000)
+    answer = sock.recv(1 << 16)
+    assert answer[0] == 22  # a handshake record: the server's flight
+    lines = lines_until(proc, "status 98")  # then we say nothing more: -K ends it
+    assert lines[-1].startswith("s6-dtlsserver: info: end 127.0.0.1 port ")
+    assert not any("internal error" in line for line in lines), lines
+    sock.close()
+    code, log = stop(proc)
+    assert code == 0 and "internal error" not in log

@@ -16,21 +16,28 @@ import sys
 
 import pytest
 from certs import TestCA
-from conftest import program
+from conftest import STARTED, program
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 from OpenSSL import SSL
+from OpenSSL.crypto import X509
 from openssl_peer import s_client
 from server_helpers import lines_with, serving
+from test_faults import s_server
 from ucspi_helpers import (
     CLIENT_PRINT_ENV,
     SERVER_PRINT_ENV,
     direct_pair,
     fatal,
+    finish,
+    spawn_tlsc,
     spawn_tlsd,
     tcp_pair,
     touch_then,
+    unprefixed,
 )
+
+from s6tls.tls.peer import certificate_facts
 
 ADMITTED = ["sh", "-c", 'echo "admitted $SSL_PEER_CERT_SAN_DNS"']
 
@@ -101,8 +108,8 @@ def test_each_allow_list_admits_its_client_and_refuses_the_others_in_the_handsha
             leaf = leaves[kind]
             peer = s_client(port, "-cert", leaf.cert_path, "-key", leaf.key_path)
             assert (b"admitted" in peer.out) == (kind in admitted), (kind, peer.err)
-            if kind not in admitted:
-                assert "alert" in peer.err  # refused inside the handshake
+            if kind not in admitted:  # refused inside the handshake, with what is wrong
+                assert "alert bad certificate" in peer.err, peer.err
         refusals = lines_with(server, "not admitted", 4 - len(admitted))
     assert all(" TLS_PEER_" in line for line in refusals)
 
@@ -144,6 +151,25 @@ def test_the_client_checks_its_allow_lists_and_pins_with_or_without_the_chain(ca
         assert b"certificate not admitted by TLS_PEER_SPKI" in wrong.stderr
 
 
+def test_a_certificate_that_cannot_be_parsed_is_refused_with_bad_certificate_not_a_crash(ca):
+    """Two subjectAltName extensions, on which cryptography raises: a refusal in the
+    handshake (97, its reason, bad_certificate), at -v 3 and with --no-verify-cert too."""
+    two = ca.issue_with_two_sans("two-sans", "DNS:localhost", "DNS:other.example")
+    server, port = s_server({"server_cert": two.cert_path, "server_key": two.key_path})
+    STARTED.append(server)
+    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+    code, _out, client_err = finish(spawn_tlsc(["-v", "3", "--no-verify-cert"], ["true"], {}, sock))
+    server.terminate()  # it may wait for its next connection
+    _out, err = server.communicate(timeout=30)
+    assert code == 97, client_err
+    fatal_lines = [line for line in unprefixed(client_err).splitlines() if ": fatal: " in line]
+    assert fatal_lines == [
+        "s6-tlsc: fatal: unable to check the peer's certificate:"
+        " Duplicate 2.5.29.17 extension found (invalid certificate; certificate verify failed)"
+    ]
+    assert b"alert bad certificate" in err
+
+
 # --- the peer's certificate in the environment --------------------------------------------
 
 
@@ -172,6 +198,18 @@ def test_the_application_gets_the_sans_the_spki_and_the_expiry_of_the_peer(ca):
     assert seen["SSL_SESSION_RESUMED"] == "0"
 
 
+def test_a_comma_in_a_san_and_its_escape_written_out_read_differently(ca):
+    """``admin%2Cx.example`` is not ``admin,x.example``: a ``%`` is escaped too."""
+    facts = [
+        certificate_facts(X509.from_cryptography(ca.issue(stem, f"DNS:{name}").cert))
+        for stem, name in (("san-escape", "admin%2Cx.example"), ("san-comma", "admin,x.example"))
+    ]
+    assert [f["SSL_PEER_CERT_SAN_DNS"] for f in facts] == [
+        "admin%252Cx.example",
+        "admin%2Cx.example",
+    ]
+
+
 # --- the subject: OpenSSL's one-line form, or refused ---------------------------------------
 
 
@@ -193,7 +231,7 @@ BMP = x509.name._ASN1Type.BMPString
         name((NameOID.COMMON_NAME, "Zoë \\ a+b=c,d"), (NameOID.ORGANIZATIONAL_UNIT_NAME, "é", BMP)),
     ],
 )
-def test_the_subject_is_exactly_what_openssl_prints(subject, ca, tmp_path):
+def test_the_subject_is_what_openssl_prints_with_a_backslash_doubled(subject, ca, tmp_path):
     client = ca.issue(f"subject-{abs(hash(subject.rfc4514_string()))}", "DNS:c.example",
                       subject=subject)  # fmt: skip
     env = {**os.environ, "CERTFILE": client.cert_path, "KEYFILE": client.key_path,
@@ -208,7 +246,8 @@ def test_the_subject_is_exactly_what_openssl_prints(subject, ca, tmp_path):
         capture_output=True, text=True, check=True, timeout=10,
     ).stdout.strip().removeprefix("subject=")  # fmt: skip
     _, seen = eval(client_result[1])
-    assert seen["SSL_PEER_CERT_SUBJECT"] == printed
+    # OpenSSL leaves a backslash alone, which is ambiguous; here it stands between spaces
+    assert seen["SSL_PEER_CERT_SUBJECT"] == printed.replace(" \\ ", " \\\\ ")
 
 
 @pytest.mark.parametrize(
@@ -270,22 +309,22 @@ def client_hello_with_sni(servername: bytes) -> bytes:
     return record[:3] + struct.pack(">H", len(handshake)) + handshake
 
 
-NOT_A_HOST_NAME = "client sent a server name that is not a valid host name"
+NOT_A_NAME = "client sent an invalid server name (not labels of printable ASCII)"
 
 
 @pytest.mark.parametrize(
     ("servername", "reason"),
     [
-        (b"x\ns6-tlsd: warning: forged line", NOT_A_HOST_NAME),
-        (b"red\x1b[31m.example", NOT_A_HOST_NAME),
+        (b"x\ns6-tlsd: warning: forged line", NOT_A_NAME),
+        (b"red\x1b[31m.example", NOT_A_NAME),
         (b"a" * 300, "bad extension"),  # OpenSSL's own limit, 255 octets, comes first
-        (b"a..b", NOT_A_HOST_NAME),
-        (b"-a.example", NOT_A_HOST_NAME),
-        (b"a_b.example", NOT_A_HOST_NAME),
-        ("bücher.example".encode(), NOT_A_HOST_NAME),
+        (b"a..b", NOT_A_NAME),
+        (b"a b.example", NOT_A_NAME),
+        (b"a" * 64 + b".example", NOT_A_NAME),
+        ("bücher.example".encode(), NOT_A_NAME),
     ],
 )
-def test_a_server_name_that_is_not_a_host_name_gets_unrecognized_name(
+def test_a_server_name_that_is_no_name_gets_unrecognized_name_even_at_k_0(
     servername, reason, ca, leaves, tmp_path
 ):
     marker = tmp_path / "started"
@@ -303,15 +342,32 @@ def test_a_server_name_that_is_not_a_host_name_gets_unrecognized_name(
     assert not marker.exists()
 
 
-def test_a_valid_server_name_still_gets_through(ca, leaves):
+@pytest.mark.parametrize(
+    "servername", [b"LocalHost", b"localhost.", b"my_host.example", b"-a.example", b"a" * 63]
+)
+def test_a_name_of_printable_labels_gets_through_at_k_0_which_ignores_it(servername, ca, leaves):
+    """Underscores (internal networks, containers) and a final dot are names: never fatal."""
     server, client = tcp_pair()
     tlsd = spawn_tlsd([], ["true"], server_env(ca, leaves["server"]), server)
     with client:
-        client.sendall(client_hello_with_sni(b"LocalHost"))
+        client.sendall(client_hello_with_sni(servername))
         client.settimeout(20)
         assert client.recv(1) == b"\x16"  # a ServerHello, not an alert
     tlsd.kill()
     tlsd.communicate(timeout=30)
+
+
+@pytest.mark.parametrize("sent", ["my_host.example", "MY_HOST.example."])
+def test_a_name_with_an_underscore_or_a_final_dot_chooses_its_keypair_at_k_1(sent, ca, leaves):
+    named = ca.issue("my-host", "DNS:my-host.example")
+    env = server_env(
+        ca, leaves["server"], **{"CERTFILE:my_host.example": named.cert_path,
+                                  "KEYFILE:my_host.example": named.key_path},
+    )  # fmt: skip
+    with serving(["-k", "1"], SERVER_PRINT_ENV, env) as (_server, port):
+        peer = s_client(port, "-servername", sent, "-showcerts", brief=False)
+    assert "CN=my-host" in peer.out.decode() or "CN = my-host" in peer.out.decode(), peer.err
+    assert f"'SSL_TLS_SNI_SERVERNAME': '{sent}'" in peer.out.decode()
 
 
 # --- the client's server name: IP literals and international names --------------------------

@@ -226,6 +226,21 @@ def test_a_tls12_renegotiation_is_refused_as_in_userspace(env, pki, tmp_path, re
     assert (tmp_path / "got").read_bytes() == b"before\n"
 
 
+def test_under_s_the_kernel_ends_tls13_with_close_notify_then_reads_on(env, pki, reap):
+    """RFC 8446 6.1 on the kernel path too: the application's EOF is a close_notify."""
+    app = ["sh", "-c", "echo bye; exec >&-; head -n 1 >/dev/null; exit 5"]
+    server, port = start_server(["-v", "--ktls", "-s"], app, env)
+    reap.append(server)
+    peer = Peer(pki, port)
+    assert peer.read_all() == b"bye\n"
+    assert peer.conn.get_shutdown() & SSL.RECEIVED_SHUTDOWN  # not a bare FIN
+    peer._wait_for(peer.conn.sendall, b"still read\n")  # our direction goes on
+    peer._wait_for(peer.conn.shutdown)
+    err = stop(server)
+    assert child_status(err) == 5, err
+    assert " path kernel TLS TLSv1.3 " in err, err
+
+
 @pytest.mark.parametrize(("strict", "status"), [("-j", 0), ("-J", 98)])
 def test_a_bare_fin(env, pki, tmp_path, reap, strict, status):
     server, port = start_server(

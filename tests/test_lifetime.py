@@ -73,6 +73,9 @@ class Tunnel(RuleBasedStateMachine):
         idle=st.sampled_from([None, 1.0, 30.0]),
     )
     def start(self, close_notify, strict, tls12, app, idle):
+        # Our end is a close_notify under -S, and under TLS 1.3 whatever -s/-S say.
+        self.ends_with_close_notify = close_notify or not tls12
+        self.notify_sent = False
         self.m = Lifetime(
             close_notify=close_notify,
             strict_close_notify=strict,
@@ -256,6 +259,7 @@ class Tunnel(RuleBasedStateMachine):
     @rule(outcome=st.sampled_from(["ok", "epipe", "fail"]))
     def notify(self, outcome):
         if outcome == "ok":
+            self.notify_sent = True
             self.m.notified()
         elif outcome == "epipe":
             self.m.peer_gone()
@@ -267,6 +271,12 @@ class Tunnel(RuleBasedStateMachine):
     @precondition(lambda self: self.wants(Op.SHUT_WRITE) or self.wants(Op.ABANDON_WRITE))
     @rule()
     def shut(self):
+        self._shut()
+
+    def _shut(self):
+        """SHUT_WRITE follows our close_notify exactly when our end is one (ABANDON_WRITE never)."""
+        if self.m.wants(Op.SHUT_WRITE):
+            assert self.notify_sent == self.ends_with_close_notify
         self.m.shut()
 
     @precondition(lambda self: self.wants(Op.CLOSE_NET))
@@ -356,9 +366,9 @@ class Tunnel(RuleBasedStateMachine):
                     self.peer_got += m.outbound.data()[:k]
                     m.sent(k)
                 elif op is Op.NOTIFY:
-                    m.notified()
+                    self.notify(outcome="ok")
                 elif op in (Op.SHUT_WRITE, Op.ABANDON_WRITE):
-                    m.shut()
+                    self._shut()
                 elif op is Op.CLOSE_APP_OUTPUT:
                     m.app_output_closed()
                 elif op is Op.RECV:
@@ -402,6 +412,13 @@ def written(m: Lifetime, data: bytes) -> None:
     m.app_read(len(data))
 
 
+def end_our_side(m: Lifetime) -> None:
+    """NOTIFY if the machine wants it (-S, TLS 1.3), then SHUT_WRITE."""
+    if m.wants(Op.NOTIFY):
+        m.notified()
+    m.shut()
+
+
 def test_a_full_side_is_not_read_backpressure():
     m = Lifetime()
     fill(m.outbound, bytes(BUFSIZE))
@@ -411,7 +428,7 @@ def test_a_full_side_is_not_read_backpressure():
 
 
 def test_application_eof_closes_our_side_once_its_data_is_sent_then_the_other_way_flows():
-    m = Lifetime()
+    m = Lifetime(tls12=True)  # -s under TLS 1.2: a bare half-close
     written(m, b"last words")
     m.app_eof()
     assert m.out is Out.DRAINING and m.wants(Op.SEND) and not m.wants(Op.SHUT_WRITE)
@@ -421,12 +438,18 @@ def test_application_eof_closes_our_side_once_its_data_is_sent_then_the_other_wa
     assert m.out is Out.CLOSED and m.wants(Op.RECV) and not m.finished
 
 
-def test_S_sends_close_notify_before_the_half_close():
-    m = Lifetime(close_notify=True)
+@pytest.mark.parametrize(("close_notify", "tls12"), [(True, True), (True, False), (False, False)])
+def test_S_and_any_tls13_end_send_close_notify_before_the_half_close(close_notify, tls12):
+    """RFC 8446 6.1: under TLS 1.3 a close_notify closes one direction, and must come first."""
+    m = Lifetime(close_notify=close_notify, tls12=tls12)
+    written(m, b"last words")
     m.app_eof()
+    m.sent(10)
     assert m.wants(Op.NOTIFY) and not m.wants(Op.SHUT_WRITE)
     m.notified()
-    assert m.wants(Op.SHUT_WRITE)
+    assert m.wants(Op.SHUT_WRITE) and m.wants(Op.RECV)  # the peer's direction goes on
+    m.shut()
+    assert m.out is Out.CLOSED and m.wants(Op.RECV) and not m.wants(Op.CLOSE_NET)
 
 
 def test_peer_eof_reaches_the_application_after_its_data():
@@ -514,7 +537,7 @@ def test_a_dead_application_output_is_still_sent_then_the_peer_is_drained_with_a
     assert m.wants(Op.SEND)
     assert not m.app_read_blocked()  # its empty pipe is its EOF now
     m.sent(14)
-    m.shut()
+    end_our_side(m)
     assert m.deadline() == LINGER  # the linger started with our write side shut
     now = 0.0
     while m.in_ is In.DISCARDING:  # a peer that sends 1 KB every 10 ms, for ever
@@ -530,7 +553,7 @@ def test_a_lingering_close_stops_after_its_byte_bound():
     m = Lifetime()
     m.app_exited(exited(0))
     m.app_read_blocked()
-    m.shut()
+    end_our_side(m)
     for _ in range(LINGER_BYTES // RECORD):
         assert m.in_ is In.DISCARDING
         m.peer_data(RECORD)
@@ -541,7 +564,7 @@ def test_no_error_while_lingering():
     m = Lifetime(strict_close_notify=True)
     m.app_exited(exited(0))
     m.app_read_blocked()
-    m.shut()
+    end_our_side(m)
     m.peer_failed("connection broken: Connection reset by peer")
     assert m.error is None and m.in_ is In.CLOSED
 
@@ -626,9 +649,9 @@ def test_authenticated_data_still_reaches_the_application_after_an_error():
 
 
 def test_an_error_after_our_end_is_the_end_if_the_application_exits_by_itself():
-    m = Lifetime()
+    m = Lifetime(tls12=True)
     m.app_eof()
-    m.shut()
+    end_our_side(m)
     m.peer_failed("TLS error: decode error")  # a peer answering our bare EOF
     assert m.in_ is In.HELD and not m.wants(Op.CLOSE_APP_INPUT)  # no clean EOF handed over
     m.app_exited(exited(0))
@@ -639,7 +662,7 @@ def test_an_error_after_our_end_is_the_end_if_the_application_exits_by_itself():
 def test_an_error_after_our_end_still_stands_when_the_application_had_to_be_killed():
     m = Lifetime()
     m.app_eof()
-    m.shut()
+    end_our_side(m)
     m.peer_failed("TLS error: bad record mac")
     m.tick(GRACE)
     assert m.take_signals() == [signal.SIGTERM] and m.wants(Op.CLOSE_APP_INPUT)
@@ -678,21 +701,21 @@ def test_the_network_is_closed_only_once_both_directions_are_done():
     """Case 7's half in the machine: CLOSE_NET (shut for writing, then close) comes last."""
     m = Lifetime()
     m.app_eof()
-    m.shut()
+    end_our_side(m)
     assert not m.wants(Op.CLOSE_NET)  # the peer may still send
     m.peer_closed(close_notify=True)
     assert m.wants(Op.CLOSE_NET)
 
 
 def test_impossible_events_are_rejected_not_ignored():
-    m = Lifetime()
+    m = Lifetime(tls12=True)
     with pytest.raises(LifetimeError):
         m.sent(1)  # nothing to send
     m.app_eof()
     with pytest.raises(LifetimeError):
         m.app_read(1)  # its output ended
     with pytest.raises(LifetimeError):
-        m.notified()  # no close_notify was wanted under -s
+        m.notified()  # no close_notify was wanted under -s with TLS 1.2
     m2 = Lifetime(app=False)
     with pytest.raises(LifetimeError):
         m2.app_exited(0)

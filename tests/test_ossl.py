@@ -1,9 +1,15 @@
 """The OpenSSL binding module: each function against real OpenSSL handshakes."""
 
+import datetime
 import subprocess
 
 import pytest
 import trustme
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import Encoding
+from cryptography.x509.oid import NameOID
 from OpenSSL import SSL
 from OpenSSL.crypto import X509
 from tls_pair import connections, exchange, handshake
@@ -124,6 +130,30 @@ def test_servername_callback_switches_context_or_refuses_with_unrecognized_name(
     assert "unrecognized name" in str(client_error)
 
 
+def fail(*_args: object) -> int:
+    raise ValueError("a check that raises")
+
+
+@pytest.mark.parametrize(
+    ("verify", "alert"),
+    [
+        (lambda conn, cert, error, depth: error, None),  # OpenSSL's own verdict: trusted
+        (lambda conn, cert, error, depth: ossl.CERT_REJECTED * (depth == 0), "bad certificate"),
+        (fail, "bad certificate"),  # whatever it raises refuses, never reaches cffi
+    ],
+)
+def test_a_verify_callback_chooses_the_alert_of_its_refusal(verify, alert, server_cert, ca):
+    client = client_context(ca)
+    ossl.set_verify_callback(client, SSL.VERIFY_PEER, verify)
+    s, c = connections(server_context(server_cert), client)
+    server_error, client_error = handshake(s, c)
+    if alert is None:
+        assert (server_error, client_error) == (None, None)
+    else:
+        assert "certificate verify failed" in str(client_error)
+        assert f"alert {alert}" in str(server_error)  # not pyOpenSSL's internal_error
+
+
 def test_a_serialised_session_resumes_from_another_client_context(server_cert, ca):
     server = server_context(server_cert)
     server.set_session_cache_mode(SSL.SESS_CACHE_OFF)  # tickets only, as s6-tlsserver
@@ -144,26 +174,10 @@ def test_a_serialised_session_resumes_from_another_client_context(server_cert, c
     assert not ossl.session_reused(s3)
 
 
-def test_subject_oneline_is_what_openssl_prints(tmp_path, server_cert):
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.hazmat.primitives.serialization import Encoding
-    from cryptography.x509.oid import NameOID
-
+def self_signed(*attributes: tuple) -> X509:
+    """A self-signed certificate whose subject has ``(oid, value[, ASN.1 type])`` attributes."""
     key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name(
-        [
-            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Evil/CN=admin"),
-            x509.NameAttribute(NameOID.COMMON_NAME, "mallory é \\ a+b=c,d"),
-            x509.NameAttribute(
-                NameOID.ORGANIZATIONAL_UNIT_NAME, "bmp é", _type=x509.name._ASN1Type.BMPString
-            ),
-            x509.NameAttribute(NameOID.EMAIL_ADDRESS, "a@b.example"),
-        ]
-    )
-    import datetime
-
+    name = x509.Name([x509.NameAttribute(oid, value, *kind) for oid, value, *kind in attributes])
     now = datetime.datetime.now(datetime.UTC)
     cert = (
         x509.CertificateBuilder()
@@ -175,15 +189,35 @@ def test_subject_oneline_is_what_openssl_prints(tmp_path, server_cert):
         .not_valid_after(now + datetime.timedelta(days=1))
         .sign(key, hashes.SHA256())
     )
+    return X509.from_cryptography(cert)
+
+
+def test_subject_oneline_is_what_openssl_prints_with_a_backslash_doubled(tmp_path):
+    cert = self_signed(
+        (NameOID.ORGANIZATION_NAME, "Evil/CN=admin"),
+        (NameOID.COMMON_NAME, "mallory é \\ a+b=c,d"),
+        (NameOID.ORGANIZATIONAL_UNIT_NAME, "bmp é", x509.name._ASN1Type.BMPString),
+        (NameOID.EMAIL_ADDRESS, "a@b.example"),
+    )
     path = tmp_path / "cert.pem"
-    path.write_bytes(cert.public_bytes(Encoding.PEM))
+    path.write_bytes(cert.to_cryptography().public_bytes(Encoding.PEM))
     printed = subprocess.run(
         ["openssl", "x509", "-in", str(path), "-noout", "-subject", "-nameopt", "compat"],
         capture_output=True, text=True, check=True, timeout=10,
     ).stdout.strip().removeprefix("subject=")  # fmt: skip
-    ours = ossl.subject_oneline(X509.from_cryptography(cert))
-    assert ours == printed
-    assert ours.startswith("/O=Evil\\/CN=admin/CN=mallory \\xC3\\xA9 ")
+    ours = ossl.subject_oneline(cert)
+    assert ours == printed.replace(" \\ ", " \\\\ ")  # the one backslash, between spaces
+    assert ours.startswith("/O=Evil\\/CN=admin/CN=mallory \\xC3\\xA9 \\\\ a\\+b=c,d")
+
+
+def test_subject_oneline_tells_apart_the_subjects_openssl_prints_alike():
+    """``O=a\\`` then ``CN=admin``, or one ``O=a/CN=admin``: OpenSSL prints ``/O=a\\/CN=admin``."""
+    two = self_signed((NameOID.ORGANIZATION_NAME, "a\\"), (NameOID.COMMON_NAME, "admin"))
+    one = self_signed((NameOID.ORGANIZATION_NAME, "a/CN=admin"))
+    assert ossl.subject_oneline(two) == "/O=a\\\\/CN=admin"
+    assert ossl.subject_oneline(one) == "/O=a\\/CN=admin"
+    text = self_signed((NameOID.COMMON_NAME, "\\x0A"), (x509.ObjectIdentifier("1.2.3.4"), "\n"))
+    assert ossl.subject_oneline(text) == "/CN=\\\\x0A/1.2.3.4=\\x0A"  # text, then a byte
 
 
 def test_verify_error_text_is_openssls():

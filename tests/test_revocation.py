@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pytest
 from certs import TestCA
-from conftest import program
+from conftest import STARTED, program
 from openssl_peer import s_client
 from server_helpers import lines_with, serving
+from test_faults import s_server
 from ucspi_helpers import LineReader, direct_pair, fatal, touch_then
 
 SHOW = ["sh", "-c", 'echo "admitted $SSL_PEER_CERT_SAN_DNS"']
@@ -103,6 +104,8 @@ def test_a_revoked_client_certificate_is_refused_in_the_handshake(
                 port, "-cert", leaf.cert_path, "-cert_chain", leaf.cert_path, "-key", leaf.key_path
             )
             assert (b"admitted" in peer.out) == (kind in admitted), (kind, peer.err)
+            if kind not in admitted:  # OpenSSL's alert for what is wrong, never internal_error
+                assert "alert internal error" not in peer.err, peer.err
         refusals = lines_with(server, "certificate verify failed", 2 - len(admitted))
     assert any(refusal in line for line in refusals), refusals
 
@@ -206,6 +209,33 @@ def test_tls_ocsp_require_accepts_only_a_good_current_response(
     assert code == 97 and not marker.exists()
     if ocspfile == "stale_ocsp":
         assert "OCSPFILE" in err.splitlines()[0]  # the server warned at start
+
+
+def test_a_stapled_response_that_cannot_be_read_fails_the_handshake_not_the_client(pki, tmp_path):
+    """Its CertID names a hash cryptography does not know, which raises: 97, never 111."""
+    _root, _inter, leaves, files = pki
+    der = Path(files["good_ocsp"]).read_bytes()
+    sha1 = bytes.fromhex("06052B0E03021A")  # the CertID's hash, as openssl ocsp writes it
+    assert der.count(sha1) == 1
+    unreadable = tmp_path / "unreadable.ocsp"
+    unreadable.write_bytes(der.replace(sha1, bytes.fromhex("06052B0E03021B")))  # 1.3.14.3.2.27
+    cert = leaves["server"].cert_path
+    server, port = s_server(
+        {"server_cert": cert, "server_key": leaves["server"].key_path},
+        *("-cert_chain", cert, "-status_file", str(unreadable)),
+    )
+    STARTED.append(server)
+    res = subprocess.run(
+        [*program("s6-tlsclient"), "-k", "localhost", "127.0.0.1", str(port), "true"],
+        env=client_env(pki), capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    server.terminate()  # it may wait for its next connection
+    _out, err = server.communicate(timeout=30)
+    assert res.returncode == 97, res.stderr
+    assert fatal(res.stderr, "s6-tlsclient").startswith(
+        "unable to check the OCSP response: Signature algorithm OID: 1.3.14.3.2.27 not recognized"
+    )
+    assert b"SSL alert number 113" in err  # bad_certificate_status_response
 
 
 def test_an_ocsp_response_for_another_certificate_is_a_configuration_error(pki):

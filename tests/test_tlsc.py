@@ -293,7 +293,7 @@ def test_server_name_mismatch_exits_97_and_the_server_application_never_starts(
     )
     # the check runs inside the handshake: the client sends an alert, never Finished
     assert server[0] == 97
-    assert fatal(server[2], "s6-tlsd") == "tlsv1 alert internal error"
+    assert fatal(server[2], "s6-tlsd") == "tls alert bad certificate"
     assert not marker.exists()
 
     server, client = direct_pair(

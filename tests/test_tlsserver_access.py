@@ -8,6 +8,9 @@ on addresses other than 127.0.0.1.
 """
 
 import ipaddress
+import os
+import select
+import signal
 import socket
 import ssl
 import struct
@@ -16,7 +19,7 @@ import sys
 import time
 
 import pytest
-from server_helpers import start_server
+from server_helpers import child_pids, start_server
 from test_rules import write_rules
 from ucspi_helpers import touch_then
 
@@ -298,3 +301,68 @@ def test_the_banner_comes_before_tls(serve, pki):
         got += sock.recv(100)
     assert got == b"220 s6tls ready\r\n"
     assert tls_env(sock, pki["ca"])["PROTO"] == "TCP"
+
+
+# -- TLS settings per client, from the rules' env/ ----------------------------------
+
+
+def served_certificate(port: int, cafile: str, header: bytes) -> bytes:
+    """The DER certificate the server shows a client that the PROXY ``header`` names."""
+    ctx = ssl.create_default_context(cafile=cafile)
+    sock = raw(port)
+    sock.sendall(header)
+    with ctx.wrap_socket(sock, server_hostname="localhost") as tls:
+        return tls.getpeercert(binary_form=True)
+
+
+def test_a_rules_certfile_and_keyfile_are_that_clients_and_a_bad_one_refuses_it_alone(
+    serve, pki, ca, tmp_path
+):
+    """As s6-tlsd reads the CERTFILE/KEYFILE that s6-tcpserver-access set: the rule's
+    keypair for its clients, the default one for the others; a rule whose file cannot be
+    used refuses its clients, one line naming the rule, and the server goes on.  The
+    files are read once (a cache), and again by the workers a SIGHUP starts."""
+    other = ca.issue_cert("localhost")
+    cert, key = tmp_path / "other.pem", tmp_path / "other.key"
+    other.cert_chain_pems[0].write_to_path(str(cert))
+    other.private_key_pem.write_to_path(str(key))
+    key.chmod(0o600)
+    rules = tmp_path / "rules"
+    write_rules(
+        rules,
+        {
+            "ip4/192.0.2.0_24": {"allow": True, "env": {"CERTFILE": b"%s\n" % bytes(cert),
+                                                         "KEYFILE": b"%s\n" % bytes(key)}},
+            "ip4/198.51.100.0_24": {"allow": True, "env": {"CERTFILE": b"/nonexistent\n"}},
+            "ip4/0.0.0.0_0": {"allow": True},
+        },
+    )  # fmt: skip
+    server, port = serve(["-v", "-H", "-L", "-i", str(rules), "--workers", "1"])
+    header = b"PROXY TCP4 %s 203.0.113.1 1000 443\r\n"
+    ruled = served_certificate(port, pki["ca"], header % b"192.0.2.7")
+    default = served_certificate(port, pki["ca"], header % b"203.0.113.7")
+    assert ruled != default
+    assert ruled == ssl.PEM_cert_to_DER_cert(cert.read_text())
+    for _ in range(2):  # read once, refused each time
+        sock = raw(port)
+        sock.sendall(header % b"198.51.100.7")
+        assert refused(sock) == b""
+        line = log_lines_until(server, "rule ip4/198.51.100.0_24")[-1]
+        assert line.startswith("s6-tlsserver: warning: peer 198.51.100.7:1000 pid ")
+        assert line.endswith(
+            "rule ip4/198.51.100.0_24: unable to read CERTFILE /nonexistent:"
+            " No such file or directory"
+        )
+    cert.rename(tmp_path / "moved.pem")  # read once: still served from memory
+    assert served_certificate(port, pki["ca"], header % b"192.0.2.8") == ruled
+    (old,) = child_pids(server.pid)
+    gone = os.pidfd_open(old)
+    server.send_signal(signal.SIGHUP)  # new workers, which read the rules' files again
+    log_lines_until(server, "reloaded the keypairs")
+    assert select.select([gone], [], [], 30)[0]  # the old worker, and its cache, are gone
+    os.close(gone)
+    sock = raw(port)
+    sock.sendall(header % b"192.0.2.9")
+    assert refused(sock) == b""
+    assert "unable to read" in log_lines_until(server, "peer 192.0.2.9:1000")[-1]
+    assert served_certificate(port, pki["ca"], header % b"203.0.113.8") == default

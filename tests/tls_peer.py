@@ -41,12 +41,17 @@ def server_context(certfile: str, keyfile: str) -> SSL.Context:
 class TlsPeer:
     """One end of a TLS connection, on descriptor ``fd`` (a socket, or a pty in raw mode).
 
-    ``server``: accept instead of connect.  The peer owns ``fd``.
+    ``server``: accept instead of connect.  ``wfd``: write there instead of
+    ``fd``, which is then only read.  The peer owns its descriptors.
     """
 
-    def __init__(self, ctx: SSL.Context, fd: int, *, server: bool = False) -> None:
+    def __init__(
+        self, ctx: SSL.Context, fd: int, *, server: bool = False, wfd: int | None = None
+    ) -> None:
         self.fd = fd
-        os.set_blocking(fd, False)
+        self.wfd = fd if wfd is None else wfd
+        for each in {fd, self.wfd}:
+            os.set_blocking(each, False)
         self.conn = SSL.Connection(ctx, None)
         if server:
             self.conn.set_accept_state()
@@ -67,12 +72,12 @@ class TlsPeer:
 
     # -- raw I/O -----------------------------------------------------------
 
-    def _wait(self, events: int, deadline: float) -> None:
+    def _wait(self, events: int, deadline: float, fd: int | None = None) -> None:
         left = deadline - time.monotonic()
         if left <= 0:
             raise PeerTimeout("the peer waited past its deadline")
         poller = select.poll()
-        poller.register(self.fd, events)
+        poller.register(self.fd if fd is None else fd, events)
         if not poller.poll(left * 1000):
             raise PeerTimeout("the peer waited past its deadline")
 
@@ -81,9 +86,9 @@ class TlsPeer:
         view = memoryview(data)
         while view:
             try:
-                view = view[os.write(self.fd, view) :]
+                view = view[os.write(self.wfd, view) :]
             except BlockingIOError:
-                self._wait(select.POLLOUT, deadline)
+                self._wait(select.POLLOUT, deadline, self.wfd)
 
     def read_raw(self, deadline: float) -> bytes:
         """Whatever is readable now (waiting for it); b'' at EOF."""
@@ -161,9 +166,11 @@ class TlsPeer:
         return bytes(got)
 
     def close(self) -> None:
+        if self.wfd >= 0 and self.wfd != self.fd:
+            os.close(self.wfd)
         if self.fd >= 0:
             os.close(self.fd)
-            self.fd = -1
+        self.fd = self.wfd = -1
 
 
 def connection_reset(exc: BaseException) -> bool:

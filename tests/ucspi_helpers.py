@@ -207,16 +207,30 @@ def spawn_tlsc(
     closed; stdout and stderr are pipes.
     """
     fd = sock.fileno() if sock is not None else -1
+    proc = spawn_tlsc_on(args, prog, env, (fd, fd))
+    if sock is not None:
+        sock.close()
+    return proc
+
+
+def spawn_tlsc_on(
+    args: Sequence[str], prog: Sequence[str], env: Mapping[str, str], fds: tuple[int, int]
+) -> subprocess.Popen:
+    """s6-tlsc reading the network on ``fds[0]`` as its fd 6, writing on ``fds[1]`` as its fd 7.
+
+    -1 leaves that descriptor closed.  Our copies stay open; stdout and
+    stderr are pipes.
+    """
 
     def on_6_and_7() -> None:
-        if fd >= 0:
-            # dup2 clears close-on-exec on the copies, but not when fd is
-            # already 6 or 7: copy it above them first.
-            src = fcntl.fcntl(fd, fcntl.F_DUPFD, 10)
-            os.dup2(src, 6)
-            os.dup2(src, 7)
+        # dup2 clears close-on-exec on the copies, but not when a fd is
+        # already 6 or 7: copy each above them first.
+        sources = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 10) if fd >= 0 else -1 for fd in fds]
+        for src, target in zip(sources, (6, 7), strict=True):
+            if src >= 0:
+                os.dup2(src, target)
 
-    proc = subprocess.Popen(
+    return subprocess.Popen(
         [*TLSC, *args, "--", *prog],
         env=dict(env),
         stdin=subprocess.DEVNULL,
@@ -225,9 +239,6 @@ def spawn_tlsc(
         preexec_fn=on_6_and_7,
         close_fds=False,  # our own fds are close-on-exec anyway
     )
-    if sock is not None:
-        sock.close()
-    return proc
 
 
 def finish(proc: subprocess.Popen, timeout: float = 30) -> tuple[int, bytes, str]:

@@ -1,39 +1,62 @@
 """The ciphertext side of a DTLS association: one connected UDP socket.
 
-OpenSSL reads and writes the socket itself (a socket BIO), as
-``link.SocketLink`` does for TLS: each read takes one datagram, and OpenSSL
-packs a handshake flight into datagrams of at most the MTU, each written on
-its own.  Memory BIOs cannot do that: a flight written into one is one
-stream of bytes whose datagram boundaries are lost.  They serve only where
-a datagram is handed over whole: a server's ``DTLSv1_listen`` on the
-ClientHello the listener verified (``cookie``), after which the connection
-moves onto its socket (``tls.ossl.use_socket``) with that ClientHello kept.
-
-What OpenSSL's socket BIO gets wrong for UDP is handled here: an empty
-datagram reads as an end of file, so that a forged one would end the
-association: empty datagrams are taken off the socket before OpenSSL reads
-it; and the socket cannot be asked its MTU: it is set (``DTLS_MTU``; the
-context has ``OP_NO_QUERY_MTU``).  Once the handshake is done,
+OpenSSL works on memory BIOs (as ``link.BioLink``) and this link moves the
+datagrams: each datagram read is given to OpenSSL whole, before it is asked
+for more; what OpenSSL writes is cut at its records' headers and packed into
+datagrams of at most the MTU (``DTLS_MTU``, which the context takes instead
+of asking the socket: ``OP_NO_QUERY_MTU``), several records to a datagram
+as RFC 6347 4.1.1 allows, a record never split.  A server starts from the
+ClientHello the listener verified (``cookie``): ``DTLSv1_listen`` takes it,
+and OpenSSL keeps it for the handshake.  Once the handshake is done,
 ``max_datagram`` is the most cleartext one record carries at that MTU.
+
+OpenSSL never touches the socket itself, because UDP's news is no ending:
+
+* an ICMP error about the peer (its port closed, its host unreachable),
+  which a connected UDP socket reports once on its next call, and which
+  anyone can forge, is only news: the association goes on, bounded by its
+  timeouts (-K, the retransmissions, the idle timeout) and ended by a
+  close_notify.  OpenSSL's own socket BIO would take it for a broken
+  connection and fail for good;
+* an empty datagram, which a socket BIO reads as an end of file, is
+  skipped.
 
 During the handshake, a flight that got no answer is sent again on the
 schedule of ``Retransmission``; ``wakeup`` tells the handshake loop when.
 """
 
-import contextlib
 import errno
+import os
+import select
 import socket
 import time
+from collections import deque
 
 from OpenSSL import SSL
 
-from ..link import SocketLink
+from ..link import BioLink, WouldBlock, ssl_failure
 from ..sizes import RECORD
 from ..tls.config import TlsConfig
-from ..tls.ossl import use_socket
+from ..tls.ossl import pending_output
 from . import cookie
 
 _SLACK = 0.05  # seconds: OpenSSL's timer reads rounded (to 0 under 15 ms)
+_HEADER = 13  # a DTLS record's header: type, version, epoch, sequence number, length
+# What a connected UDP socket reports of an ICMP error about its peer (Linux
+# turns destination unreachable, parameter problem and fragmentation needed
+# into these): news, not an ending.
+ICMP_ERRORS = frozenset(
+    {
+        errno.ECONNREFUSED,
+        errno.EHOSTUNREACH,
+        errno.ENETUNREACH,
+        errno.EHOSTDOWN,
+        errno.ENONET,
+        errno.ENOPROTOOPT,
+        errno.EPROTO,
+        errno.EMSGSIZE,
+    }
+)
 
 
 class Retransmission:
@@ -87,26 +110,23 @@ class Retransmission:
         return max(self.openssl, self.started + wait)
 
 
-class DatagramLink(SocketLink):
-    """A DTLS association on a connected UDP socket (the record I/O of ``SocketLink``).
+class DatagramLink(BioLink):
+    """A DTLS association on the connected UDP socket ``fd``; see the module docstring.
 
     ``hello``: for a server, the ClientHello (with its cookie) the listener
-    verified; the handshake starts from it.  None for a client.
+    verified; the handshake starts from it.  None for a client.  Owns ``fd``.
     """
 
     def __init__(
         self, ctx: SSL.Context, fd: int, timer: Retransmission, mtu: int, hello: bytes | None
     ) -> None:
-        self.sock = socket.socket(fileno=fd)
-        self.sock.setblocking(False)
-        self.rfd = self.wfd = fd
+        super().__init__(ctx, fd, fd)
         self._hello = hello
         self._mtu = mtu
         self.timer = timer
-        # A server starts on memory BIOs, for DTLSv1_listen; a client on its socket.
-        self.conn = SSL.Connection(ctx, None if hello is not None else self.sock)
         self.conn.set_ciphertext_mtu(mtu)
-        self._watch_alerts()
+        self._records = bytearray()  # what OpenSSL wrote, not yet cut into datagrams
+        self._datagrams: deque[bytes] = deque()  # cut, not yet sent
 
     def handshake_step(self) -> None:
         if self._hello is not None:
@@ -115,7 +135,6 @@ class DatagramLink(SocketLink):
         if due is not None and time.monotonic() >= due:
             self.timer.retransmitting()
             self.conn.DTLSv1_handle_timeout()
-        self._skip_empty()
         try:
             self._tls(self.conn.do_handshake)
         finally:
@@ -123,53 +142,96 @@ class DatagramLink(SocketLink):
         self.max_datagram = min(self.conn.get_cleartext_mtu(), RECORD)
 
     def _listen(self) -> None:
-        """The server's first step: the verified ClientHello, then the socket."""
+        """The server's first step: the verified ClientHello."""
         hello, self._hello = self._hello, None
         assert hello is not None
-        cookie.expect(self.conn, self.sock.getpeername())
+        sock = socket.socket(fileno=self.rfd)
+        try:
+            cookie.expect(self.conn, sock.getpeername())
+        finally:
+            sock.detach()
         self.conn.bio_write(hello)
         try:
             self.conn.DTLSv1_listen()
         except SSL.WantReadError:  # the cookie went stale (a reload drew a new secret)
             stale = "the ClientHello's cookie is no longer valid"
             raise SSL.Error([("DTLS", "listen", stale)]) from None
-        use_socket(self.conn, self.sock)
-        self.conn.set_ciphertext_mtu(self._mtu)
 
     def wakeup(self) -> float | None:
         return None if self.max_datagram is not None else self.timer.at()
 
-    def recv(self, view: memoryview) -> int:
-        self._skip_empty()
-        return super().recv(view)
+    def _fill(self) -> None:
+        """Give OpenSSL the next datagram; an empty one, or an ICMP error, is skipped."""
+        try:
+            n = self._read()
+        except SSL.SysCallError as exc:
+            if exc.args[0] not in ICMP_ERRORS:
+                raise
+            self.icmp_news = exc.args[1]  # consumed: the association goes on
+            n = 0
+        if not n:
+            raise WouldBlock(self.rfd, select.POLLIN)  # poll says at once if more is there
+        self.conn.bio_write(self._inbuf[:n])
 
-    def _skip_empty(self) -> None:
-        """Take the empty datagrams at the head of the queue: OpenSSL would read an EOF.
+    def has_output(self) -> bool:
+        return bool(self._datagrams) or pending_output(self.conn) > 0
 
-        A pending ICMP error (the peer's port is closed) is raised as the
-        ``SysCallError`` OpenSSL would have raised.
+    def _write_out(self) -> None:
+        """Send what OpenSSL wrote, as datagrams; see the module docstring.
+
+        A datagram refused for an ICMP error is tried once more (the error
+        is consumed by the refusal), then dropped, as UDP may drop any.
         """
-        while True:
+        pending = pending_output(self.conn)
+        if pending:
+            self._records += self.conn.bio_read(pending)
+            self._datagrams.extend(_datagrams(self._records, self._mtu))
+        while self._datagrams:
+            if self.wfd < 0:  # our side is over: what OpenSSL adds goes nowhere
+                self._datagrams.clear()
+                return
             try:
-                if self.sock.recv(1, socket.MSG_PEEK):
-                    return
+                self._send(self._datagrams[0])
             except BlockingIOError:
+                raise WouldBlock(self.wfd, select.POLLOUT) from None
+            except OSError as exc:
+                self._failure = ssl_failure(exc)
+                self.abandon_write()
+                raise self._failure from None
+            self._datagrams.popleft()
+
+    def _send(self, datagram: bytes) -> None:
+        for _attempt in range(2):  # an ICMP error refuses it once: consumed, tried again
+            try:
+                os.write(self.wfd, datagram)
                 return
             except OSError as exc:
-                code = exc.errno or errno.EIO
-                raise SSL.SysCallError(code, errno.errorcode.get(code, "")) from None
-            self.sock.recv(1)
+                if exc.errno not in ICMP_ERRORS:
+                    raise
+                self.icmp_news = exc.strerror
+        # refused twice: dropped, as UDP may drop any datagram
 
-    def shut_write(self) -> None:
-        """UDP has no half-close: the close_notify was the end of our side."""
 
-    def abandon_write(self) -> None:
-        """UDP has no half-close: nothing to shut."""
+def _datagrams(records: bytearray, mtu: int) -> list[bytes]:
+    """The whole records at the start of ``records``, taken off it, packed into datagrams.
 
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self.sock.close()
-        self.rfd = self.wfd = -1
+    In order, as many to a datagram as fit in ``mtu`` bytes (a longer
+    record alone); a record never split.
+    """
+    out: list[bytes] = []
+    datagram = bytearray()
+    while len(records) >= _HEADER:
+        size = _HEADER + int.from_bytes(records[_HEADER - 2 : _HEADER], "big")
+        if len(records) < size:
+            break
+        if datagram and len(datagram) + size > mtu:
+            out.append(bytes(datagram))
+            datagram.clear()
+        datagram += records[:size]
+        del records[:size]
+    if datagram:
+        out.append(bytes(datagram))
+    return out
 
 
 def datagram_link(cfg: TlsConfig, ctx: SSL.Context, fd: int, hello: bytes | None) -> DatagramLink:

@@ -19,8 +19,9 @@ connection; when -c is full, that of the oldest early connection of its own
 address if it has one, else of the oldest early connection of all.  So an
 address that floods the server only ever pushes out its own connections,
 and a newcomer from elsewhere always finds a place.
-The connection that lost its slot is *evicted*: it no longer counts, and
-its worker (told through ``on_evict``) drops it.  Established connections
+The connection that lost its slot is *evicted*: its slot goes to the new
+one at once (its ticket's generation is then stale: ``evicted``), and its
+worker (told through ``on_evict``) drops it.  Established connections
 are never evicted.  A connection refused or an eviction is counted per
 reason (``take_counts``), for one summary line per interval.
 
@@ -51,7 +52,6 @@ class State(IntEnum):
     FREE = 0
     EARLY = 1  # before TLS, or in the handshake: may be evicted
     RUNNING = 2  # handshake done: counts until released
-    EVICTED = 3  # lost its place: no longer counted, its worker drops it
 
 
 class Reason(IntEnum):
@@ -98,7 +98,7 @@ class Table:
     def __init__(self, maxconn: int, localmaxconn: int, workers: int) -> None:
         self.maxconn = maxconn
         self.localmaxconn = localmaxconn
-        self.nslots = 2 * maxconn  # the evicted keep theirs until their worker drops them
+        self.nslots = maxconn
         nbuckets = 1
         while nbuckets < 2 * maxconn:
             nbuckets *= 2
@@ -211,16 +211,16 @@ class Table:
         """
         with self._locked():
             slot = ticket.slot
-            if self._generation[slot] != ticket.generation or self._state[slot] != State.EARLY:
+            if self._generation[slot] != ticket.generation:
                 return False
-            self._unlink_early(slot)
-            self._state[slot] = State.RUNNING
+            if self._state[slot] == State.EARLY:
+                self._unlink_early(slot)
+                self._state[slot] = State.RUNNING
             return True
 
     def evicted(self, ticket: Ticket) -> bool:
-        """True if ``ticket``'s connection lost its slot (its worker must drop it)."""
-        slot = ticket.slot
-        return self._generation[slot] == ticket.generation and self._state[slot] == State.EVICTED
+        """True if ``ticket``'s connection (not released) lost its slot: drop it."""
+        return self._generation[ticket.slot] != ticket.generation
 
     def release(self, ticket: Ticket) -> int:
         """The connection of ``ticket`` is over: its slot is freed; the count now."""
@@ -267,22 +267,19 @@ class Table:
     # -- the slots -------------------------------------------------------------------
 
     def _free(self, slot: int) -> None:
-        state = self._state[slot]
-        if state == State.EARLY:
+        if self._state[slot] == State.EARLY:
             self._unlink_early(slot)
-        if state in (State.EARLY, State.RUNNING):
-            self._count_out(slot)
+        self._count_out(slot)
         self._state[slot] = State.FREE
         self._generation[slot] += 1
         self._next[slot] = self._header[_FREE]
         self._header[_FREE] = slot
 
     def _evict(self, slot: int, why: Reason, on_evict: Callable[[int, int, int], None]) -> None:
-        self._unlink_early(slot)
-        self._count_out(slot)
-        self._state[slot] = State.EVICTED
+        pid, generation = self._pids[self._worker[slot]], self._generation[slot]
+        self._free(slot)
         self._tally(why)
-        on_evict(self._pids[self._worker[slot]], slot, self._generation[slot])
+        on_evict(pid, slot, generation)
 
     def _tally(self, why: Reason) -> None:
         self._tallies[why] += 1
@@ -400,7 +397,7 @@ class Table:
             if state == State.FREE:
                 self._next[slot] = self._header[_FREE]
                 self._header[_FREE] = slot
-            elif state in (State.EARLY, State.RUNNING):
+            else:
                 counted.append(slot)
         for slot in sorted(counted, key=lambda s: self._seq[s]):
             key = bytes(self._ips[slot * 16 : slot * 16 + 16])

@@ -3,7 +3,7 @@
 import fcntl
 import os
 import signal
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 from ..tls.config import is_secret_variable
 
@@ -80,6 +80,18 @@ def spawn(argv: Sequence[str], env: Mapping[str, str], fdmap: Mapping[int, int])
         for src in moved:
             if src not in fdmap:
                 os.close(src)
+
+
+def reaped() -> Iterator[tuple[int, int]]:
+    """(pid, wait status) of every child that has exited, reaped now, without waiting."""
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        yield pid, status
 
 
 def exit_code(status: int) -> int:

@@ -5,11 +5,13 @@ The ids come from ``-u``/``-g``/``-U`` (``s6-tlsserver``) or from
 what could never work: a uid without a gid (the process would keep root's
 group and supplementary groups), or a change of ids asked of a process that
 is not root.  ``drop_privileges`` then always sets the supplementary groups
-(none, unless a list is given) before the gid and the uid.
+(none, unless a list is given) before the gid and the uid; ``as_ids`` runs
+a check of the start-up as those ids (a directory they must write to).
 """
 
+import contextlib
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 from ..errors import SystemFailure, UsageError
@@ -69,9 +71,9 @@ def check_ids(ids: Ids) -> Ids:
     Returns ``Ids()`` when there is nothing to change (nothing asked, or a
     process that is not root asked for the ids it already has).
 
-    Raises ``UsageError`` (100) for a uid without a gid, and for a process
-    that is not root asking to become someone else (setgid and setuid would
-    fail on every connection).
+    Raises ``UsageError`` (100) for a uid without a gid or a gid without a
+    uid, and for a process that is not root asking to become someone else
+    (setgid and setuid would fail on every connection).
     """
     if not ids.wanted:
         return Ids()
@@ -80,6 +82,10 @@ def check_ids(ids: Ids) -> Ids:
         raise UsageError(
             f"{uid_name} needs {gid_name}: with a uid alone,"
             " the process would keep root's group and supplementary groups"
+        )
+    if ids.gid is not None and ids.uid is None and os.geteuid() == 0:
+        raise UsageError(
+            f"{gid_name} needs {uid_name}: with a gid alone, the process would stay root"
         )
     euid, egid = os.geteuid(), os.getegid()
     if euid == 0:
@@ -96,6 +102,28 @@ def _show(value: int | None) -> str:
     return "-" if value is None else str(value)
 
 
+@contextlib.contextmanager
+def as_ids(ids: Ids) -> Iterator[None]:
+    """Run the block as ``ids`` would (effective ids and groups), then as before.
+
+    For the checks at start of what the connections will do after the drop
+    (a directory they write to): root, and only root, can switch back.
+    Nothing changes when ``ids`` asks for nothing.  Raises ``SystemFailure``
+    if the kernel refuses.
+    """
+    if not ids.wanted:
+        yield
+        return
+    groups, egid, euid = os.getgroups(), os.getegid(), os.geteuid()
+    _take(ids, os.setegid, os.seteuid, "take the ids to check them")
+    try:
+        yield
+    finally:
+        os.seteuid(euid)
+        os.setegid(egid)
+        os.setgroups(groups)
+
+
 def drop_privileges(ids: Ids) -> None:
     """Become ``ids`` (checked by ``check_ids``): groups, then gid, then uid.
 
@@ -107,13 +135,22 @@ def drop_privileges(ids: Ids) -> None:
     sees to it before it builds the contexts): the new user may not be allowed to
     read the Python installation (one under a 0700 home, for instance).
     """
-    if not ids.wanted:
-        return
+    if ids.wanted:
+        _take(ids, os.setgid, os.setuid, "drop privileges")
+
+
+def _take(
+    ids: Ids, setgid: Callable[[int], None], setuid: Callable[[int], None], what: str
+) -> None:
+    """The groups of ``ids``, then its gid and uid, with ``setgid`` and ``setuid``.
+
+    Raises ``SystemFailure``, "unable to ``what``", if the kernel refuses.
+    """
     try:
         os.setgroups(list(ids.groups))
         if ids.gid is not None:
-            os.setgid(ids.gid)
+            setgid(ids.gid)
         if ids.uid is not None:
-            os.setuid(ids.uid)
+            setuid(ids.uid)
     except OSError as exc:
-        raise SystemFailure(f"unable to drop privileges: {exc.strerror}") from None
+        raise SystemFailure(f"unable to {what}: {exc.strerror}") from None

@@ -22,26 +22,33 @@ ends the connection with its documented code and one line naming the peer;
 worker calls it when a method raised, and the connection alone ends, 111.
 """
 
+import fcntl
 import os
+import struct
+import termios
 import time
 from collections.abc import Callable
 from enum import Enum
 from typing import TYPE_CHECKING, Any, Protocol
 
+from OpenSSL import SSL
+
 from ..cli import Log, failure
 from ..deadline import after_ms, earliest
 from ..engine import machine_for, operations_for
-from ..errors import ExitCode, HandshakeTimeout, S6tlsError, TlsRuntimeError
+from ..errors import ExitCode, S6tlsError, TlsRuntimeError
 from ..lifetime import Lifetime, Stats
 from ..link import Link
 from ..net.rules import apply_env
 from ..operations import Operations
-from ..tls.handshake import handshake_step
+from ..tls.config import TlsConfig
+from ..tls.handshake import handshake_step, handshake_timeout
 from .admission import Table, Ticket
 from .tunnel import Application, closing, ended, handshake_failed, open_link, start_application
 
 if TYPE_CHECKING:
     from ..net.gate import Gate
+    from ..tls.perclient import ClientContexts
     from .connection import Setup
 
 
@@ -53,6 +60,7 @@ class Host(Protocol):
     pid: int
     table: Table
     gate: "Gate | None"
+    client_contexts: "ClientContexts"
 
     def watch_app(self, pid: int, conn: "Served") -> None:
         """``conn``'s application is ``pid``: its exit is ``conn``'s to hear."""
@@ -103,12 +111,16 @@ class Served:
         self.ops: Operations | None = None
         self.stats = Stats()
         self.prog: tuple[str, ...] = worker.setup.app
+        self.cfg: TlsConfig = worker.setup.cfg  # an access rule may give its own TLS settings
+        self.ctx: SSL.Context = worker.setup.ctx
         self.hello: bytes | None = None  # DTLS: the verified ClientHello
         self.env_changes: list[tuple[str, str | None]] = []  # an access rule's, applied last
         self._waits: dict[int, int] = {}
         self._until: float | None = None  # the phase's own deadline
         self._failed: tuple[int, str] | None = None  # abort()'s code and line
+        self.cid = -1  # its number in its worker, once added
         self.again = False  # stopped at its bound with work left: step again at once
+        self.spoke = False  # the peer sent a byte of its handshake
 
     # -- what the worker asks --------------------------------------------------
 
@@ -148,18 +160,22 @@ class Served:
             self.before_tls_ready(fd, revents)
 
     def on_time(self, now: float) -> None:
-        """The deadline may have come."""
+        """The deadline may have come (the worker may ask early: nothing is due then)."""
         if self.phase is Phase.RUNNING:
             assert self.machine is not None
             self.machine.tick(now)
             self.step()
         elif self._until is not None and now >= self._until:
             if self.phase is Phase.HANDSHAKE:
-                self.fail_handshake(HandshakeTimeout("handshake timed out"))
+                assert self.link is not None
+                self.fail_handshake(handshake_timeout(self.link))
             else:
                 self.before_tls_timeout()
         elif self.phase is Phase.HANDSHAKE:
-            self._handshake()  # a DTLS retransmission is due
+            assert self.link is not None
+            wakeup = self.link.wakeup()
+            if wakeup is not None and now >= wakeup:
+                self._handshake()  # a DTLS retransmission is due
 
     def on_exit(self, status: int) -> None:
         """The application was reaped with wait ``status``."""
@@ -238,10 +254,10 @@ class Served:
 
     def begin_handshake(self) -> None:
         """TLS starts on the socket, with the worker's context, under -K."""
-        worker = self.worker
-        cfg = worker.setup.cfg
+        cfg = self.cfg
         fd, self.fd = self.fd, -1  # the link owns it now
-        self.link = open_link(cfg, worker.setup.ctx, fd, fd, self.hello)
+        self.link = open_link(cfg, self.ctx, fd, fd, self.hello)
+        self.spoke = self.hello is not None  # a DTLS ClientHello, verified
         self.hello = None
         self.phase = Phase.HANDSHAKE
         self._waits = {}
@@ -250,6 +266,8 @@ class Served:
 
     def _handshake(self) -> None:
         assert self.link is not None
+        if not self.spoke:
+            self.spoke = _queued(self.link.rfd) > 0
         try:
             wait = handshake_step(self.link)
         except S6tlsError as exc:
@@ -266,10 +284,15 @@ class Served:
         self._run()
 
     def fail_handshake(self, exc: S6tlsError) -> None:
-        """The handshake failed (97) or timed out (98): one line, and the end."""
+        """The handshake failed (97) or timed out (98): one line, and the end.
+
+        A warning, unless the peer never sent a byte (a port scan, a health
+        check, a silent socket): then an info line, so that such peers do not
+        decide how much is logged.
+        """
         assert self.link is not None
         error = handshake_failed(self.link, exc)
-        self.log.warn(str(error))
+        (self.log.warn if self.spoke else self.log.info)(str(error))
         self._done(error.exit_code)
 
     # -- running ----------------------------------------------------------------------
@@ -277,11 +300,11 @@ class Served:
     def _run(self) -> None:
         """Spawn the application, then let the machine decide."""
         assert self.link is not None
-        setup = self.worker.setup
-        environ = {**setup.environ, **self.env}
+        cfg = self.cfg
+        environ = {**self.worker.setup.environ, **self.env}
         apply_env(environ, self.env_changes)
         try:
-            self.app = start_application(setup.cfg, self.link, self.prog, environ, None, (0, 1))
+            self.app = start_application(cfg, self.link, self.prog, environ, None, (0, 1))
         except S6tlsError as exc:
             self.link.close()
             self.log.warn(str(exc))
@@ -289,9 +312,9 @@ class Served:
             return
         for fd in self.app.ours:
             os.set_blocking(fd, False)
-        self.machine = machine_for(self.link, app=True, stats=self.stats, **closing(setup.cfg))
+        self.machine = machine_for(self.link, app=True, stats=self.stats, **closing(cfg))
         self.ops = operations_for(
-            self.machine, self.link, self.app.ours, self.app.pid, setup.cfg.options.ktls
+            self.machine, self.link, self.app.ours, self.app.pid, cfg.options.ktls
         )
         self.phase = Phase.RUNNING
         self.worker.watch_app(self.app.pid, self)
@@ -317,7 +340,7 @@ class Served:
             self._done(exc.exit_code)
             return
         assert status is not None
-        self._done(ended(self.worker.setup.cfg, self.link, self.app, self.stats, status, self.log))
+        self._done(ended(self.cfg, self.link, self.app, self.stats, status, self.log))
 
     def _done(self, code: int) -> None:
         self.phase = Phase.DONE
@@ -330,3 +353,11 @@ class Served:
     def app_pid(self) -> int | None:
         """The application's pid, once spawned."""
         return self.app.pid if self.app is not None else None
+
+
+def _queued(fd: int) -> int:
+    """The bytes waiting to be read on the socket ``fd`` (0 if it cannot say)."""
+    try:
+        return struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0]
+    except OSError:
+        return 0

@@ -11,7 +11,8 @@ s6-tcpserver-access and proxy-server would do before s6-tlsd
 3. the access rules and the name look-ups: in the worker's thread pool
    when names are looked up (the resolver may take its time; the
    connections from one address share one check), at once otherwise; an
-   access rule's ``env/`` changes the application's environment, its
+   access rule's ``env/`` changes the application's environment, and the
+   connection's TLS settings where it sets theirs (``tls.perclient``); its
    ``exec`` replaces the application;
 
 then the handshake and the rest (``served.Served``).  A refused client
@@ -31,6 +32,7 @@ from ..net.access import Admission, Denied
 from ..net.gate import apply_proxy_header, read_proxy_header
 from ..net.proxyproto import HeaderReader
 from ..net.ucspi import peer_address, unmap, variables
+from ..tls.perclient import tls_changes
 from .served import Served
 from .worker import PAUSING_ERRORS, Worker
 
@@ -137,6 +139,15 @@ class StreamConnection(Served):
         admission, warnings = outcome
         for line in warnings:
             self.log.warn(line)
+        changes = tls_changes(admission.env)
+        if changes:
+            try:
+                self.cfg, self.ctx = self.worker.client_contexts.get(changes)
+            except S6tlsError as exc:
+                self.close_before_tls()
+                self.log.warn(f"rule {admission.rule}: {exc}")
+                self._refused_with(exc.exit_code)
+                return
         self.env_changes = list(admission.env)
         if admission.exec is not None:
             self.prog = ("execlineb", "-c", admission.exec)

@@ -8,15 +8,15 @@ connections; it serves none itself, and stays what it was (root, when ids
 are asked for), so that it can read the files again on SIGHUP.
 
 * Readiness (-1): the port and a newline on stdout, and ``READY=1`` to
-  systemd's ``NOTIFY_SOCKET``, once listening; stdin and stdout then go to
-  /dev/null, as s6-tcpserver's do.
+  systemd's ``NOTIFY_SOCKET``, once listening with the workers started;
+  stdin and stdout then go to /dev/null, as s6-tcpserver's do (the
+  workers' at once).
 * SIGHUP: the files are read again into new contexts (a failure keeps the
   old ones, with a warning); new workers are forked with them, and the old
   ones stop taking connections and end once theirs are over: no connection
-  is dropped.  ``reloaded the keypairs`` is logged once every old worker
-  said it stopped taking connections: a client that connects after that
-  line gets the new contexts.  The session ticket key changes with them,
-  and at least every 12 hours the same way.
+  is dropped.  ``reloaded the keypairs`` is logged once no old worker takes
+  a new connection.  The session ticket key changes with them, and at least every
+  12 hours the same way.
 * SIGTERM, SIGINT: the listening stops; every worker drops the connections
   still before TLS or in their handshake and lets the running ones finish;
   one line sums it up.  SIGQUIT also sends SIGTERM to the applications.
@@ -50,7 +50,7 @@ from ..net.gate import Gate
 from ..net.ucspi import peer_address, unmap
 from ..selfpipe import SelfPipe
 from .admission import Reason, Table
-from .app import exit_code
+from .app import exit_code, reaped
 from .connection import Setup
 from .worker import SIGNALS as WORKER_SIGNALS
 from .worker import Take, Worker, summary_line
@@ -109,10 +109,13 @@ class Supervisor:
         self.table = Table(settings.maxconn, settings.localmaxconn, max(64, 8 * workers))
         self.workers: dict[int, WorkerProcess] = {}  # pid -> worker
         self.free_indexes = list(reversed(range(max(64, 8 * workers))))
+        # systemd's readiness socket: ours, told once the workers are up; never theirs
+        self.ready_to = {"NOTIFY_SOCKET": setup.environ.pop("NOTIFY_SOCKET", "")}
+        self.rolling: set[int] = set()  # old workers yet to stop taking connections
+        self.roll_line: str | None = None  # logged once they all did
         self.stopping = False
         self.unreported: set[int] | None = None  # at a stop: the workers yet to report
         self.stopped = [0, 0]  # what they reported: connections running, handshakes dropped
-        self.reloads: list[set[int]] = []  # per reload not yet logged: the old workers yet to stop
         now = time.monotonic()
         self.look_at = now + LOOK_INTERVAL  # the next look at the table's counts
         self.line_at = now  # no summary line before then
@@ -127,10 +130,10 @@ class Supervisor:
         _become_subreaper()
         with SelfPipe(signals) as selfpipe:
             self.selfpipe = selfpipe
-            self._ready(notify)
             gc.freeze()  # keep the pages shared with the workers shared
             for _ in range(self.wanted):
                 self._fork_worker()
+            self._ready(notify)
             while self.listeners or self.workers:
                 self._once()
         return ExitCode.OK
@@ -154,11 +157,11 @@ class Supervisor:
             self.look_at = now + LOOK_INTERVAL
         if not self.stopping and self.setup.contexts.rotate_if_due():
             self._roll()
-        self._log_reloads_if_done()
         self._log_stop_if_done()
 
     def _ready(self, notify: bool) -> None:
-        """Tell whoever waits that the server listens, then detach stdin and stdout."""
+        """Tell whoever waits that the server listens and its workers are started;
+        then detach stdin and stdout."""
         null = os.open(os.devnull, os.O_RDWR)  # before readiness: no failure after it
         local = self.listeners[0].getsockname()
         self.log.info(f"listening on {peer_address(unmap(local[0]), local[1])}")
@@ -167,13 +170,10 @@ class Supervisor:
                 os.write(1, f"{local[1]}\n".encode())
             except OSError as exc:
                 self.log.warn(f"unable to notify readiness: {exc.strerror}")
-        problem = systemd.notify(self.setup.environ, "READY=1")
+        problem = systemd.notify(self.ready_to, "READY=1")
         if problem:
             self.log.warn(problem)
-        # Close stdin and stdout as s6-tcpserver does, keeping the numbers on /dev/null.
-        for fd in (0, 1):
-            os.dup2(null, fd)
-        os.close(null)
+        _detach_stdio(null)
 
     def _summarise(self, now: float) -> None:
         """One line for the refusals and evictions counted, at most every ``SUMMARY_INTERVAL``.
@@ -230,6 +230,7 @@ class Supervisor:
         try:
             for other in self.workers.values():
                 os.close(other.report)
+            _detach_stdio()  # the readiness pipe is the supervisor's to write, and close
             self.selfpipe.__exit__(None, None, None)  # its handlers and pipe are not ours
             _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
             if os.getppid() != supervisor:  # it died before that: as if told
@@ -248,21 +249,14 @@ class Supervisor:
             os._exit(code)
 
     def _reap(self) -> None:
-        while True:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
-            if pid == 0:
-                return
+        for pid, status in reaped():
             worker = self.workers.pop(pid, None)
             if worker is None:
                 continue  # an application a dead worker left behind
             self._read_report(worker)  # what it said before it went
             if self.unreported is not None:
                 self.unreported.discard(pid)  # a worker that died runs nothing any more
-            for old in self.reloads:
-                old.discard(pid)  # nor takes a connection
+            self._rolled(pid)
             os.close(worker.report)
             self.table.release_worker(worker.index)
             self.free_indexes.append(worker.index)
@@ -272,16 +266,14 @@ class Supervisor:
                 self._fork_worker()
 
     def _read_report(self, worker: WorkerProcess) -> None:
-        """What ``worker`` wrote on its report pipe: ``retired`` (it no longer takes
-        connections) and ``stopped RUNNING DROPPED`` (also at a stop) lines."""
+        """What ``worker`` wrote on its report pipe: ``stopped RUNNING DROPPED`` lines."""
         with contextlib.suppress(BlockingIOError):
             worker.buffer += os.read(worker.report, 256)
         while b"\n" in worker.buffer:
             line, worker.buffer = worker.buffer.split(b"\n", 1)
             words = line.split()
-            if words[:1] in ([b"retired"], [b"stopped"]):
-                for old in self.reloads:
-                    old.discard(worker.pid)
+            if words[:1] == [b"stopped"]:
+                self._rolled(worker.pid)
             unreported = self.unreported or set()
             if len(words) == 3 and words[0] == b"stopped" and worker.pid in unreported:
                 unreported.discard(worker.pid)
@@ -335,24 +327,50 @@ class Supervisor:
         except S6tlsError as exc:
             self.log.warn(f"unable to reload the keypairs, keeping the old ones: {exc}")
             return
-        # Logged once the old workers stopped taking connections (``_log_reloads_if_done``).
-        self.reloads.append(set() if self.stopping else self._roll())
-
-    def _log_reloads_if_done(self) -> None:
-        while self.reloads and not self.reloads[0]:
-            self.reloads.pop(0)
+        if self.stopping:
             self.log.info("reloaded the keypairs")
+        else:
+            self._roll("reloaded the keypairs")
 
-    def _roll(self) -> set[int]:
-        """New workers with the current contexts; the old ones finish and go.  The old pids."""
+    def _roll(self, line: str | None = None) -> None:
+        """New workers with the current contexts; the old ones finish and go.
+
+        ``line`` is logged once no old worker takes a new connection any
+        more: from then on every new connection has the new contexts.
+        """
         old = [w for w in self.workers.values() if not w.retired]
         for _ in range(self.wanted):
             self._fork_worker()
+        self.rolling = {w.pid for w in old}
+        self.roll_line = line
         for worker in old:
             worker.retired = True
             with contextlib.suppress(ProcessLookupError):
                 os.kill(worker.pid, signal.SIGHUP)
-        return {w.pid for w in old}
+        self._rolled(None)
+
+    def _rolled(self, pid: int | None) -> None:
+        """Worker ``pid`` stopped taking connections, or died (None: neither).
+
+        Once every old worker did, the line of the roll is logged.
+        """
+        if pid is not None:
+            self.rolling.discard(pid)
+        if not self.rolling and self.roll_line is not None:
+            self.log.info(self.roll_line)
+            self.roll_line = None
+
+
+def _detach_stdio(null: int | None = None) -> None:
+    """Close stdin and stdout as s6-tcpserver does, keeping the numbers on /dev/null.
+
+    ``null``: a descriptor of /dev/null, closed here (else one is opened).
+    """
+    if null is None:
+        null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1):
+        os.dup2(null, fd)
+    os.close(null)
 
 
 def _become_subreaper() -> None:

@@ -25,10 +25,8 @@ What is a worker's own:
   ones, SIGQUIT also sends SIGTERM to the applications, SIGHUP (a reload:
   newer workers take over) only stops taking connections; the worker exits
   0 once its last connection is over.  SIGUSR1 says that a connection of
-  ours lost its slot (``admission``).  Each is reported to the supervisor
-  on the report pipe: ``retired`` once SIGHUP stopped the taking of
-  connections, ``stopped RUNNING DROPPED`` at each SIGTERM, SIGINT or
-  SIGQUIT (after a SIGHUP too: a retired worker still has its count to give);
+  ours lost its slot (``admission``).  The stop is reported to the
+  supervisor on the report pipe: ``stopped RUNNING DROPPED``;
 * name look-ups and other blocking work run in a small thread pool
   (``submit``), whose results wake the loop through a pipe; connections
   from one address share one look-up.
@@ -52,7 +50,9 @@ from ..cli import Log, plural
 from ..deadline import earliest, wait_ms
 from ..errors import ExitCode
 from ..selfpipe import SelfPipe, read_signals
+from ..tls.perclient import ClientContexts
 from .admission import Reason, Table, Ticket
+from .app import reaped
 from .served import Phase, Served
 
 if TYPE_CHECKING:
@@ -106,16 +106,18 @@ class Worker:
         self.take = take
         self.report = report
         self.gate = gate
+        self.client_contexts = ClientContexts("server", setup.cfg, setup.environ, self.log.warn)
         self.maxconn = table.maxconn
         self.epoll = select.epoll()
-        self.conns: dict[int, Served] = {}  # id -> connection
+        self.conns: dict[int, Served] = {}  # its number (``Served.cid``) -> connection
         self.fds: dict[int, Served] = {}  # registered descriptor -> its connection
         self.registered: dict[int, dict[int, int]] = {}  # id -> {fd: events}
         self.apps: dict[int, Served] = {}  # application pid -> its connection
         self.timers: list[tuple[float, int, int]] = []  # (deadline, seq, id), lazily pruned
         self.timer_of: dict[int, float] = {}  # id -> the deadline in the heap
         self.busy: set[int] = set()  # connections to step again at once
-        self.seq = itertools.count()
+        self.seq = itertools.count()  # of the timers, so that equal deadlines never compare more
+        self.ids = itertools.count()  # of the connections
         self.stopping = False
         self.paused_until: float | None = None
         self.trouble: tuple[str, int | None] | None = None
@@ -159,6 +161,8 @@ class Worker:
                 listener = next((s for s in self.listeners if s.fileno() == fd), None)
                 if listener is not None and not self.stopping:
                     self.take(self, listener)
+                    if self.evictions:  # ours made room: drop them now, their slots back
+                        self.drop_evicted()
         for cid in list(self.busy):
             conn = self.conns.get(cid)
             self.busy.discard(cid)
@@ -190,7 +194,7 @@ class Worker:
 
     def add(self, conn: Served) -> None:
         """Serve ``conn``, just admitted: its ``allow`` line, then its start."""
-        cid = id(conn)
+        cid = conn.cid = next(self.ids)
         self.conns[cid] = conn
         self.registered[cid] = {}
         ip, _, port = conn.peer.rpartition(":")
@@ -217,7 +221,7 @@ class Worker:
 
     def _sync(self, conn: Served) -> None:
         """Registrations and timer as ``conn`` says now; forget it once it is done."""
-        cid = id(conn)
+        cid = conn.cid
         if cid not in self.conns:
             return
         done = conn.code is not None
@@ -235,15 +239,28 @@ class Worker:
         self.registered[cid] = dict(wanted)
         if conn.again and not done:
             self.busy.add(cid)
-        when = None if done else conn.deadline()
-        if when != self.timer_of.get(cid):
-            if when is None:
-                self.timer_of.pop(cid, None)
-            else:
-                self.timer_of[cid] = when
-                heapq.heappush(self.timers, (when, next(self.seq), cid))
+        self._schedule(cid, None if done else conn.deadline())
         if done and (conn.app is None or conn.app.pid not in self.apps):
             self._forget(conn)
+
+    def _schedule(self, cid: int, when: float | None) -> None:
+        """Wake connection ``cid`` at ``when`` (None: never).
+
+        A deadline that moves later (an idle timeout, each time data moves)
+        keeps the entry already in the heap: when it comes, the connection is
+        asked, and tells its real deadline then.  So the heap holds about one
+        entry per connection, however busy; entries left by connections that
+        ended are dropped once they are half of it.
+        """
+        scheduled = self.timer_of.get(cid)
+        if when is None:
+            self.timer_of.pop(cid, None)
+        elif scheduled is None or when < scheduled:
+            self.timer_of[cid] = when
+            heapq.heappush(self.timers, (when, next(self.seq), cid))
+            if len(self.timers) > 2 * len(self.timer_of) + 64:  # mostly stale: rebuild
+                self.timers = [t for t in self.timers if self.timer_of.get(t[2]) == t[0]]
+                heapq.heapify(self.timers)
 
     def _register(self, fd: int, events: int) -> None:
         try:
@@ -253,7 +270,7 @@ class Worker:
 
     def _forget(self, conn: Served) -> None:
         """``conn`` is over: its slot goes back, its ``end`` line."""
-        cid = id(conn)
+        cid = conn.cid
         del self.conns[cid]
         del self.registered[cid]
         self.timer_of.pop(cid, None)
@@ -304,9 +321,9 @@ class Worker:
         """
         waiting = self.jobs.get(key)
         if waiting is not None:
-            waiting.append((id(conn), then))
+            waiting.append((conn.cid, then))
             return
-        self.jobs[key] = [(id(conn), then)]
+        self.jobs[key] = [(conn.cid, then)]
         if self.pool is None:
             self.pool = ThreadPoolExecutor(POOL_THREADS, thread_name_prefix="s6tls-lookup")
 
@@ -351,13 +368,7 @@ class Worker:
             self.drop_evicted()
 
     def _reap(self) -> None:
-        while True:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
-            if pid == 0:
-                return
+        for pid, status in reaped():
             conn = self.apps.pop(pid, None)
             if conn is None:
                 continue
@@ -367,19 +378,21 @@ class Worker:
                 self._sync(conn)
 
     def _stop(self, drop: bool) -> None:
-        """Stop taking connections; with ``drop``, drop the early ones.  Report it."""
+        """Stop taking connections; with ``drop``, drop the early ones.  Report each time.
+
+        A worker told to stop taking connections (SIGHUP) may later be told
+        to stop (SIGTERM): the supervisor waits for both reports.
+        """
         if not self.stopping:
             self.stopping = True
             self._watch_listeners(False)
             for listener in self.listeners:
                 listener.close()
             self.listeners = []
-        line = "retired"
-        if drop:
-            dropped = self._drop_early()
-            line = f"stopped {len(self.conns)} {dropped}"
+        dropped = self._drop_early() if drop else 0
+        running = len(self.conns)
         with contextlib.suppress(OSError):  # the supervisor is gone: nothing to tell
-            os.write(self.report, f"{line}\n".encode())
+            os.write(self.report, f"stopped {running} {dropped}\n".encode())
 
     def _drop_early(self) -> int:
         early = [c for c in self.conns.values() if c.early]

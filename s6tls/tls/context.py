@@ -22,7 +22,11 @@ Peer checks run inside the handshake: the chain (with CRLs when
 (``peer.PeerPolicy``: server name, allow-lists, control characters) in the
 verify callback, a required OCSP staple in the status callback and the
 server name a client sends in the SNI callback.  A refusal sends an alert
-and leaves its reason in the connection's ``VerifyNotes``.
+(bad_certificate for a certificate the checks refuse; the chain's own for
+a chain error) and leaves its reason in the connection's ``VerifyNotes``.
+Every callback of ours is ``_guarded``: whatever it raises (a certificate
+``cryptography`` cannot parse, say) is a refusal with its reason noted, so
+anything a peer sends ends in an alert and exit 97, never in our traceback.
 """
 
 import contextlib
@@ -32,13 +36,14 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 from OpenSSL import SSL
 from OpenSSL.crypto import X509, X509StoreFlags
 
 from ..dtls.cookie import Cookies
 from ..errors import ConfigError, UsageError
-from ..net.names import is_host_name
+from ..net.names import server_name
 from . import ossl
 from .config import TlsConfig
 from .credentials import Credentials, LoadedKeypair, load_credentials
@@ -53,6 +58,7 @@ _SESSION_ID = b"s6tls"
 _VERSIONS = {"1.2": SSL.TLS1_2_VERSION, "1.3": SSL.TLS1_3_VERSION}
 _DTLS1_2_VERSION = 0xFEFD  # not among pyOpenSSL's names
 DEFAULT_GROUPS = "X25519:P-256:P-384"
+T = TypeVar("T")
 # How long one session ticket key of s6-tlsserver lives at most.
 TICKET_KEY_LIFETIME = 12 * 3600.0
 
@@ -200,7 +206,8 @@ def make_context(cfg: TlsConfig, creds: Credentials, *, tickets: bool = False) -
         if creds.ocsp:
             ctx.set_ocsp_server_callback(_staple, creds.ocsp)
     has_default = creds.keypair is not None or bool(creds.psks)
-    ossl.set_servername_callback(ctx, _sni_switcher(named, has_default))
+    switch = _sni_switcher(named, has_default)
+    ossl.set_servername_callback(ctx, _guarded("check the server name", switch, False))
     return ctx
 
 
@@ -333,9 +340,9 @@ def _set_verification(ctx: SSL.Context, cfg: TlsConfig, creds: Credentials) -> N
     mode = SSL.VERIFY_PEER
     if cfg.role == "server" and cfg.verify_peer == "required":
         mode |= SSL.VERIFY_FAIL_IF_NO_PEER_CERT
-    ctx.set_verify(mode, _verify_callback(policy, check_chain))
+    ossl.set_verify_callback(ctx, mode, _verify_callback(policy, check_chain))
     if cfg.ocsp == "require":
-        ctx.set_ocsp_client_callback(_staple_checker())
+        ctx.set_ocsp_client_callback(_guarded("check the OCSP response", _staple_checker(), False))
 
 
 def _load_trust(ctx: SSL.Context, cfg: TlsConfig, creds: Credentials) -> None:
@@ -375,16 +382,21 @@ def _set_alpn(ctx: SSL.Context, cfg: TlsConfig) -> None:
         ctx.set_alpn_protos(protocols)
         return
 
-    def select(conn: SSL.Connection, offered: list[bytes]) -> bytes:
-        for protocol in protocols:
-            if protocol in offered:
-                return protocol
-        reason = f"no application protocol in common (TLS_ALPN {','.join(cfg.alpn)})"
-        _note(conn, reason)
-        # pyOpenSSL answers an exception with the no_application_protocol alert.
-        raise SSL.Error(reason)
+    def select(conn: SSL.Connection, offered: list[bytes]) -> bytes | None:
+        chosen = next((protocol for protocol in protocols if protocol in offered), None)
+        if chosen is None:
+            _note(conn, f"no application protocol in common (TLS_ALPN {','.join(cfg.alpn)})")
+        return chosen
 
-    ctx.set_alpn_select_callback(select)
+    choose = _guarded("choose an application protocol", select, None)
+
+    def alpn(conn: SSL.Connection, offered: list[bytes]) -> bytes:
+        chosen = choose(conn, offered)
+        if chosen is None:  # pyOpenSSL answers an exception with no_application_protocol
+            raise SSL.Error(_notes(conn).reasons[-1])
+        return chosen
+
+    ctx.set_alpn_select_callback(alpn)
 
 
 def _set_psk(ctx: SSL.Context, cfg: TlsConfig, creds: Credentials) -> None:
@@ -396,7 +408,7 @@ def _set_psk(ctx: SSL.Context, cfg: TlsConfig, creds: Credentials) -> None:
             _notes(conn).psk_identity = identity.decode("ascii")
             return identity, keys[identity]
 
-        ossl.set_psk_client_callback(ctx, choose)
+        ossl.set_psk_client_callback(ctx, _guarded("choose a PSK", choose, None))
         return
 
     def lookup(conn: SSL.Connection, identity: bytes) -> bytes | None:
@@ -409,7 +421,7 @@ def _set_psk(ctx: SSL.Context, cfg: TlsConfig, creds: Credentials) -> None:
             notes.psk_identity = identity.decode("ascii")
         return key
 
-    ossl.set_psk_server_callback(ctx, lookup)
+    ossl.set_psk_server_callback(ctx, _guarded("look up the PSK identity", lookup, None))
 
 
 def _notes(conn: SSL.Connection) -> VerifyNotes:
@@ -425,12 +437,31 @@ def _note(conn: SSL.Connection, reason: str) -> None:
     _notes(conn).reasons.append(reason)
 
 
+def _guarded(what: str, callback: Callable[..., T], refusal: T) -> Callable[..., T]:
+    """``callback`` (a handshake callback whose first argument is the connection), made safe.
+
+    Whatever it raises refuses the handshake: ``unable to WHAT: why`` goes
+    to the connection's notes and ``refusal`` back to OpenSSL, which sends
+    its alert.  What a peer sends can then fail a handshake (97), never the
+    program (111).
+    """
+
+    def guarded(conn: SSL.Connection, *args: Any) -> T:
+        try:
+            return callback(conn, *args)
+        except Exception as exc:
+            _note(conn, f"unable to {what}: {str(exc) or type(exc).__name__}")
+            return refusal
+
+    return guarded
+
+
 def sni_lookup(names: dict[str, SSL.Context], servername: str) -> SSL.Context | None:
     """The context for ``servername``: an exact match, else ``*.`` + its parent.
 
-    A wildcard stands for exactly one label, as in certificates.
+    ``servername`` is as ``names.server_name`` gives it (lower case, no
+    final dot).  A wildcard stands for exactly one label, as in certificates.
     """
-    servername = servername.lower()  # a host name: no trailing dot
     if servername in names:
         return names[servername]
     _label, dot, parent = servername.partition(".")
@@ -440,10 +471,13 @@ def sni_lookup(names: dict[str, SSL.Context], servername: str) -> SSL.Context | 
 def _sni_switcher(
     names: dict[str, SSL.Context], has_default: bool
 ) -> Callable[[SSL.Connection], bool]:
-    """The SNI callback: refuse a name that is not a host name, switch to its keypair.
+    """The SNI callback: refuse a name that is no name, switch to the name's keypair.
 
-    A server name that is not a valid host name (LDH labels, at most 253
-    octets) is refused with the ``unrecognized_name`` alert.  Without a
+    A server name that ``names.server_name`` refuses (a control character,
+    a byte outside ASCII, an empty label) is refused with the
+    ``unrecognized_name`` alert, whatever the SNI level, since the
+    application and the log would see it.  Any other name is looked up in
+    ``names`` (empty at -k 0, which chooses nothing by name).  Without a
     default keypair (-k 2) and no match, the handshake will fail for want of
     a certificate; the reason names the server name, not only OpenSSL's "no
     suitable signature algorithm".
@@ -451,9 +485,9 @@ def _sni_switcher(
 
     def switch(conn: SSL.Connection) -> bool:
         raw = conn.get_servername()
-        name = raw.decode("ascii", "replace") if raw else ""
-        if raw and not is_host_name(name):
-            _note(conn, "client sent a server name that is not a valid host name")
+        name = server_name(raw) if raw else ""
+        if name is None:
+            _note(conn, "client sent an invalid server name (not labels of printable ASCII)")
             return False
         sub = sni_lookup(names, name) if name else None
         if sub is not None:
@@ -468,22 +502,26 @@ def _sni_switcher(
 
 def _verify_callback(
     policy: PeerPolicy, check_chain: bool
-) -> Callable[[SSL.Connection, X509, int, int, int], bool]:
-    """OpenSSL's chain verdict (unless ``check_chain`` is off), then ``policy`` at depth 0."""
+) -> Callable[[SSL.Connection, X509, int, int], int]:
+    """OpenSSL's chain verdict (unless ``check_chain`` is off), then ``policy`` at depth 0.
 
-    def verify(conn: SSL.Connection, cert: X509, errnum: int, depth: int, ok: int) -> bool:
-        if not ok and check_chain:
-            text = ossl.verify_error_text(errnum)
+    For ``ossl.set_verify_callback``: a chain error keeps OpenSSL's code (and
+    alert), a certificate ``policy`` refuses gets bad_certificate.
+    """
+
+    def verify(conn: SSL.Connection, cert: X509, error: int, depth: int) -> int:
+        if error and check_chain:
+            text = ossl.verify_error_text(error)
             _note(conn, f"certificate verify failed at depth {depth}: {text}")
-            return False
+            return error
         if depth == 0:
             reason = policy.check(cert)
             if reason:
                 _note(conn, reason)
-                return False
-        return True
+                return ossl.CERT_REJECTED
+        return 0
 
-    return verify
+    return _guarded("check the peer's certificate", verify, ossl.CERT_REJECTED)
 
 
 def _staple(_conn: SSL.Connection, response: bytes) -> bytes:

@@ -29,7 +29,6 @@ from cryptography.hazmat.primitives.serialization import (
 
 from ..errors import ConfigError
 from .config import Keypair, TlsConfig
-from .sessions import check_directory
 
 _PEM_BEGIN = b"-----BEGIN "
 _PEM_CRL = re.compile(rb"-----BEGIN X509 CRL-----.+?-----END X509 CRL-----", re.DOTALL)
@@ -75,8 +74,6 @@ def load_credentials(cfg: TlsConfig, now: datetime.datetime | None = None) -> Cr
     psks = _load_psks(cfg.pskfile, warnings) if cfg.pskfile else ()
     if cfg.psk_identity and cfg.psk_identity.encode() not in dict(psks):
         raise ConfigError(f"PSK_IDENTITY {cfg.psk_identity} is not in PSKFILE {cfg.pskfile}")
-    if cfg.session_dir:
-        check_directory(cfg.session_dir)
     ocsp = None
     if cfg.ocspfile and keypair is not None:
         ocsp = _load_ocsp(cfg.ocspfile, keypair.chain[0], now, warnings)

@@ -38,7 +38,8 @@ def handshake(link: Link, timeout_ms: int = 0, clock: Callable[[], float] = time
         clock: the monotonic clock it is measured with (``link.wakeup``'s).
 
     Raises:
-        HandshakeTimeout: the limit passed (exit 98).
+        HandshakeTimeout: the limit passed (exit 98); the message ends with
+            the link's ``icmp_news``, if any.
         HandshakeError: the handshake failed, either side rejected the other,
             or the peer closed the connection (exit 97).
 
@@ -49,13 +50,19 @@ def handshake(link: Link, timeout_ms: int = 0, clock: Callable[[], float] = time
     poller = select.poll()
     while True:
         if deadline is not None and clock() >= deadline:
-            raise HandshakeTimeout("handshake timed out")
+            raise handshake_timeout(link)
         wait = handshake_step(link)
         if wait is None:
             return
         poller.register(wait.fd, wait.events)
         poller.poll(wait_ms(earliest(deadline, link.wakeup()), clock()))
         poller.unregister(wait.fd)
+
+
+def handshake_timeout(link: Link) -> HandshakeTimeout:
+    """The error of a handshake over -K: with what the peer's host said, if it said anything."""
+    news = f" (the peer's host said: {link.icmp_news})" if link.icmp_news else ""
+    return HandshakeTimeout(f"handshake timed out{news}")
 
 
 def handshake_step(link: Link) -> WouldBlock | None:
@@ -67,16 +74,14 @@ def handshake_step(link: Link) -> WouldBlock | None:
     (which is also due at ``link.wakeup()``, a DTLS retransmission).
 
     Raises ``HandshakeError`` (97): the handshake failed, either side
-    rejected the other, or the peer closed the connection.  Closes nothing.
+    rejected the other, or the peer closed the connection (a write that
+    failed is the link's ``failure``).  Closes nothing.
     The ``WouldBlock`` returned was never raised: the one caught holds, through
     its traceback, this frame and its caller's, which hold it (a reference
     cycle per connection in a worker, kept until a full collection).
     """
-    wait: WouldBlock | None = None
     try:
-        link.handshake_step()
-    except WouldBlock as wb:
-        wait = WouldBlock(wb.fd, wb.events, wb.pending)
+        return _step(link)
     except (SSL.ZeroReturnError, PeerGone):
         raise HandshakeError("peer closed the connection during the handshake") from None
     except SSL.SysCallError as exc:
@@ -84,12 +89,27 @@ def handshake_step(link: Link) -> WouldBlock | None:
         raise HandshakeError(f"peer vanished during the handshake: {reason}") from None
     except SSL.Error as exc:
         raise HandshakeError(ssl_error_text(exc)) from None
+
+
+def _step(link: Link) -> WouldBlock | None:
+    """One step of the handshake and the flush of what it produced: what to wait for, or None.
+
+    None once the handshake is complete and written out.  Raises what the
+    link raises; a write that failed raises its failure (``link.failure``).
+    """
+    wait: WouldBlock | None = None
+    try:
+        link.handshake_step()
+    except WouldBlock as wb:
+        wait = WouldBlock(wb.fd, wb.events, wb.pending)
     try:
         link.flush()
     except WouldBlock as wb:
         wait = WouldBlock(wb.fd, wb.events, wb.pending)
     except PeerGone:
-        raise HandshakeError("peer closed the connection during the handshake") from None
+        if link.failure is not None:
+            raise link.failure from None
+        raise
     return wait
 
 

@@ -4,10 +4,10 @@ pyOpenSSL runs on the OpenSSL that cryptography bundles, and exposes that
 library's cffi binding as ``OpenSSL._util.lib``/``ffi``.  This module is the
 only place that calls it, for what pyOpenSSL has no method for: key-exchange
 groups, PSK callbacks, a server-name callback that can refuse a name with an
-alert, session (de)serialisation and reuse, the one-line form of a name, the
-text of a verification error, and, for the engine's hot path, decryption
-straight into a buffer and the size of a memory BIO.  Nothing here loads a
-second copy of libssl.
+alert, a verify callback that chooses its alert, session (de)serialisation
+and reuse, the one-line form of a name, the text of a verification error,
+and, for the engine's hot path, decryption straight into a buffer and the
+size of a memory BIO.  Nothing here loads a second copy of libssl.
 
 Every callback handed to OpenSSL is kept alive on the pyOpenSSL object it
 belongs to, and never lets a Python exception reach cffi: it answers OpenSSL
@@ -22,6 +22,9 @@ from OpenSSL.crypto import X509
 
 # RFC 8446 alert numbers OpenSSL takes from a server-name callback.
 ALERT_UNRECOGNIZED_NAME = 112
+# The verdict of a verify callback that refuses a certificate: OpenSSL answers
+# X509_V_ERR_CERT_REJECTED with the bad_certificate alert.
+CERT_REJECTED: int = lib.X509_V_ERR_CERT_REJECTED
 _SSL_TLSEXT_ERR_OK = 0
 _SSL_TLSEXT_ERR_ALERT_FATAL = 2
 
@@ -76,6 +79,40 @@ def set_servername_callback(ctx: SSL.Context, accept: Callable[[SSL.Connection],
 
 def _refuse_name(*_exc: object) -> int:
     return _SSL_TLSEXT_ERR_ALERT_FATAL
+
+
+def set_verify_callback(
+    ctx: SSL.Context, mode: int, verify: Callable[[SSL.Connection, X509, int, int], int]
+) -> None:
+    """Check the peer's chain with ``verify(conn, cert, error, depth)``, at each certificate.
+
+    ``error`` is OpenSSL's verdict on ``cert``: 0 (``X509_V_OK``) or an
+    ``X509_V_ERR_*`` code.  ``verify`` returns the verdict to keep: 0 accepts
+    the certificate, a code refuses the handshake with OpenSSL's alert for
+    that code (``CERT_REJECTED``: bad_certificate; a chain error keeps its
+    own: unknown_ca, certificate_expired...).  pyOpenSSL's ``set_verify``
+    cannot choose: OpenSSL 3 answers its refusals with internal_error.  An
+    exception in ``verify`` refuses with ``CERT_REJECTED``.  ``mode``:
+    ``SSL.VERIFY_*`` flags.
+    """
+
+    def callback(ok: int, store: object) -> int:
+        try:
+            x509 = lib.X509_STORE_CTX_get_current_cert(store)
+            lib.X509_up_ref(x509)
+            cert = X509._from_raw_x509_ptr(x509)
+            ssl = lib.X509_STORE_CTX_get_ex_data(store, lib.SSL_get_ex_data_X509_STORE_CTX_idx())
+            error = 0 if ok else lib.X509_STORE_CTX_get_error(store)
+            depth = lib.X509_STORE_CTX_get_error_depth(store)
+            verdict = verify(SSL.Connection._reverse_mapping[ssl], cert, error, depth)
+        except Exception:
+            verdict = CERT_REJECTED
+        lib.X509_STORE_CTX_set_error(store, verdict)
+        return 0 if verdict else 1
+
+    cb = ffi.callback("int (*)(int, X509_STORE_CTX *)", callback, onerror=_zero)
+    _keep(ctx, cb)
+    lib.SSL_CTX_set_verify(ctx._context, mode, cb)
 
 
 def set_psk_server_callback(
@@ -175,18 +212,38 @@ def use_session_der(conn: SSL.Connection, der: bytes) -> bool:
 
 
 def subject_oneline(cert: X509) -> str:
-    """The certificate's subject in OpenSSL's one-line form (``X509_NAME_oneline``).
+    r"""The certificate's subject in OpenSSL's one-line form, made unambiguous.
 
-    ``/`` inside a value is ``\\/``, bytes outside printable ASCII are
-    ``\\xHH``: the form libtls gives to s6-networking's applications.
+    ``/label=value`` for each entry, as ``X509_NAME_oneline`` writes it: the
+    label is OpenSSL's short name (``CN``, ``emailAddress``) or the OID; in
+    a value, ``/`` and ``+`` are ``\/`` and ``\+``, bytes outside printable
+    ASCII ``\xHH``; each value is its bytes as the certificate encodes them.
+    Unlike OpenSSL, a backslash in a value is ``\\``, so that no two
+    subjects read the same: ``O=a\`` then ``CN=admin`` is
+    ``/O=a\\/CN=admin``, one ``O=a/CN=admin`` is ``/O=a\/CN=admin``.
     """
-    text = lib.X509_NAME_oneline(lib.X509_get_subject_name(cert._x509), ffi.NULL, 0)
-    if text == ffi.NULL:
-        raise MemoryError("X509_NAME_oneline")
-    try:
-        return ffi.string(text).decode("ascii", "replace")
-    finally:
-        lib.OPENSSL_free(text)
+    name = lib.X509_get_subject_name(cert._x509)
+    labels: list[str | None] = []
+    values = []
+    for i in range(lib.X509_NAME_entry_count(name)):
+        entry = lib.X509_NAME_get_entry(name, i)
+        nid = lib.OBJ_obj2nid(lib.X509_NAME_ENTRY_get_object(entry))
+        short = lib.OBJ_nid2sn(nid) if nid != lib.NID_undef else ffi.NULL
+        labels.append(ffi.string(short).decode("ascii") if short != ffi.NULL else None)
+        data = lib.X509_NAME_ENTRY_get_data(entry)
+        raw = ffi.buffer(lib.ASN1_STRING_get0_data(data), lib.ASN1_STRING_length(data))[:]
+        values.append("".join(_ONELINE[byte] for byte in raw))
+    if None in labels:  # OpenSSL has no name for the OID: its dotted form, as OpenSSL writes it
+        oids = [attribute.oid.dotted_string for attribute in cert.to_cryptography().subject]
+        labels = [label or oid for label, oid in zip(labels, oids, strict=True)]
+    return "".join(f"/{label}={value}" for label, value in zip(labels, values, strict=True))
+
+
+# How subject_oneline writes each byte of a value.
+_ONELINE = [
+    f"\\x{byte:02X}" if not 0x20 <= byte <= 0x7E else "\\" * (chr(byte) in "/+\\") + chr(byte)
+    for byte in range(256)
+]
 
 
 def verify_error_text(errnum: int) -> str:
@@ -215,18 +272,3 @@ def recv_into(conn: SSL.Connection, view: memoryview, nbytes: int) -> int:
     if result <= 0:
         conn._raise_ssl_error(conn._ssl, result)
     return result
-
-
-def use_socket(conn: SSL.Connection, sock: object) -> None:
-    """Move ``conn`` from its memory BIOs onto the socket ``sock`` (a ``socket.socket``).
-
-    For a DTLS server: ``DTLSv1_listen`` ran on memory BIOs with the
-    ClientHello it verified, which OpenSSL keeps for the handshake; the rest
-    of the handshake and the records then go through the connected UDP
-    socket, one datagram per read and per write, as on a connection made
-    with that socket.  OpenSSL frees the memory BIOs.
-    """
-    if lib.SSL_set_fd(conn._ssl, sock.fileno()) != 1:  # type: ignore[attr-defined]
-        raise MemoryError("SSL_set_fd")
-    conn._into_ssl = conn._from_ssl = None
-    conn._socket = sock

@@ -147,8 +147,9 @@ def spki_pin(cert: X509) -> str:
 def certificate_facts(cert: X509) -> dict[str, str]:
     """The ``SSL_PEER_CERT_*`` variables for the peer certificate ``cert``.
 
-    SAN values are comma-separated; a comma inside a URI or an address is
-    written ``%2C``.
+    SAN values are comma-separated; a comma inside a value is written
+    ``%2C``, and so that this is unambiguous, a ``%`` is written ``%25``
+    (``admin%2Cx.example`` is ``admin%252Cx.example``).
     """
     crypto_cert = cert.to_cryptography()
     facts = {
@@ -158,7 +159,7 @@ def certificate_facts(cert: X509) -> dict[str, str]:
         "SSL_PEER_CERT_NOT_AFTER": timestamp(crypto_cert.not_valid_after_utc),
     }
     for suffix, kind in SAN_KINDS.items():
-        values = [v.replace(",", "%2C") for v in san_values(crypto_cert, kind)]
+        values = [v.replace("%", "%25").replace(",", "%2C") for v in san_values(crypto_cert, kind)]
         if values:
             facts[f"SSL_PEER_CERT_SAN_{suffix}"] = ",".join(values)
     return facts

@@ -98,6 +98,10 @@ class SessionStore:
 
 
 def check_directory(path: str) -> None:
-    """Raise ``ConfigError`` unless ``path`` is a directory we can write sessions into."""
-    if not os.path.isdir(path) or not os.access(path, os.W_OK | os.X_OK):
+    """Raise ``ConfigError`` unless ``path`` is a directory we can write sessions into.
+
+    Asked with the effective ids (``serve.privileges.as_ids`` sets them to
+    those the sessions will be written as).
+    """
+    if not os.path.isdir(path) or not os.access(path, os.W_OK | os.X_OK, effective_ids=True):
         raise ConfigError(f"TLS_SESSION_DIR {path} is not a directory s6tls can write to")
