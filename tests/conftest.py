@@ -1,5 +1,6 @@
 """Shared fixtures: certificates from a throw-away CA, and how to run the programs."""
 
+import faulthandler
 import os
 import signal
 import subprocess
@@ -35,6 +36,32 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+
+
+# No test may hang the suite: past this many seconds (S6TLS_TEST_LIMIT), every
+# thread's stack is printed and the test fails where it waits.
+TEST_LIMIT = int(os.environ.get("S6TLS_TEST_LIMIT", "300"))
+
+
+class Overran(Exception):
+    """A test (with its fixtures) took more than TEST_LIMIT seconds."""
+
+
+def _overran(_signum: int, _frame: object) -> None:
+    faulthandler.dump_traceback(all_threads=True)
+    raise Overran(f"the test took more than {TEST_LIMIT} s (S6TLS_TEST_LIMIT)")
+
+
+@pytest.fixture(autouse=True)
+def time_limit() -> Iterator[None]:
+    """Bound each test, its fixtures included, by TEST_LIMIT seconds (SIGALRM)."""
+    previous = signal.signal(signal.SIGALRM, _overran)
+    signal.alarm(TEST_LIMIT)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def write_leaf(leaf: trustme.LeafCert, cert: Path, key: Path) -> None:

@@ -12,7 +12,9 @@ killed and reaped at the end of its test whatever happened.
 import gc
 import itertools
 import os
+import random
 import re
+import select
 import signal
 import socket
 import ssl
@@ -23,7 +25,9 @@ from pathlib import Path
 
 import pytest
 from conftest import write_leaf
-from server_helpers import ALLOW_LINE, END_LINE, tls_connect
+from OpenSSL.SSL import TLS1_2_VERSION
+from server_helpers import ALLOW_LINE, END_LINE, child_pids, fd_count, tls_connect, zombies
+from test_properties import APPS, Outcome, Peer, Scenario, check, payload
 from tls_peer import client_context
 from worker_helpers import (
     SUMMARY,
@@ -41,7 +45,6 @@ from worker_helpers import (
 
 from s6tls.lifetime import Op
 from s6tls.operations import Operations
-from s6tls.serve.admission import Reason, Table, Ticket
 from s6tls.serve.worker import Worker
 
 # An application that says on the FIFO ($0) when it starts (its client's port,
@@ -291,28 +294,6 @@ def summed_up(log, total: int) -> tuple[int, int]:
     return refused, dropped
 
 
-def test_no_early_connection_is_dropped_for_a_newcomer_that_gets_no_slot_either():
-    """The shared table has two slots per -c: a connection made room for keeps its
-    slot until its worker drops it.  Once every slot is taken, a newcomer is refused
-    without evicting anyone: evicting would drop an early connection for nothing,
-    and leave -c one short (500 concurrent connects above ended with 49 of 50)."""
-    table = Table(2, 40, 1)
-    evicted: list[int] = []
-    try:
-        for n in range(4):  # two early connections, then two that make room
-            ticket = table.admit(
-                f"192.0.2.{n}", 1000, 0, lambda _pid, slot, _gen: evicted.append(slot)
-            )
-            assert isinstance(ticket, Ticket)
-        assert (len(evicted), table.count) == (2, 2)
-        newcomer = table.admit("192.0.2.9", 1000, 0, lambda _pid, slot, _gen: evicted.append(slot))
-        assert newcomer is Reason.REFUSED_ALL
-        assert (len(evicted), table.count) == (2, 2)
-        assert table.take_counts() == {Reason.EVICTED_ALL: 2, Reason.REFUSED_ALL: 1}
-    finally:
-        table.close()
-
-
 CONNECTIONS = 10_000
 MARKS = (1_000, CONNECTIONS)  # after these connections, the worker reports its objects
 
@@ -425,4 +406,178 @@ def test_a_fault_while_serving_one_connection_ends_it_alone_and_fifty_others_fin
         )
         assert [m[0] for m in server.log.matching(": warning: .*")] == [f": warning: {warning}"]
         assert {int(m[1]) for m in server.log.matching(r": peer \S+ pid (\d+): ")} == {worker}
+        assert server.stop() == 0
+
+
+class Driven:
+    """A ``test_properties.Peer`` (one scenario's client), driven by ``Loop``."""
+
+    def __init__(self, peer: Peer) -> None:
+        self.peer = peer
+        self.fd = peer.sock.fileno()
+        self.port = peer.sock.getsockname()[1]
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def events(self) -> int:
+        peer = self.peer
+        reading = select.POLLIN if peer.ending is None else 0
+        return reading | (select.POLLOUT if peer.out and not peer.send_failed else 0)
+
+    @property
+    def done(self) -> bool:
+        return self.peer._finished()
+
+    def step(self) -> None:
+        """As ``Peer.run`` does between two waits: step until there is something to
+        wait for (a step may write out the last bytes, and the next one sends the FIN)."""
+        for _ in range(100):
+            if self.done:
+                return
+            self.peer._step()
+            if self.events() and not (self.peer.fin_pending and not self.peer.out):
+                return  # (a FIN still to send once the last bytes went: step again)
+        raise AssertionError(f"a peer that waits for nothing: {vars_of(self)}")
+
+    def on_event(self, revents: int) -> None:
+        if revents & (select.POLLIN | select.POLLHUP | select.POLLERR) and self.peer.ending is None:
+            self.peer._read()
+        if revents & select.POLLOUT and not self.done:
+            self.peer._write()
+        self.step()
+
+    def close(self) -> None:
+        if not self.peer.sock_closed:
+            self.peer.sock.close()
+
+
+def small_scenarios(rng: random.Random, count: int) -> list[Scenario]:
+    """``count`` scenarios as test_properties draws them, smaller: at most 20 kB each way,
+    and 1 to 16-byte records or writes only for at most 2 kB (one process drives them all)."""
+
+    def size() -> int:
+        return rng.choice((rng.randint(0, 64), rng.randint(0, 20_000)))
+
+    def chunks(small: bool, big: tuple[int, int]) -> tuple[int, ...]:
+        tiny = small and rng.random() < 0.3
+        return tuple(
+            rng.randint(1, 16) if tiny else rng.randint(*big) for _ in range(rng.randint(1, 4))
+        )
+
+    found_by_test_properties = Scenario(False, 7, 0, (1,), (1,), "app", "fin", "exit")
+    out = [found_by_test_properties]
+    while len(out) < count:
+        up, down = size(), size()
+        out.append(
+            Scenario(
+                tls12=rng.random() < 0.5,
+                up=up,
+                down=down,
+                records=chunks(up <= 2_000, (512, 20_000)),
+                wire=chunks(up <= 2_000, (1_000, 70_000)),
+                first=rng.choice(sorted(APPS)),
+                peer_end=rng.choice(("close_notify", "fin", "rst")),
+                app_end=rng.choice(("exit", "killed")),
+            )
+        )
+    return out
+
+
+def as_tlsd_said(lines: list[str]) -> str:
+    """The server's warnings about one connection, as s6-tlsd serving it alone would
+    have ended: ``s6-tlsd: fatal: ...`` (what test_properties' ``check`` reads)."""
+    return "".join(f"s6-tlsd: fatal: {line}\n" for line in lines)
+
+
+RANDOM_ENDINGS = int(os.environ.get("N", 1000))
+
+
+@pytest.mark.parametrize("strict", [False, True], ids=["j", "J"])
+@pytest.mark.parametrize("close_notify", [False, True], ids=["s", "S"])
+def test_a_thousand_concurrent_connections_with_random_endings_each_end_as_documented(
+    close_notify, strict, tmp_path, pki
+):
+    """The lifetime property test through one s6-tlsserver's loops: 1,000 peers at
+    once (test_properties' Peer, in one poll loop), each connection with its own
+    random scenario (TLS 1.2 or 1.3, sizes, records and writes, who closes first,
+    the peer's end, the application's), its application picking it by
+    TCPREMOTEPORT.  Each one ends as test_properties' ``check`` requires of
+    s6-tlsd alone (prefixes, everything on a clean end, the status of its end line,
+    its warnings), nothing hangs, and the server is as it was: the same workers,
+    no zombie, no descriptor left."""
+    seed = int(os.environ.get("S6TLS_SEED", random.randrange(1 << 32)))
+    scenarios = small_scenarios(random.Random(seed), RANDOM_ENDINGS)
+    opts = ["-S" if close_notify else "-s", "-J" if strict else "-j"]
+    args = ["-v", "-H", "--workers", "2", "-c", "1100", "-C", "1100", "-K", "60000", *opts]
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "CERTFILE": pki["server_cert"],
+        "KEYFILE": pki["server_key"],
+    }
+    contexts = {
+        tls12: client_context(pki["ca"], TLS1_2_VERSION if tls12 else None)
+        for tls12 in (False, True)
+    }
+    chosen = ["sh", "-c", 'exec sh "$0/$TCPREMOTEPORT"', str(tmp_path)]
+    with Server.start(args, chosen, env) as server:
+        warm = client_socket(server.port)
+        (tmp_path / str(warm.getsockname()[1])).write_text("exec cat\n")
+        with ssl.create_default_context(cafile=pki["ca"]).wrap_socket(
+            warm, server_hostname="localhost"
+        ) as conn:
+            round_trip(conn)
+        server.log.wait(END_LINE.pattern)
+        workers = server.workers()
+        assert len(workers) == 2
+        fds = {pid: fd_count(pid) for pid in (server.pid, *workers)}
+
+        peers, payloads = [], []
+        for n, sc in enumerate(scenarios):
+            sock = socket.socket()
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+            up, down = payload(sc.up, 2 * n), payload(sc.down, 2 * n + 1)
+            (tmp_path / f"{port}.send").write_bytes(down)
+            body = APPS[sc.first].replace(
+                "$END", "exit 0" if sc.app_end == "exit" else "kill -9 $$"
+            )
+            (tmp_path / str(port)).write_text(
+                f"SEND={tmp_path}/{port}.send RECV={tmp_path}/{port}.recv\n{body}\n"
+            )
+            sock.settimeout(10)
+            sock.connect(("127.0.0.1", server.port))
+            peers.append(Driven(Peer(contexts[sc.tls12], sock, sc, up)))
+            payloads.append((up, down))
+        loop = Loop(peers)
+        try:
+            loop.run(timeout=120)
+        finally:
+            loop.close()
+        ends = server.log.wait(END_LINE.pattern, 1 + len(peers), timeout=60)
+        codes = {int(m[2]): int(m[4]) for m in ends}
+        said: dict[int, list[str]] = {}
+        for m in server.log.matching(r": warning: peer 127\.0\.0\.1:(\d+) pid \d+: (.*)$"):
+            said.setdefault(int(m[1]), []).append(m[2])
+        classes: Counter[str] = Counter()
+        for driven, sc, (up, down) in zip(peers, scenarios, payloads, strict=True):
+            recv = tmp_path / f"{driven.port}.recv"
+            out = Outcome(
+                codes[driven.port],
+                as_tlsd_said(said.get(driven.port, [])),
+                bytes(driven.peer.got),
+                driven.peer.ending or "",
+                recv.read_bytes() if recv.exists() else None,
+            )
+            try:
+                classes[check(sc, close_notify, strict, out, up, down)] += 1
+            except AssertionError as exc:
+                raise AssertionError(f"seed {seed}: {sc}: {out}") from exc
+        print(f"{' '.join(opts)} seed {seed}: {dict(classes)}")
+
+        assert server.workers() == workers
+        assert server.log.matching(r"warning: worker ") == []
+        assert [zombies(pid) for pid in workers] == [[], []]
+        wait_reaped(set(child_pids(server.pid)) - set(workers))  # what killed shells left
+        assert {pid: fd_count(pid) for pid in fds} == fds
         assert server.stop() == 0

@@ -591,4 +591,6 @@ class Loop:
 def vars_of(client: object) -> dict:
     """What a client looks like, in an assertion message."""
     keep = ("ip", "port", "ending", "sent", "received", "handshaken", "running", "sc")
-    return {k: v for k, v in vars(client).items() if k in keep}
+    seen = {k: v for k, v in vars(client).items() if k in keep}
+    inner = getattr(client, "peer", None)  # a client wrapped for the loop
+    return seen if inner is None else {**seen, **vars_of(inner)}

@@ -174,11 +174,6 @@ class Table:
             entry = self._find(key)
             if unique and entry is not None and self._early_port(entry, port):
                 return Reason.DUPLICATE
-            if self._header[_FREE] == NONE:
-                # Every spare slot is still held by an evicted connection: refuse now,
-                # before evicting anyone for a newcomer that would get no slot anyway.
-                self._tally(Reason.REFUSED_ALL)
-                return Reason.REFUSED_ALL
             own = self._ahead[entry] if entry is not None else NONE  # its oldest early one
             if entry is not None and self._count[entry] >= self.localmaxconn:
                 if own == NONE:
