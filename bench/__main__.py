@@ -134,6 +134,23 @@ def failures(results: dict[str, Any]) -> tuple[list[str], list[str]]:
     return ours, [f for f in found if f not in ours]
 
 
+def _carry(results: dict[str, Any], parts: list[str]) -> None:
+    """Into a run of some parts, the other parts of the previous ``latest.json`` (whole
+    sections, each with the date and commit of its own run in ``carried``)."""
+    path = RESULTS / "latest.json"
+    if not path.exists():
+        return
+    previous = json.loads(path.read_text())
+    carried = previous.get("carried", {})
+    results["carried"] = {}
+    for part in PARTS:
+        if part not in parts and part in previous:
+            results[part] = previous[part]
+            results["carried"][part] = carried.get(
+                part, {"date": previous["date"], "commit": previous["machine"]["commit"]}
+            )
+
+
 def networks() -> list[netns.Network]:
     """quickack and loopback namespaces, or the host's network when they cannot be made."""
     problem = netns.available()
@@ -194,6 +211,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             results["scale"] = scale.measure(pki, settings.held, settings.growth, nets[0], log)
     results["duration_s"] = time.monotonic() - started
     results["load_after"] = os.getloadavg()
+    if set(parts) != set(PARTS):
+        _carry(results, parts)
     results["targets"] = targets(results)
     results["failures"], results["c_tool_failures"] = failures(results)
     RESULTS.mkdir(exist_ok=True)

@@ -370,6 +370,8 @@ def render(results: dict[str, Any]) -> Iterator[str]:
         f" (before: {machine.get('before') or '-'}); {results['duration_s']:.0f} s;"
         f" load {results['load_before'][0]:.1f} before, {results['load_after'][0]:.1f} after"
     )
+    for part, origin in results.get("carried", {}).items():
+        yield f"({part}: carried from the run of {origin['date']}, commit {origin['commit']})"
     yield ""
     if "throughput" in results:
         yield from _throughput(results["throughput"])
