@@ -21,7 +21,10 @@ made over the wall time of the slowest one (s_time's own "real seconds" is
 rounded to the second, too coarse).  The server's CPU per handshake is the
 CPU time of its whole process tree over the run (``bench/reaper.py``: the
 applications it spawned and every orphan included), divided by the
-connections.
+connections.  ``own_cpu_ms`` is the share of the server's processes
+alive at the end (not what they reaped): for s6tls's pool, the supervisor
+and workers without the applications; for the stunnel daemon, stunnel
+without ``cat``; for servers with a process per connection, nearly nothing.
 
 With ``reuse``, each client resumes its first session again and again
 (``-reuse``): it asks for ``/`` (``-www``) and reads to the end, so that the
@@ -111,6 +114,7 @@ def measure(
     app, options = ("true", ["-S"]) if reuse else ("cat", [])
     runs: dict[str, dict[str, list[float | None]]] = {}  # "net version n" -> server -> rates
     cpu: dict[str, dict[str, list[float | None]]] = {}
+    own: dict[str, dict[str, list[float | None]]] = {}  # the live processes' own CPU
     resumed: dict[str, list[float]] = {name: [] for name in names}
     failures: list[str] = []
     with scratch() as tmp, Processes() as procs:
@@ -129,12 +133,13 @@ def measure(
                         key = f"{net.name} {version} {n}"
                         runs.setdefault(key, {name: [] for name in names})
                         cpu.setdefault(key, {name: [] for name in names})
+                        own.setdefault(key, {name: [] for name in names})
                         for name in names:
                             if version != "TLSv1.2" and name in srv.TLS12_ONLY:
                                 continue
                             server, count = started[net.name][name]
                             with inside(net):
-                                before = server.cpu()
+                                before, own_before = server.cpu(), server.own_cpu()
                                 try:
                                     per_second, total, share = rate(
                                         procs, server.port, n, seconds, version, reuse
@@ -146,11 +151,14 @@ def measure(
                                     log(f"  FAILED {failure}")
                                     runs[key][name].append(None)
                                     cpu[key][name].append(None)
+                                    own[key][name].append(None)
                                     continue
                                 settle(server, count)
                                 ms = (server.cpu() - before) * 1000 / total
+                                own_ms = (server.own_cpu() - own_before) * 1000 / total
                             runs[key][name].append(per_second)
                             cpu[key][name].append(ms)
+                            own[key][name].append(own_ms)
                             resumed[name].append(share)
                             log(
                                 f"  {key} round {round_no + 1} {name}: {per_second:.0f}/s,"
@@ -168,7 +176,11 @@ def measure(
     }
     results["runs"] = {
         key: {
-            name: {"rate": summary(runs[key][name]), "cpu_ms": summary(cpu[key][name])}
+            name: {
+                "rate": summary(runs[key][name]),
+                "cpu_ms": summary(cpu[key][name]),
+                "own_cpu_ms": summary(own[key][name]),
+            }
             for name in names
             if runs[key][name]
         }

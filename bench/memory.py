@@ -28,6 +28,7 @@ import ssl
 import subprocess
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -113,15 +114,40 @@ def _server(
     return server, port
 
 
-def open_idle(context: ssl.SSLContext, port: int, count: int, conns: contextlib.ExitStack) -> None:
+def open_idle(
+    context: ssl.SSLContext,
+    port: int,
+    count: int,
+    conns: contextlib.ExitStack,
+    parallel: int = 1,
+) -> None:
     """``count`` more TLS connections to ``port``, each having echoed one byte, held in
-    ``conns``: handshake done, the application running and waiting."""
-    for _ in range(count):
+    ``conns``: handshake done, the application running and waiting.  With ``parallel``,
+    that many are opened at once (threads), as clients arrive in a server's life."""
+
+    def one(_: int) -> ssl.SSLSocket:
         sock = socket.create_connection(("127.0.0.1", port), timeout=60)
-        tls = conns.enter_context(context.wrap_socket(sock, server_hostname=SERVER_NAME))
-        tls.sendall(b"x")
-        if tls.recv(1) != b"x":
-            raise BenchError("an idle connection did not echo its byte")
+        tls = context.wrap_socket(sock, server_hostname=SERVER_NAME)
+        try:
+            tls.sendall(b"x")
+            if tls.recv(1) != b"x":
+                raise BenchError("an idle connection did not echo its byte")
+        except BaseException:
+            tls.close()
+            raise
+        return tls
+
+    if parallel <= 1:
+        for i in range(count):
+            conns.enter_context(one(i))
+        return
+    with ThreadPoolExecutor(parallel) as pool:
+        futures = [pool.submit(one, i) for i in range(count)]
+        for future in futures:
+            with contextlib.suppress(BaseException):
+                conns.enter_context(future.result())
+        for future in futures:
+            future.result()  # the first failure, if any
 
 
 def usage(server: srv.Running, app: str) -> dict[str, Any]:

@@ -257,6 +257,19 @@ def _handshakes(hs: dict[str, Any], title: str) -> Iterator[str]:
         yield ""
         yield from _markdown(header, cpu_rows)
         yield ""
+        own_rows = []
+        for name in ("s6tls", "stunnel-daemon"):
+            cells = [runs.get(f"{net} {v} {n}", {}).get(name) for v, n in columns]
+            if any(c and "own_cpu_ms" in c for c in cells):
+                own_rows.append(
+                    [
+                        f"{LABELS[name]} without its applications",
+                        *(_spread(c.get("own_cpu_ms") if c else None, 2) for c in cells),
+                    ]
+                )
+        if own_rows:
+            yield from _markdown(["server CPU ms per handshake", *header[1:]], own_rows)
+            yield ""
         ratio_rows = []
         for name in hs["servers"][1:]:
             cells = [hs["ratios"].get(f"{net} {v} {n}", {}).get(name) for v, n in columns]

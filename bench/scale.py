@@ -1,8 +1,9 @@
 """Many connections: one s6-tlsserver holding 10,000 at once, and a worker after 100,000.
 
 Held: one s6-tlsserver (default ``--workers``, ``-c``/``-C`` the count plus
-a margin) and ``count`` idle TLS connections from this process, each having
-echoed one byte (``cat`` runs for each: ``count`` processes).  RSS and USS
+a margin) and ``count`` idle TLS connections from this process, opened
+``PARALLEL`` at a time, each having echoed one byte (``cat`` runs for each:
+``count`` processes).  RSS and USS
 of the supervisor and of each worker are read every ``STEP`` connections
 and at the end, with the number of applications running.  The descriptor
 limit is raised as far as the hard limit allows (a worker needs three per
@@ -33,48 +34,71 @@ from .memory import open_idle, private_memory, resident
 from .netns import Network, inside
 
 STEP = 1000  # connections between two readings of the held run
+# Connections opened at once.  One after the other, every connection goes to the worker
+# first in the listening socket's wait queue (EPOLLEXCLUSIVE): that one holds them nearly
+# all, and this run would measure the descriptor limit of one worker, not the server.
+PARALLEL = 16
 WANTED_NOFILE = 65536
 
 
-def _roles(server: srv.Running) -> tuple[int, list[int], int]:
-    """s6tls's supervisor, its workers, and how many applications run."""
+def _roles(server: srv.Running) -> tuple[int, list[int], int, list[int]]:
+    """s6tls's supervisor, its workers, how many applications run, and how many each
+    worker runs."""
     table = process_table()
     found = server.processes()
     supervisor = next(pid for pid in found if table[pid][0] == server.proc.pid)
     workers = [pid for pid in found if table[pid][0] == supervisor and found[pid] != "cat"]
-    apps = sum(1 for name in found.values() if name == "cat")
-    return supervisor, workers, apps
+    apps = [pid for pid, name in found.items() if name == "cat"]
+    each = [sum(1 for app in apps if table[app][0] == worker) for worker in workers]
+    return supervisor, workers, len(apps), each
 
 
 def _reading(server: srv.Running, held: int, seconds: float) -> dict[str, Any]:
-    supervisor, workers, apps = _roles(server)
+    supervisor, workers, apps, each = _roles(server)
     return {
         "connections": held,
         "seconds": seconds,
         "applications": apps,
         "supervisor": resident(supervisor),
-        "workers": [resident(pid) for pid in workers],
+        "workers": [
+            {**resident(pid), "applications": n} for pid, n in zip(workers, each, strict=True)
+        ],
         "rss_kb": resident(supervisor)["rss_kb"] + sum(resident(w)["rss_kb"] for w in workers),
         "uss_kb": private_memory(supervisor)["uss_kb"]
         + sum(private_memory(w)["uss_kb"] for w in workers),
     }
 
 
-def held(pki: Pki, count: int, network: Network, log: Callable[[str], None]) -> dict[str, Any]:
-    """One s6-tlsserver holding ``count`` idle connections; see the module docstring."""
+def held(
+    pki: Pki,
+    count: int,
+    network: Network,
+    log: Callable[[str], None],
+    options: Sequence[str] = (),
+) -> dict[str, Any]:
+    """One s6-tlsserver (with ``options``) holding ``count`` idle connections; see the
+    module docstring."""
     nofile = raise_nofile(WANTED_NOFILE)
     context = ssl.create_default_context(cafile=pki.ca)
     readings = []
     apps: set[int] = set()
     with scratch() as tmp, inside(network):
         with Processes() as procs:
-            server = srv.start(procs, "s6tls", tmp, pki, "cat", maxconn=count + 100)
+            server = srv.start(
+                procs, "s6tls", tmp, pki, "cat", maxconn=count + 100, options=options
+            )
             start = time.monotonic()
             with contextlib.ExitStack() as conns:
                 done = 0
                 while done < count:
                     step = min(STEP, count - done)
-                    open_idle(context, server.port, step, conns)
+                    try:
+                        open_idle(context, server.port, step, conns, PARALLEL)
+                    except (BenchError, OSError, ssl.SSLError) as exc:
+                        lines = (tmp / "s6tls.err").read_text(errors="replace").splitlines()
+                        said = [line for line in lines if "warning" in line or "fatal" in line]
+                        last = said[-1] if said else "nothing"
+                        raise BenchError(f"{exc}; the server's last warning: {last}") from exc
                     done += step
                     time.sleep(0.2)
                     readings.append(_reading(server, done, time.monotonic() - start))
@@ -92,6 +116,7 @@ def held(pki: Pki, count: int, network: Network, log: Callable[[str], None]) -> 
         left = [pid for pid in apps if table.get(pid, (0, ""))[1] == "cat"]
     return {
         "count": count,
+        "options": list(options),
         "nofile": nofile,
         "readings": readings,
         "cats_left": len(left),
@@ -119,7 +144,7 @@ def growth(
                 per_second, made, _ = rate(procs, server.port, clients, seconds, "TLSv1.3")
                 total += made
             time.sleep(0.5)  # the last connections end
-            _supervisor, workers, _apps = _roles(server)
+            _supervisor, workers, _apps, _each = _roles(server)
             if len(workers) != 1:
                 raise BenchError(f"{len(workers)} workers under --workers 1")
             reading = {

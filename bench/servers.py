@@ -23,6 +23,8 @@ Each runs under ``bench/reaper.py`` (a child subreaper), so that the CPU
 of its whole tree, orphans included, is ``Running.cpu()``.
 """
 
+import contextlib
+import os
 import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -38,6 +40,7 @@ from .common import (
     descendants,
     free_port,
     program,
+    stat_fields,
     tree_cpu,
     wait_listening,
 )
@@ -141,6 +144,18 @@ class Running:
     def cpu(self) -> float:
         """CPU seconds of the server's whole tree so far (see ``bench/reaper.py``)."""
         return tree_cpu(self.proc.pid, own=False)
+
+    def own_cpu(self) -> float:
+        """CPU seconds of the server's live processes alone, not of what they reaped.
+
+        For a server that reaps its applications itself (s6tls's workers, the
+        stunnel daemon), the server's own work without the applications'.
+        """
+        total = 0
+        for pid in self.processes():
+            with contextlib.suppress(OSError):
+                total += sum(int(t) for t in stat_fields(pid)[11:13])
+        return total / os.sysconf("SC_CLK_TCK")
 
     def processes(self) -> dict[int, str]:
         """The server's processes (its applications included): pid -> command name."""
