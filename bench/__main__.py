@@ -1,12 +1,18 @@
-"""``python -m bench [--full]``: every figure of the README, against C tools, in one run.
+"""``python -m bench [--full] [--only PART,...]``: every figure of the README, in one run.
 
-Quick sizes by default (a few minutes on 2 cores), ``--full`` for the sizes
-the README's targets are about.  Writes ``bench/results/latest.json`` (every
-raw figure) and ``bench/results/summary.png``, and prints the report.  A
-run that failed (a tool failed, or data was lost) is never counted as a
-speed and is printed as FAILED; the exit status is 1 if a run of s6tls
-failed, 2 if a tool is missing, 0 otherwise (a C tool's failures are
-reported, not fatal: stunnel 5.68 loses data in some duplex runs).
+Quick sizes by default, ``--full`` for the sizes the README's targets are
+about; ``--only`` runs some parts (``PARTS``).  ``S6TLS_BEFORE`` names
+another checkout of s6tls (with its .venv) to measure beside this one, and
+``S6TLS_REFERENCE`` the ``bin/`` of the real s6-networking (README.md,
+section Performance).  The per-connection parts run in network namespaces
+(``bench.netns``, as root): ``quickack`` for every figure, and ``loopback``
+(Linux's delayed ACKs) for the handshakes too.  Writes
+``bench/results/latest.json`` (every raw figure) and
+``bench/results/summary.png``, and prints the report.  A run that failed (a
+tool failed, or data was lost) is never counted as a speed and is printed
+as FAILED; the exit status is 1 if a run of s6tls failed, 2 if a tool is
+missing, 0 otherwise (another tool's failures are reported, not fatal:
+stunnel 5.68 loses data in some duplex runs).
 """
 
 import argparse
@@ -24,8 +30,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
-from . import handshakes, memory, startup, throughput
-from .common import ROOT, Pki, become_subreaper, scratch
+from . import handshakes, memory, netns, scale, startup, throughput
+from .common import BEFORE, REFERENCE, ROOT, Pki, become_subreaper, scratch
 from .report import plot, render, targets
 
 RESULTS = ROOT / "bench" / "results"
@@ -42,11 +48,14 @@ class Settings:
     handshake_seconds: int  # per s_time run
     handshake_rounds: int
     startup_connections: int  # per server
-    idle_connections: int
+    idle_counts: tuple[int, ...]  # idle connections each server holds, in turn
+    held: int  # idle connections one s6-tlsserver holds at once
+    growth: tuple[int, ...]  # connections after which a worker's RSS is read
 
 
-QUICK = Settings("quick", 128 << 20, 7, 3, 3, 30, 100)
-FULL = Settings("full", 1 << 30, 7, 10, 5, 200, 100)
+QUICK = Settings("quick", 128 << 20, 7, 3, 3, 30, (10, 100), 2_000, (10_000,))
+FULL = Settings("full", 1 << 30, 7, 10, 3, 200, (100, 1_000), 10_000, (10_000, 50_000, 100_000))
+PARTS = ("throughput", "handshakes", "resumption", "startup", "memory", "scale")
 
 
 def log(text: str) -> None:
@@ -74,13 +83,7 @@ def machine() -> dict[str, Any]:
         ),
         platform.processor(),
     )
-    commit = subprocess.run(
-        ["git", "-C", str(ROOT), "describe", "--always", "--dirty"],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    ).stdout.strip()
+    commit = _commit(ROOT)
     return {
         "cpus": len(os.sched_getaffinity(0)),
         "cpu": cpu,
@@ -92,7 +95,20 @@ def machine() -> dict[str, Any]:
         "socat": _version(["socat", "-V"], "socat version"),
         "stunnel": _version(["stunnel", "-version"], "stunnel"),
         "commit": commit,
+        "before": _commit(BEFORE) if BEFORE is not None else None,
+        "reference": str(REFERENCE) if REFERENCE is not None else None,
     }
+
+
+def _commit(root: Path) -> str:
+    """The commit checked out in ``root``."""
+    return subprocess.run(
+        ["git", "-C", str(root), "describe", "--always", "--dirty"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    ).stdout.strip()
 
 
 def _terminate(signum: int, frame: object) -> NoReturn:
@@ -100,31 +116,60 @@ def _terminate(signum: int, frame: object) -> NoReturn:
     raise KeyboardInterrupt
 
 
-OURS = {"s6tls", "s6-tlsd", "s6-tlsserver"}  # the names s6tls runs go by
+# The names s6tls runs go by in failures ("<what> <name> ..."); s6tls-before's are not ours.
+OURS = {"s6tls", "s6-tlsd", "s6-tlsserver", "stall", "held", "growth"}
 
 
 def failures(results: dict[str, Any]) -> tuple[list[str], list[str]]:
-    """Every failure recorded in ``results``: (s6tls's, the C tools').
-
-    Each failure reads "<what> <name> ...", or "memory ..." (s6tls only).
-    """
+    """Every failure recorded in ``results``: (s6tls's, the other tools')."""
     found = []
-    for mode in throughput.MODES:
-        for name, section in results["throughput"][mode].items():
-            if name != "ratios":
-                found += section["failures"]
-    for key in ("handshakes", "resumption", "startup", "memory"):
-        found += results[key]["failures"]
-    ours = [f for f in found if f.startswith("memory ") or f.split()[1].rstrip(":") in OURS]
+    if "throughput" in results:
+        for mode in throughput.MODES:
+            for name, section in results["throughput"][mode].items():
+                if name != "ratios":
+                    found += section["failures"]
+    for key in ("handshakes", "resumption", "startup", "memory", "scale"):
+        found += results.get(key, {}).get("failures", [])
+    ours = [f for f in found if f.split()[1].rstrip(":") in OURS]
     return ours, [f for f in found if f not in ours]
+
+
+def _carry(results: dict[str, Any], parts: list[str]) -> None:
+    """Into a run of some parts, the other parts of the previous ``latest.json`` (whole
+    sections, each with the date and commit of its own run in ``carried``)."""
+    path = RESULTS / "latest.json"
+    if not path.exists():
+        return
+    previous = json.loads(path.read_text())
+    carried = previous.get("carried", {})
+    results["carried"] = {}
+    for part in PARTS:
+        if part not in parts and part in previous:
+            results[part] = previous[part]
+            results["carried"][part] = carried.get(
+                part, {"date": previous["date"], "commit": previous["machine"]["commit"]}
+            )
+
+
+def networks() -> list[netns.Network]:
+    """quickack and loopback namespaces, or the host's network when they cannot be made."""
+    problem = netns.available()
+    if problem is not None:
+        log(f"bench: no network namespace ({problem}): measuring on the host's loopback")
+        return [netns.HOST]
+    return [netns.make("quickack", quickack=True), netns.make("loopback")]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run every benchmark, write the results and the plot, print the report."""
     parser = argparse.ArgumentParser(prog="bench", description=__doc__.split("\n")[0])
     parser.add_argument("--full", action="store_true", help="full sizes (1 GiB per run)")
+    parser.add_argument("--only", default=",".join(PARTS), help=f"some of {','.join(PARTS)}")
     args = parser.parse_args(argv)
     settings = FULL if args.full else QUICK
+    parts = args.only.split(",")
+    if not set(parts) <= set(PARTS):
+        parser.error(f"--only takes some of {','.join(PARTS)}")
     missing = [tool for tool in TOOLS if shutil.which(tool) is None]
     if missing:
         log(f"bench: missing {', '.join(missing)}: install socat stunnel4 openssl ucspi-tcp")
@@ -137,24 +182,37 @@ def main(argv: Sequence[str] | None = None) -> int:
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": machine(),
         "settings": asdict(settings),
+        "parts": parts,
+        "load_before": os.getloadavg(),
     }
+    nets = networks()
+    seconds, rounds = settings.handshake_seconds, settings.handshake_rounds
     with scratch() as tmp:
         pki = Pki.make(tmp)
-        log(f"throughput, {settings.size >> 20} MiB x {settings.rounds} rounds")
-        results["throughput"] = throughput.measure(pki, settings.size, settings.rounds, log)
-        log("handshakes")
-        results["handshakes"] = handshakes.measure(
-            pki, settings.handshake_seconds, settings.handshake_rounds, log
-        )
-        log("session resumption")
-        results["resumption"] = handshakes.measure(
-            pki, settings.handshake_seconds, settings.handshake_rounds, log, reuse=True
-        )
-        log("start-up")
-        results["startup"] = startup.measure(pki, settings.startup_connections, log)
-        log("memory")
-        results["memory"] = memory.measure(pki, settings.idle_connections, log)
+        if "throughput" in parts:
+            log(f"throughput, {settings.size >> 20} MiB x {settings.rounds} rounds")
+            results["throughput"] = throughput.measure(pki, settings.size, settings.rounds, log)
+        if "handshakes" in parts:
+            log(f"handshakes, networks {', '.join(net.name for net in nets)}")
+            results["handshakes"] = handshakes.measure(pki, seconds, rounds, log, nets)
+        if "resumption" in parts:
+            log("session resumption")
+            results["resumption"] = handshakes.measure(
+                pki, seconds, rounds, log, nets[:1], reuse=True
+            )
+        if "startup" in parts:
+            log("start-up")
+            results["startup"] = startup.measure(pki, settings.startup_connections, log)
+        if "memory" in parts:
+            log(f"memory, {' and '.join(map(str, settings.idle_counts))} idle connections")
+            results["memory"] = memory.measure(pki, settings.idle_counts, nets[0], log)
+        if "scale" in parts:
+            log(f"{settings.held} connections held, a worker after {max(settings.growth)}")
+            results["scale"] = scale.measure(pki, settings.held, settings.growth, nets[0], log)
     results["duration_s"] = time.monotonic() - started
+    results["load_after"] = os.getloadavg()
+    if set(parts) != set(PARTS):
+        _carry(results, parts)
     results["targets"] = targets(results)
     results["failures"], results["c_tool_failures"] = failures(results)
     RESULTS.mkdir(exist_ok=True)

@@ -27,6 +27,10 @@ from s6tls.tls.pki import make_pki
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
+# Another checkout of s6tls to measure beside this one (its bin/ and its .venv), and
+# the bin/ of the real s6-networking (README.md, section Performance, says how to get both).
+BEFORE = Path(os.environ["S6TLS_BEFORE"]) if os.environ.get("S6TLS_BEFORE") else None
+REFERENCE = Path(os.environ["S6TLS_REFERENCE"]) if os.environ.get("S6TLS_REFERENCE") else None
 ENDPOINT = [PYTHON, "-I", "-S", str(ROOT / "bench" / "endpoint.py")]
 SERVER_NAME = "localhost"
 PR_SET_CHILD_SUBREAPER = 36
@@ -36,9 +40,11 @@ class BenchError(Exception):
     """A run could not be measured: a tool failed, timed out, or lost data."""
 
 
-def program(name: str) -> list[str]:
-    """The command that runs s6tls program ``name`` from this checkout's ``bin/``."""
-    return [PYTHON, str(ROOT / "bin" / name)]
+def program(name: str, root: Path = ROOT) -> list[str]:
+    """The command that runs s6tls program ``name`` from the ``bin/`` of checkout ``root``
+    (this one by default), with that checkout's .venv."""
+    python = PYTHON if root == ROOT else str(root / ".venv" / "bin" / "python")
+    return [python, str(root / "bin" / name)]
 
 
 def become_subreaper() -> None:
@@ -46,6 +52,64 @@ def become_subreaper() -> None:
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER)")
+
+
+def raise_nofile(wanted: int) -> int:
+    """Let this process (and what it starts from now on) open ``wanted`` descriptors,
+    or as many as its hard limit allows when it cannot raise that (no CAP_SYS_RESOURCE);
+    return the limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft >= wanted:
+        return soft
+    with contextlib.suppress(ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, max(hard, wanted)))
+        return wanted
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return hard
+
+
+def stat_fields(pid: int) -> list[str]:
+    """The fields of /proc/PID/stat after the command name: [0] is the state, [1] ppid."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
+def process_table() -> dict[int, tuple[int, str]]:
+    """Every process: pid -> (ppid, command name)."""
+    table = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError, IndexError):
+                text = Path(f"/proc/{entry}/stat").read_text()
+                name = text[text.index("(") + 1 : text.rindex(")")]
+                table[int(entry)] = (int(text.rsplit(")", 1)[1].split()[1]), name)
+    return table
+
+
+def descendants(pid: int, table: dict[int, tuple[int, str]] | None = None) -> dict[int, str]:
+    """The processes below ``pid`` (not itself), with their command names."""
+    table = process_table() if table is None else table
+    kids: dict[int, list[int]] = {}
+    for child, (parent, _name) in table.items():
+        kids.setdefault(parent, []).append(child)
+    found, todo = {}, list(kids.get(pid, []))
+    while todo:
+        child = todo.pop()
+        found[child] = table[child][1]
+        todo += kids.get(child, [])
+    return found
+
+
+def tree_cpu(pid: int, own: bool = True) -> float:
+    """CPU seconds of the process tree under ``pid``: every live process's user and
+    system time with that of the children it reaped, and ``pid``'s own (unless not
+    ``own``: a reaper's wake-ups are not the server's work).  A process that ended
+    and was reaped is counted in its reaper's children's time."""
+    total = 0.0
+    for member in [pid, *descendants(pid)]:
+        with contextlib.suppress(OSError):
+            ticks = [int(t) for t in stat_fields(member)[11:15]]
+            total += sum(ticks if own or member != pid else ticks[2:])
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 @dataclass(frozen=True)

@@ -14,8 +14,8 @@ The client is the same for both: one pyOpenSSL DTLS client in this process
 
 - handshakes: full handshakes one after the other (a close_notify after
   each) for ``--seconds``; the rate, and the server's CPU milliseconds per
-  handshake (its own time and that of the children it reaped, from
-  ``/proc/PID/stat``, as ``bench.handshakes`` reads it);
+  handshake (the time of its whole process tree, workers and the children
+  they reaped included, from ``/proc/PID/stat``: ``common.tree_cpu``);
 - datagrams: one association carries ``--count`` datagrams of ``--size``
   bytes, at most ``WINDOW`` of them not yet delivered to the application;
   the rate is the count over the time until the application has them all.
@@ -44,9 +44,9 @@ from .common import (
     program,
     scratch,
     summary,
+    tree_cpu,
     wait_listening,
 )
-from .handshakes import server_cpu
 
 sys.path.insert(0, str(ROOT / "tests"))
 from dtls_peer import DtlsClient, free_udp_port
@@ -147,9 +147,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         for round_no in range(1, args.rounds + 1):
             for name, (port, pid, delivered) in servers.items():
                 try:
-                    before = server_cpu(pid)
+                    before = tree_cpu(pid)
                     per_second, made = handshakes(port, pki.ca, args.seconds)
-                    ms = (server_cpu(pid) - before) * 1000 / made
+                    ms = (tree_cpu(pid) - before) * 1000 / made
                     dps = datagrams(port, pki.ca, delivered, args.count, args.size)
                 except (BenchError, TimeoutError, OSError) as exc:
                     failed.append(f"{name} round {round_no}: {exc}")

@@ -34,7 +34,7 @@ from .common import (
     summary,
     wait_listening,
 )
-from .handshakes import stunnel_inetd_server, tcpserver
+from .servers import stunnel_inetd_server, tcpserver
 
 SERVERS = ("s6-tlsd", "stunnel", "s6-tlsserver")
 IMPORT_LINE = re.compile(r"^import time:\s+(\d+) \|\s+(\d+) \|( *)(\S+)$")

@@ -140,7 +140,11 @@ def measure(pki: Pki, size: int, rounds: int, log: Callable[[str], None]) -> dic
     summaries, the failures, and the ratios of s6tls to each C tool.
     """
     timeout = 60 + size / 5e6
-    results: dict[str, object] = {"size": size, "rounds": rounds}
+    results: dict[str, object] = {
+        "size": size,
+        "rounds": rounds,
+        "tunnels": [t.name for t in TUNNELS],
+    }
     for mode in MODES:
         runs: dict[str, dict[str, list[Any]]] = {
             t.name: {"failures": [], **{metric: [] for metric in METRICS}} for t in TUNNELS

@@ -1,5 +1,9 @@
 """The tunnels compared: s6tls, socat (twice) and stunnel, each as a server and a client.
 
+With ``S6TLS_BEFORE`` naming another checkout of s6tls (with its .venv),
+its s6-tlsserver and s6-tlsclient run too, as ``s6tls-before``, run by run
+beside this one's.
+
 Every tunnel carries the same TLS: TLS 1.3 (each side's default suite,
 TLS_AES_256_GCM_SHA384), an ECDSA P-256 certificate for ``localhost``, the
 client verifying the chain and the name.  The server side runs the
@@ -19,7 +23,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
-from .common import ENDPOINT, SERVER_NAME, Pki, program
+from .common import BEFORE, ENDPOINT, ROOT, SERVER_NAME, Pki, program
 
 
 @dataclass(frozen=True)
@@ -86,24 +90,34 @@ def _s6tls(
     role: str,
     options: Sequence[str],
     env: dict[str, str],
+    root: Path,
     tmp: Path,
     pki: Pki,
     port: int,
     args: Sequence[str],
 ) -> Command:
     if role == "server":
-        argv = [*program("s6-tlsserver"), "-H", *options, "127.0.0.1", str(port)]
+        argv = [*program("s6-tlsserver", root), "-H", *options, "127.0.0.1", str(port)]
         keys = {"CERTFILE": pki.cert, "KEYFILE": pki.key}
         return Command([*argv, *endpoint(0, 1, args)], {**keys, **env})
-    argv = [*program("s6-tlsclient"), "-H", *options, "-k", SERVER_NAME, "127.0.0.1", str(port)]
+    argv = [*program("s6-tlsclient", root), "-H", *options, "-k", SERVER_NAME]
+    argv += ["127.0.0.1", str(port)]
     return Command([*argv, *endpoint(6, 7, args)], {"CAFILE": pki.ca, **env})
 
 
-def s6tls(name: str, options: Sequence[str] = (), env: dict[str, str] | None = None) -> Tunnel:
-    """s6-tlsserver and s6-tlsclient, both with ``options`` and ``env`` (TLS policy...)."""
+def s6tls(
+    name: str,
+    options: Sequence[str] = (),
+    env: dict[str, str] | None = None,
+    root: Path = ROOT,
+) -> Tunnel:
+    """s6-tlsserver and s6-tlsclient of checkout ``root`` (this one by default), both with
+    ``options`` and ``env`` (TLS policy...)."""
     env = env or {}
     return Tunnel(
-        name, partial(_s6tls, "server", options, env), partial(_s6tls, "client", options, env)
+        name,
+        partial(_s6tls, "server", options, env, root),
+        partial(_s6tls, "client", options, env, root),
     )
 
 
@@ -159,4 +173,6 @@ def _socat(name: str, options: Sequence[str]) -> Tunnel:
 S6TLS = s6tls("s6tls")
 SOCATS = (_socat("socat", ["-t", "60"]), _socat("socat-b64k", ["-b", "65536", "-t", "60"]))
 STUNNEL = Tunnel("stunnel", _stunnel_server, _stunnel_client)
-TUNNELS = (S6TLS, *SOCATS, STUNNEL)
+# s6tls-before: the checkout S6TLS_BEFORE names (README.md: the commit before the workers).
+BEFORE_TUNNELS = (s6tls("s6tls-before", root=BEFORE),) if BEFORE is not None else ()
+TUNNELS = (S6TLS, *BEFORE_TUNNELS, *SOCATS, STUNNEL)
