@@ -210,10 +210,11 @@ class Flood:
 def test_three_hundred_silent_sockets_reconnecting_never_keep_a_real_client_out(
     server_env, pki, reap
 ):
-    """Default options (-c 40, -C 40, -K 10000): the flood from 127.0.0.2 only pushes out its
-    own sockets; a real client from 127.0.0.1 completes its handshake within a second, every
-    time, and the log grows by a few summary lines, not a line per dropped socket."""
-    server, port = start_server([], ["cat"], server_env)
+    """Default -c 40 and -C 40, -K 60000: the flood from 127.0.0.2 only pushes out its own
+    sockets; a real client from 127.0.0.1 completes its handshake every time without
+    waiting for a silent socket's -K (it would wait a minute), and the log grows by a few
+    summary lines, not a line per dropped socket."""
+    server, port = start_server(["-K", "60000"], ["cat"], server_env)
     reap.append(server)
     flood = Flood(port, "127.0.0.2", 300)
     try:
@@ -224,7 +225,7 @@ def test_three_hundred_silent_sockets_reconnecting_never_keep_a_real_client_out(
             conn.sendall(b"real client")
             assert conn.recv(100) == b"real client"
             conn.close()
-            assert took < 1, took
+            assert took < 20, took  # far below -K: no silent socket had to time out
     finally:
         flood.close()
     server.terminate()
@@ -239,9 +240,10 @@ def test_three_hundred_silent_sockets_reconnecting_never_keep_a_real_client_out(
 
 
 def test_a_hundred_stalled_dtls_handshakes_never_keep_a_real_client_out(dtls_server, pki):
-    """-c 40: peers that bring their cookie back, then say nothing more, hold early slots;
-    a real client still completes its handshake within a second."""
-    _proc, port = dtls_server([], ["cat"])
+    """-c 40, -K 60000: peers that bring their cookie back, then say nothing more, hold
+    early slots; a real client still completes its handshake without waiting for a stalled
+    one's -K (it would wait a minute)."""
+    _proc, port = dtls_server(["-K", "60000"], ["cat"])
     stalled = []
     for _ in range(100):
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -258,7 +260,7 @@ def test_a_hundred_stalled_dtls_handshakes_never_keep_a_real_client_out(dtls_ser
     took = time.monotonic() - started
     client.send(b"real client")
     assert client.recv() == b"real client"
-    assert took < 1, took
+    assert took < 20, took  # far below -K: no stalled peer had to time out
     client.close_notify()
     client.close()
     for sock in stalled:
