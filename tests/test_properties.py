@@ -37,13 +37,13 @@ import random
 import select
 import socket
 import struct
-import sys
 import time
 from dataclasses import dataclass
 from itertools import cycle
 from pathlib import Path
 
 import pytest
+from forked import forked_main
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from OpenSSL import SSL
@@ -156,28 +156,13 @@ def fork_tlsd(argv: list[str], sock: socket.socket, env: dict[str, str], keep_cl
     sockets the child must not hold (the peer's end, the listener).
     """
     err_r, err_w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child
-        code = 111
-        try:
-            for s in keep_closed:
-                s.close()
-            os.close(err_r)
-            os.dup2(sock.fileno(), 0)
-            os.dup2(sock.fileno(), 1)
-            os.dup2(err_w, 2)
-            sock.close()
-            os.close(err_w)
-            os.environ.clear()
-            os.environ.update(env)
-            sys.stderr = open(2, "w", closefd=False)  # noqa: SIM115 - pytest replaced it
-            s6tls.tlsd.main(argv)
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else 111
-        except BaseException as exc:
-            os.write(2, f"harness: {type(exc).__name__}: {exc}\n".encode())
-        finally:
-            os._exit(code)
+    pid = forked_main(
+        s6tls.tlsd.main,
+        argv,
+        env,
+        [(sock.fileno(), 0), (sock.fileno(), 1), (err_w, 2)],
+        close=[s.fileno() for s in keep_closed] + [err_r],
+    )
     os.close(err_w)
     return pid, os.pidfd_open(pid), err_r
 

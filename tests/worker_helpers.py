@@ -25,12 +25,12 @@ import re
 import select
 import signal
 import socket
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
+from forked import forked_main
 from OpenSSL import SSL
 from server_helpers import child_pids, start_server
 from ucspi_helpers import LineReader
@@ -159,25 +159,17 @@ class Server:
         """
         out_r, out_w = os.pipe2(os.O_CLOEXEC)
         err_r, err_w = os.pipe2(os.O_CLOEXEC)
-        pid = os.fork()
-        if pid == 0:  # pragma: no cover - the child
-            code = 111
-            try:
-                os.setsid()
-                null = os.open(os.devnull, os.O_RDWR)
-                for src, dst in ((null, 0), (out_w, 1), (err_w, 2)):
-                    os.dup2(src, dst)
-                os.environ.clear()
-                os.environ.update(env)
-                sys.stderr = open(2, "w", closefd=False)  # noqa: SIM115 - pytest replaced it
-                prepare()
-                s6tls.tlsserver.main(["-1", *args, "127.0.0.1", "0", *prog])
-            except SystemExit as exc:
-                code = exc.code if isinstance(exc.code, int) else 111
-            except BaseException as exc:
-                os.write(2, f"harness: {type(exc).__name__}: {exc}\n".encode())
-            finally:
-                os._exit(code)
+        null = os.open(os.devnull, os.O_RDWR)
+        pid = forked_main(
+            s6tls.tlsserver.main,
+            ["-1", *args, "127.0.0.1", "0", *prog],
+            env,
+            [(null, 0), (out_w, 1), (err_w, 2)],
+            close=(out_r, err_r),
+            new_session=True,
+            prepare=prepare,
+        )
+        os.close(null)
         os.close(out_w)
         os.close(err_w)
         log = Lines(err_r)
