@@ -14,6 +14,7 @@ import os
 import re
 import select
 import socket
+import ssl
 import threading
 import time
 from dataclasses import dataclass, field
@@ -210,22 +211,26 @@ class Flood:
 def test_three_hundred_silent_sockets_reconnecting_never_keep_a_real_client_out(
     server_env, pki, reap
 ):
-    """Default -c 40 and -C 40, -K 60000: the flood from 127.0.0.2 only pushes out its own
-    sockets; a real client from 127.0.0.1 completes its handshake every time without
-    waiting for a silent socket's -K (it would wait a minute), and the log grows by a few
-    summary lines, not a line per dropped socket."""
-    server, port = start_server(["-K", "60000"], ["cat"], server_env)
+    """Default options (-c 40, -C 40, -K 10000): the flood from 127.0.0.2 only pushes out its
+    own sockets; a real client from 127.0.0.1 completes its handshake within a second, every
+    time, and the log grows by a few summary lines, not a line per dropped socket.
+
+    The second is the handshake's, once connected: the flood keeps the listen backlog
+    full at times, and a SYN the kernel drops then is sent again a second later."""
+    server, port = start_server([], ["cat"], server_env)
     reap.append(server)
     flood = Flood(port, "127.0.0.2", 300)
+    ctx = ssl.create_default_context(cafile=pki["ca"])
     try:
         for _ in range(20):
+            sock = socket.create_connection(("127.0.0.1", port), timeout=10)
             started = time.monotonic()
-            conn = tls_connect(port, pki["ca"])
+            conn = ctx.wrap_socket(sock, server_hostname="localhost")
             took = time.monotonic() - started
             conn.sendall(b"real client")
             assert conn.recv(100) == b"real client"
             conn.close()
-            assert took < 20, took  # far below -K: no silent socket had to time out
+            assert took < 1, took
     finally:
         flood.close()
     server.terminate()
@@ -240,10 +245,9 @@ def test_three_hundred_silent_sockets_reconnecting_never_keep_a_real_client_out(
 
 
 def test_a_hundred_stalled_dtls_handshakes_never_keep_a_real_client_out(dtls_server, pki):
-    """-c 40, -K 60000: peers that bring their cookie back, then say nothing more, hold
-    early slots; a real client still completes its handshake without waiting for a stalled
-    one's -K (it would wait a minute)."""
-    _proc, port = dtls_server(["-K", "60000"], ["cat"])
+    """-c 40: peers that bring their cookie back, then say nothing more, hold early slots;
+    a real client still completes its handshake within a second."""
+    _proc, port = dtls_server([], ["cat"])
     stalled = []
     for _ in range(100):
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -260,7 +264,7 @@ def test_a_hundred_stalled_dtls_handshakes_never_keep_a_real_client_out(dtls_ser
     took = time.monotonic() - started
     client.send(b"real client")
     assert client.recv() == b"real client"
-    assert took < 20, took  # far below -K: no stalled peer had to time out
+    assert took < 1, took
     client.close_notify()
     client.close()
     for sock in stalled:
