@@ -37,6 +37,8 @@ from server_helpers import child_pids, fd_count
 from test_psk import KEY, psk_server_env
 from ucspi_helpers import fatal
 
+import s6tls.serve.datagram
+
 SIZES = [sys.executable, os.path.join(APPS, "dgram_sizes.py")]
 FACTS = (
     'line=$(head -n 1); echo "got $line $PROTO $UDPLOCALIP $UDPLOCALPORT'
@@ -464,3 +466,37 @@ def test_a_sixty_kilobyte_client_hello_is_answered_by_its_first_record(dtls_serv
     sock.close()
     code, log = stop(proc)
     assert code == 0 and "internal error" not in log
+
+
+def test_what_others_send_while_an_association_socket_is_made_is_answered_not_lost(monkeypatch):
+    """Between the bind and the connect of an association's socket, the kernel gives that
+    socket, ahead of the listener, whatever comes to the port: a datagram of another peer
+    sent then comes back from ``connected`` with its packet information, for the listener's
+    answer; the association's own peer's is dropped (its ClientHello, sent again)."""
+    listener = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind(("127.0.0.1", 0))
+    local = listener.getsockname()
+    peer, other = (socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(2))
+    peer.bind(("127.0.0.1", 0))
+    other.bind(("127.0.0.1", 0))
+
+    class InTheWindow(socket.socket):
+        def connect(self, address) -> None:  # two datagrams come between bind and connect
+            peer.sendto(b"the peer again", local)
+            other.sendto(b"another peer's hello", local)
+            assert select.select([self], [], [], 10)[0]
+            super().connect(address)
+
+    monkeypatch.setattr(s6tls.serve.datagram.socket, "socket", InTheWindow)
+    sock, strays = s6tls.serve.datagram.connected(socket.AF_INET, local, peer.getsockname())
+    monkeypatch.undo()
+    assert [(data, addr) for data, _anc, _flags, addr in strays] == [
+        (b"another peer's hello", other.getsockname())
+    ]
+    pktinfo = [c for c in strays[0][1] if c[:2] == (socket.IPPROTO_IP, 8)]
+    assert socket.inet_ntoa(pktinfo[0][2][8:12]) == "127.0.0.1"  # where it was sent
+    peer.sendto(b"after", local)
+    assert sock.recv(100) == b"after"  # connected: the peer's datagrams come here now
+    for s in (sock, listener, peer, other):
+        s.close()

@@ -12,6 +12,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import tempfile
 from pathlib import Path
@@ -38,11 +39,20 @@ def ids_of(pid: int) -> tuple[list[str], list[str]]:
 def test_the_workers_that_read_what_peers_send_run_as_the_ids_asked_for(
     name, server_env, pki, reap
 ):
-    args = ["-u", NOBODY, "-g", NOBODY] + (["-L", "-H"] if name == "s6-tlsserver" else [])
+    """One worker, which has served a connection (so it is past its start, where it
+    takes the ids: a worker just forked is still root, and reads nothing yet)."""
+    args = ["--workers", "1", "-u", NOBODY, "-g", NOBODY]
+    args += ["-L", "-H"] if name == "s6-tlsserver" else []
     server, port = start_server(args, ["cat"], server_env, name=name)
     reap.append(server)
     if name == "s6-tlsserver":
-        # a PROXY header on its way: the worker holding it is one of these
+        sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+        sock.sendall(b"PROXY TCP4 192.0.2.1 127.0.0.1 4000 443\r\n")
+        ctx = ssl.create_default_context(cafile=pki["ca"])
+        with ctx.wrap_socket(sock, server_hostname="localhost") as conn:
+            conn.sendall(b"as nobody")
+            assert conn.recv(100) == b"as nobody"
+        # a PROXY header on its way: the worker holding it is the one above
         half = socket.create_connection(("127.0.0.1", port), timeout=30)
         half.sendall(b"PROXY TCP4 192.0.2.1 ")
     else:
@@ -53,7 +63,7 @@ def test_the_workers_that_read_what_peers_send_run_as_the_ids_asked_for(
         client.close_notify()
         client.close()
     workers = child_pids(server.pid)
-    assert workers
+    assert len(workers) == 1
     for worker in workers:
         assert ids_of(worker) == ([NOBODY] * 4, [NOBODY] * 4)
     assert ids_of(server.pid) == (["0"] * 4, ["0"] * 4)  # the supervisor: to read keys again
