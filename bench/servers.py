@@ -44,7 +44,7 @@ from .common import (
     tree_cpu,
     wait_listening,
 )
-from .tunnels import stunnel_config
+from .tunnels import stunnel_config, stunnel_exec
 
 REAPER = [PYTHON, "-I", "-S", str(ROOT / "bench" / "reaper.py")]
 ALL = (
@@ -78,13 +78,14 @@ def tcpserver(port: int, argv: list[str], maxconn: int = 100) -> list[str]:
     return ["tcpserver", "-H", "-R", "-l", "0", "-c", str(maxconn), "127.0.0.1", str(port), *argv]
 
 
+def _stunnel_serving(pki: Pki, app: str) -> dict[str, str]:
+    """stunnel's options for serving with ``pki``'s keypair, running /bin/``app``."""
+    return {"cert": pki.cert, "key": pki.key, **stunnel_exec([f"/bin/{app}"])}
+
+
 def stunnel_inetd_server(tmp: Path, pki: Pki, app: str = "cat") -> list[str]:
     """The command line of stunnel serving its stdin/stdout as TLS, running ``app``."""
-    conf = stunnel_config(
-        tmp / f"stunnel-inetd-{app}.conf",
-        {"cert": pki.cert, "key": pki.key, "exec": f"/bin/{app}", "execArgs": app},
-        None,
-    )
+    conf = stunnel_config(tmp / f"stunnel-inetd-{app}.conf", _stunnel_serving(pki, app), None)
     return ["stunnel", str(conf)]
 
 
@@ -121,13 +122,7 @@ def command(
         conf = stunnel_config(
             tmp / f"stunnel-daemon-{port}.conf",
             {"foreground": "yes"},
-            {
-                "accept": f"127.0.0.1:{port}",
-                "cert": pki.cert,
-                "key": pki.key,
-                "exec": f"/bin/{app}",
-                "execArgs": app,
-            },
+            {"accept": f"127.0.0.1:{port}", **_stunnel_serving(pki, app)},
         )
         return ["stunnel", str(conf)], {}
     raise ValueError(f"no server named {name}")
