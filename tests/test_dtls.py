@@ -493,7 +493,7 @@ def test_what_others_send_while_an_association_socket_is_made_is_answered_not_lo
             assert select.select([self], [], [], 10)[0]
             super().connect(address)
 
-    monkeypatch.setattr(s6tls.serve.datagram.socket, "socket", InTheWindow)
+    monkeypatch.setattr(socket, "socket", InTheWindow)  # the module datagram uses
     sock, strays = s6tls.serve.datagram.connected(socket.AF_INET, local, peer.getsockname())
     monkeypatch.undo()
     assert [(data, addr) for data, _anc, _flags, addr in strays] == [

@@ -76,9 +76,6 @@ def handshake_step(link: Link) -> WouldBlock | None:
     Raises ``HandshakeError`` (97): the handshake failed, either side
     rejected the other, or the peer closed the connection (a write that
     failed is the link's ``failure``).  Closes nothing.
-    The ``WouldBlock`` returned was never raised: the one caught holds, through
-    its traceback, this frame and its caller's, which hold it (a reference
-    cycle per connection in a worker, kept until a full collection).
     """
     try:
         return _step(link)
@@ -96,6 +93,9 @@ def _step(link: Link) -> WouldBlock | None:
 
     None once the handshake is complete and written out.  Raises what the
     link raises; a write that failed raises its failure (``link.failure``).
+    The ``WouldBlock`` returned was never raised: the one caught holds, through
+    its traceback, this frame and its caller's, which hold it (a reference
+    cycle per connection in a worker, kept until a full collection).
     """
     wait: WouldBlock | None = None
     try:
