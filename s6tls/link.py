@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, TypeVar
 from OpenSSL import SSL
 
 from .sizes import BUFSIZE, RECORD
-from .tls.ossl import pending_output, recv_into
+from .tls.ossl import pending_output, recv_into, watch_info
 
 if TYPE_CHECKING:
     from .ktls.keys import HandshakeWatch
@@ -94,17 +94,17 @@ def new_link(ctx: SSL.Context, rfd: int, wfd: int) -> "Link":
 
 
 class InfoWatch:
-    """What a connection's one info callback watches; held by its link.
+    """What a connection's info events tell (``ossl.watch_info``); held by its link.
 
     ``close_notify`` becomes True when the peer's close_notify alert is
     read.  ``handshake`` (kernel TLS: ``ktls.keys.HandshakeWatch``), if set
-    before the handshake, is fed too.  It holds no reference to the link or
-    the connection: the callback OpenSSL keeps makes no reference cycle, so
-    a finished connection is freed at once (a long-lived worker would keep
-    a cycle until a full collection).
+    before the handshake, is fed every event; without it, only the alerts
+    are watched.  It holds no reference to the link or the connection, so a
+    finished connection is freed at once (a long-lived worker would keep a
+    cycle until a full collection).
     """
 
-    __slots__ = ("close_notify", "handshake")
+    __slots__ = ("__weakref__", "close_notify", "handshake")
 
     def __init__(self) -> None:
         self.close_notify = False
@@ -141,9 +141,9 @@ class Link:
     icmp_news: str | None = None
 
     def _watch_alerts(self) -> None:
-        """Give the connection its info callback (``InfoWatch``)."""
+        """Watch the connection's alerts (``InfoWatch``)."""
         self.info = InfoWatch()
-        self.conn.set_info_callback(self.info.on_info)
+        watch_info(self.conn, self.info, alerts_only=True)
 
     @property
     def close_notify_received(self) -> bool:
@@ -158,6 +158,7 @@ class Link:
     @handshake_watch.setter
     def handshake_watch(self, watch: "HandshakeWatch | None") -> None:
         self.info.handshake = watch
+        watch_info(self.conn, self.info, alerts_only=watch is None)
 
     def handshake_step(self) -> None:
         """Advance the handshake; return once it is complete.

@@ -1,9 +1,12 @@
 """The configuration: environment and options in, a validated TlsConfig or one error out."""
 
+import random
+
 import pytest
 
 from s6tls.errors import ConfigError, UsageError
-from s6tls.serve.app import application_env
+from s6tls.net.rules import apply_env
+from s6tls.serve.app import Inherited, application_env
 from s6tls.tls.config import VARIABLES, Options, TlsConfig
 
 SERVER = {"CERTFILE": "c.pem", "KEYFILE": "k.pem"}
@@ -164,6 +167,29 @@ def test_z_removes_every_policy_variable_from_the_application_environment():
     env = {v.name: "x" for v in VARIABLES} | {"CERTFILE:a": "c", "PATH": "/bin"}
     assert application_env(env, {}, keep_secrets=False) == {"PATH": "/bin"}
     assert application_env(env, {}, keep_secrets=True) == env
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_a_workers_inherited_environment_is_the_scrubbed_one_each_connection_would_build(keep):
+    """A worker scrubs its environment once; each connection's is still exactly what
+    scrubbing ours after its variables and its rule's changes would give (order too)."""
+    rng = random.Random(20261207)
+    names = ["PATH", "HOME", "CERTFILE", "KEYFILE", "CERTFILE:a", "TLS_UID", "SSL_CIPHER",
+             "SSL_PEER_CERT_HASH", "TCPREMOTEIP", "TCPCONNNUM", "X", "Y"]  # fmt: skip
+    for _ in range(500):
+        environ = {n: f"e{rng.randrange(9)}" for n in rng.sample(names, rng.randrange(8))}
+        inherited = Inherited(environ, keep_secrets=keep)
+        environ["LATER"] = "not read"  # read once: a later change is not seen
+        for _ in range(3):
+            added = {n: f"a{rng.randrange(9)}" for n in rng.sample(names, rng.randrange(4))}
+            changes = [
+                (rng.choice(names), rng.choice([None, "c"])) for _ in range(rng.randrange(5))
+            ]
+            expected = {**{k: v for k, v in environ.items() if k != "LATER"}, **added}
+            apply_env(expected, changes)
+            expected = application_env(expected, {}, keep_secrets=keep)
+            got = inherited.with_changes(added, changes)
+            assert list(got.items()) == list(expected.items())
 
 
 # -- DTLS ----------------------------------------------------------------------

@@ -256,3 +256,44 @@ def test_recv_into_decrypts_into_the_buffer_itself_and_raises_as_pyopenssl(serve
     server.bio_write(client.bio_read(1 << 16))
     with pytest.raises(SSL.ZeroReturnError):
         ossl.recv_into(server, buf, 50)
+
+
+class Watcher:
+    def __init__(self) -> None:
+        self.events: list[tuple[SSL.Connection, int, int]] = []
+
+    def on_info(self, conn: SSL.Connection, where: int, ret: int) -> None:
+        self.events.append((conn, where, ret))
+
+
+@pytest.mark.parametrize("alerts_only", [True, False])
+def test_watch_info_tells_the_alerts_alone_or_every_event(server_cert, ca, alerts_only):
+    server, client = connections(server_context(server_cert), client_context(ca))
+    watcher = Watcher()
+    ossl.watch_info(server, watcher, alerts_only=alerts_only)
+    assert handshake(server, client) == (None, None)
+    handshake_events = list(watcher.events)
+    assert all(conn is server for conn, _, _ in handshake_events)
+    if alerts_only:
+        assert handshake_events == []
+    else:
+        assert any(where & SSL.SSL_CB_HANDSHAKE_DONE for _, where, _ in handshake_events)
+    client.shutdown()
+    server.bio_write(client.bio_read(1 << 16))
+    with pytest.raises(SSL.ZeroReturnError):
+        server.recv(10)
+    read = SSL.SSL_CB_READ_ALERT
+    alerts = [(where, ret) for _, where, ret in watcher.events[len(handshake_events) :]]
+    assert (read, 256 * 1 + 0) in [(w & read, r) for w, r in alerts]  # warning close_notify
+
+
+def test_watch_info_holds_its_watcher_weakly_and_may_change_its_mind(server_cert, ca):
+    server, client = connections(server_context(server_cert), client_context(ca))
+    gone = Watcher()
+    ossl.watch_info(server, gone, alerts_only=False)
+    del gone  # the caller keeps the watcher: without it, nothing is called
+    kept = Watcher()
+    ossl.watch_info(client, kept, alerts_only=True)
+    ossl.watch_info(client, kept, alerts_only=False)
+    assert handshake(server, client) == (None, None)
+    assert kept.events and all(conn is client for conn, _, _ in kept.events)

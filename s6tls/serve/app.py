@@ -5,6 +5,7 @@ import os
 import signal
 from collections.abc import Iterator, Mapping, Sequence
 
+from ..net.rules import apply_env
 from ..tls.config import is_secret_variable
 
 # Variables s6tls writes for the application; stale copies are always removed.
@@ -27,6 +28,15 @@ TLS_FACTS = (
 )
 
 
+def kept(name: str, *, keep_secrets: bool) -> bool:
+    """True if the application may inherit variable ``name`` from us.
+
+    Not a TLS fact (s6tls writes those); under -z (``keep_secrets`` False),
+    not a secret (``tls.config.is_secret_variable``).
+    """
+    return name not in TLS_FACTS and (keep_secrets or not is_secret_variable(name))
+
+
 def application_env(
     environ: Mapping[str, str],
     facts: Mapping[str, str],
@@ -40,14 +50,37 @@ def application_env(
     so a variable the spec says is unset (no SNI, no peer certificate) is
     really unset.
     """
-    env = {
-        k: v
-        for k, v in environ.items()
-        if k not in TLS_FACTS and (keep_secrets or not is_secret_variable(k))
-    }
+    env = {k: v for k, v in environ.items() if kept(k, keep_secrets=keep_secrets)}
     env.update(extra or {})
     env.update(facts)
     return env
+
+
+class Inherited:
+    """What a long-lived server's applications inherit from its environment, scrubbed once.
+
+    ``environ`` is read when this is made (a worker's environment does not
+    change afterwards): each connection then copies a plain dict instead of
+    decoding and scrubbing the whole process environment.
+    """
+
+    def __init__(self, environ: Mapping[str, str], *, keep_secrets: bool) -> None:
+        self.keep_secrets = keep_secrets
+        self.base = application_env(environ, {}, keep_secrets=keep_secrets)
+
+    def with_changes(
+        self, added: Mapping[str, str], changes: Sequence[tuple[str, str | None]]
+    ) -> dict[str, str]:
+        """Ours with ``added`` set, then ``changes`` applied in order (value None: unset).
+
+        Scrubbed as ``application_env`` scrubs: the same as scrubbing our
+        environment after setting and changing it.
+        """
+        keep = self.keep_secrets
+        env = dict(self.base)
+        env.update({k: v for k, v in added.items() if kept(k, keep_secrets=keep)})
+        apply_env(env, [(k, v) for k, v in changes if kept(k, keep_secrets=keep)])
+        return env
 
 
 def spawn(argv: Sequence[str], env: Mapping[str, str], fdmap: Mapping[int, int]) -> int:
@@ -72,7 +105,7 @@ def spawn(argv: Sequence[str], env: Mapping[str, str], fdmap: Mapping[int, int])
         return os.posix_spawnp(
             argv[0],
             list(argv),
-            dict(env),
+            env,
             file_actions=actions,
             setsigdef=(signal.SIGPIPE, signal.SIGXFSZ),
         )

@@ -39,11 +39,11 @@ from ..engine import machine_for, operations_for
 from ..errors import ExitCode, S6tlsError, TlsRuntimeError
 from ..lifetime import Lifetime, Stats
 from ..link import Link
-from ..net.rules import apply_env
 from ..operations import Operations
 from ..tls.config import TlsConfig
 from ..tls.handshake import handshake_step, handshake_timeout
 from .admission import Table, Ticket
+from .app import Inherited
 from .tunnel import Application, closing, ended, handshake_failed, open_link, start_application
 
 if TYPE_CHECKING:
@@ -56,6 +56,7 @@ class Host(Protocol):
     """What a served connection needs of the worker that serves it (``worker.Worker``)."""
 
     setup: "Setup"
+    inherited: Inherited  # what the applications inherit from the worker's environment
     log: Log
     pid: int
     table: Table
@@ -301,10 +302,9 @@ class Served:
         """Spawn the application, then let the machine decide."""
         assert self.link is not None
         cfg = self.cfg
-        environ = {**self.worker.setup.environ, **self.env}
-        apply_env(environ, self.env_changes)
+        env = self.worker.inherited.with_changes(self.env, self.env_changes)
         try:
-            self.app = start_application(cfg, self.link, self.prog, environ, None, (0, 1))
+            self.app = start_application(cfg, self.link, self.prog, env, (0, 1))
         except S6tlsError as exc:
             self.link.close()
             self.log.warn(str(exc))

@@ -108,25 +108,23 @@ def start_application(
     cfg: TlsConfig,
     link: Link,
     prog: Sequence[str],
-    environ: Mapping[str, str],
-    extra_env: Mapping[str, str] | None,
+    env: Mapping[str, str],
     app_fds: tuple[int, int],
 ) -> Application:
     """Spawn ``prog`` for ``link``, whose handshake is done: the TLS facts in its environment.
 
-    Its cleartext is on ``app_fds`` (read, write); ``environ`` and
-    ``extra_env`` make its environment (``app.application_env``, scrubbed
-    under -z).  Under DTLS, ``SSL_DTLS_MAX_DATAGRAM`` tells it the largest
-    datagram it may send.  Raises ``SystemFailure`` if it cannot be
+    Its cleartext is on ``app_fds`` (read, write); its environment is
+    ``env`` (scrubbed already: ``app.application_env``) and the facts.
+    Under DTLS, ``SSL_DTLS_MAX_DATAGRAM`` tells it the largest datagram it
+    may send.  Raises ``SystemFailure`` if it cannot be
     spawned, after closing what was opened for it (not the link).
     """
     facts = connection_facts(link.conn)
     if link.max_datagram is not None:
         facts["SSL_DTLS_MAX_DATAGRAM"] = str(link.max_datagram)
-    env = application_env(environ, facts, keep_secrets=cfg.options.keep_env, extra=extra_env)
     ours, theirs = _application_channel(link.max_datagram is not None)
     try:
-        pid = spawn(prog, env, {theirs[0]: app_fds[0], theirs[1]: app_fds[1]})
+        pid = spawn(prog, {**env, **facts}, {theirs[0]: app_fds[0], theirs[1]: app_fds[1]})
     except OSError as exc:
         for fd in {*ours, *theirs}:
             os.close(fd)
@@ -196,7 +194,8 @@ def serve_connection(
         on_handshake()
     with SelfPipe(PASSED_SIGNALS) as selfpipe:
         try:
-            app = start_application(cfg, link, prog, environ, extra_env, app_fds)
+            env = application_env(environ, {}, keep_secrets=cfg.options.keep_env, extra=extra_env)
+            app = start_application(cfg, link, prog, env, app_fds)
         except SystemFailure:
             link.close()
             raise

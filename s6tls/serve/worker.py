@@ -52,7 +52,7 @@ from ..errors import ExitCode
 from ..selfpipe import SelfPipe, read_signals
 from ..tls.perclient import ClientContexts
 from .admission import Reason, Table, Ticket
-from .app import reaped
+from .app import Inherited, reaped
 from .served import Phase, Served
 
 if TYPE_CHECKING:
@@ -106,6 +106,7 @@ class Worker:
         self.take = take
         self.report = report
         self.gate = gate
+        self.inherited = Inherited(setup.environ, keep_secrets=setup.cfg.options.keep_env)
         self.client_contexts = ClientContexts("server", setup.cfg, setup.environ, self.log.warn)
         self.maxconn = table.maxconn
         self.epoll = select.epoll()

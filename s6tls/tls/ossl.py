@@ -6,15 +6,19 @@ only place that calls it, for what pyOpenSSL has no method for: key-exchange
 groups, PSK callbacks, a server-name callback that can refuse a name with an
 alert, a verify callback that chooses its alert, session (de)serialisation
 and reuse, the one-line form of a name, the text of a verification error,
-and, for the engine's hot path, decryption straight into a buffer and the
-size of a memory BIO.  Nothing here loads a second copy of libssl.
+and, for the engine's hot path, decryption straight into a buffer, the
+size of a memory BIO, and one info callback for every connection.
+Nothing here loads a second copy of libssl.
 
 Every callback handed to OpenSSL is kept alive on the pyOpenSSL object it
-belongs to, and never lets a Python exception reach cffi: it answers OpenSSL
-with the failure value instead.
+belongs to (the info callbacks: for the whole process), and never lets a
+Python exception reach cffi: it answers OpenSSL with the failure value
+instead (an info callback has none: it ignores it).
 """
 
+import weakref
 from collections.abc import Callable
+from typing import Any, Protocol
 
 from OpenSSL import SSL
 from OpenSSL._util import ffi, lib
@@ -30,6 +34,51 @@ _SSL_TLSEXT_ERR_ALERT_FATAL = 2
 
 # The hybrid post-quantum key exchange, where the OpenSSL in use has it.
 HYBRID_GROUP = "X25519MLKEM768"
+
+
+class InfoWatcher(Protocol):
+    """What ``watch_info`` calls: ``on_info(conn, where, ret)`` as an info callback would be."""
+
+    def on_info(self, conn: SSL.Connection, where: int, ret: int) -> None:
+        """One of ``conn``'s info events (``SSL.SSL_CB_*`` flags in ``where``)."""
+
+
+# The connections watch_info watches: their SSL pointer -> their watcher, held weakly.
+_watchers: "weakref.WeakValueDictionary[Any, InfoWatcher]" = weakref.WeakValueDictionary()
+
+
+def _on_info(ssl: object, where: int, ret: int) -> None:
+    watcher = _watchers.get(ssl)
+    if watcher is not None:
+        watcher.on_info(SSL.Connection._reverse_mapping[ssl], where, ret)
+
+
+def _on_alert(ssl: object, where: int, ret: int) -> None:
+    if where & SSL.SSL_CB_ALERT:
+        _on_info(ssl, where, ret)
+
+
+def _ignore(*_exc: object) -> None:
+    return None
+
+
+# Made once: pyOpenSSL's set_info_callback makes a cffi callback per connection.
+_EVERY_EVENT = ffi.callback("void (*)(const SSL *, int, int)", _on_info, onerror=_ignore)
+_ALERTS = ffi.callback("void (*)(const SSL *, int, int)", _on_alert, onerror=_ignore)
+
+
+def watch_info(conn: SSL.Connection, watcher: InfoWatcher, *, alerts_only: bool) -> None:
+    """Call ``watcher.on_info(conn, where, ret)`` at ``conn``'s info events.
+
+    Every event, or with ``alerts_only`` those of the alerts read and
+    written (``SSL_CB_ALERT``): the handshake's many events then cost no
+    Python call.  Call again to change that.  ``watcher`` is held weakly
+    (the caller keeps it as long as ``conn``), so it may hold no reference
+    to ``conn``'s owner without making a cycle.  One callback serves every
+    connection: nothing is made per connection but the watcher's entry.
+    """
+    _watchers[conn._ssl] = watcher
+    lib.SSL_set_info_callback(conn._ssl, _ALERTS if alerts_only else _EVERY_EVENT)
 
 
 def _keep(owner: object, callback: object) -> None:
