@@ -10,6 +10,7 @@ still gets through within a second, and the log stays short.
 """
 
 import contextlib
+import ipaddress
 import os
 import re
 import select
@@ -21,12 +22,30 @@ from dataclasses import dataclass, field
 
 import pytest
 from dtls_peer import DtlsClient, client_hello, memory_client, next_flight
-from hypothesis import settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 from server_helpers import start_server, tls_connect
 
-from s6tls.serve.admission import Reason, Table, Ticket
+from s6tls.serve.admission import Reason, Table, Ticket, address_key
+
+# -- the key of an address -------------------------------------------------------------
+
+
+@given(st.ip_addresses())
+def test_an_address_key_is_its_ipv6_form_whatever_its_spelling(addr):
+    mapped = ipaddress.IPv6Address(f"::ffff:{addr}") if addr.version == 4 else addr
+    assert address_key(str(addr)) == mapped.packed
+    assert address_key(str(mapped)) == mapped.packed  # ::ffff:a.b.c.d is a.b.c.d
+    if addr.version == 6:
+        assert address_key(f"{addr}%eth0") == addr.packed  # a zone is no other address
+
+
+@pytest.mark.parametrize("text", ["", "example.org", "1.2.3", "1.2.3.4.5", "::g"])
+def test_a_string_that_is_no_address_has_no_key(text):
+    with pytest.raises(OSError):
+        address_key(text)
+
 
 # -- the table against a model ----------------------------------------------------
 
