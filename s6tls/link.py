@@ -80,16 +80,19 @@ def same_socket(fd1: int, fd2: int) -> bool:
     return (st1.st_dev, st1.st_ino) == (st2.st_dev, st2.st_ino)
 
 
-def new_link(ctx: SSL.Context, rfd: int, wfd: int) -> "Link":
+def new_link(ctx: SSL.Context, rfd: int, wfd: int, sock: socket.socket | None = None) -> "Link":
     """The link, and its TLS connection, for ciphertext on ``rfd``/``wfd``.
 
     The link takes ownership of both descriptors (``Link.close`` closes each
     once, even when they are one socket or one file) and makes them
-    non-blocking.  Call ``link.conn.set_accept_state()`` or
-    ``set_connect_state()`` before the handshake.
+    non-blocking.  ``sock``, if given, is the socket object of ``rfd`` and
+    ``wfd``, which are then one socket (a server that accepted it has one:
+    the link takes it instead of making another).  Call
+    ``link.conn.set_accept_state()`` or ``set_connect_state()`` before the
+    handshake.
     """
-    if same_socket(rfd, wfd):
-        return SocketLink(ctx, rfd, wfd)
+    if sock is not None or same_socket(rfd, wfd):
+        return SocketLink(ctx, rfd, wfd, sock)
     return BioLink(ctx, rfd, wfd)
 
 
@@ -227,10 +230,12 @@ class Link:
 
 
 class SocketLink(Link):
-    """The TLS object reads and writes the socket itself."""
+    """The TLS object reads and writes the socket itself (``sock``: its object, if made)."""
 
-    def __init__(self, ctx: SSL.Context, rfd: int, wfd: int) -> None:
-        self.sock = socket.socket(fileno=rfd)
+    def __init__(
+        self, ctx: SSL.Context, rfd: int, wfd: int, sock: socket.socket | None = None
+    ) -> None:
+        self.sock = sock if sock is not None else socket.socket(fileno=rfd)
         self.sock.setblocking(False)
         self.conn = SSL.Connection(ctx, self.sock)
         self._watch_alerts()

@@ -24,6 +24,7 @@ worker calls it when a method raised, and the connection alone ends, 111.
 
 import fcntl
 import os
+import socket
 import struct
 import termios
 import time
@@ -90,18 +91,26 @@ class Served:
         ticket: its slot in the admission table.
         peer: ``IP:PORT`` for the log lines.
         fd: the connection's socket (owned from now on).
+        sock: its socket object, if the caller has one (owned too).
         env: the variables the application gets beyond the worker's own
             (``PROTO``, ``TCPREMOTEIP``...), updated before TLS if need be;
             ``env_changes`` (an access rule's, which may unset some) go last.
     """
 
     def __init__(
-        self, worker: Host, ticket: Ticket, peer: str, fd: int, env: dict[str, str]
+        self,
+        worker: Host,
+        ticket: Ticket,
+        peer: str,
+        fd: int,
+        env: dict[str, str],
+        sock: socket.socket | None = None,
     ) -> None:
         self.worker = worker
         self.ticket = ticket
         self.peer = peer
         self.fd = fd
+        self.sock = sock
         self.env = env
         self.log: Log = worker.log.about(peer, worker.pid)
         self.phase = Phase.BEFORE_TLS
@@ -242,9 +251,11 @@ class Served:
 
     def close_before_tls(self) -> None:
         """Close what is open before TLS: the socket."""
-        if self.fd >= 0:
+        if self.sock is not None:
+            self.sock.close()
+        elif self.fd >= 0:
             os.close(self.fd)
-            self.fd = -1
+        self.fd, self.sock = -1, None
 
     def wait_before_tls(self, events: dict[int, int], until: float | None) -> None:
         """Before TLS, wait for ``events`` until ``until`` (monotonic)."""
@@ -256,8 +267,8 @@ class Served:
     def begin_handshake(self) -> None:
         """TLS starts on the socket, with the worker's context, under -K."""
         cfg = self.cfg
-        fd, self.fd = self.fd, -1  # the link owns it now
-        self.link = open_link(cfg, self.ctx, fd, fd, self.hello)
+        fd, sock, self.fd, self.sock = self.fd, self.sock, -1, None  # the link's now
+        self.link = open_link(cfg, self.ctx, fd, fd, self.hello, sock)
         self.spoke = self.hello is not None  # a DTLS ClientHello, verified
         self.hello = None
         self.phase = Phase.HANDSHAKE

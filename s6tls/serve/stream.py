@@ -61,7 +61,7 @@ def accept(worker: Worker, listener: socket.socket) -> None:
         env = variables("TCP", sock.getsockname(), addr)
         env["TCPCONNNUM"] = str(ticket.number)
         peer = peer_address(ip, addr[1])
-        worker.add(StreamConnection(worker, ticket, peer, sock.detach(), env))
+        worker.add(StreamConnection(worker, ticket, peer, sock.fileno(), env, sock))
 
 
 class StreamConnection(Served):
@@ -71,15 +71,12 @@ class StreamConnection(Served):
 
     def start(self) -> None:
         gate = self.worker.gate
-        assert gate is not None
-        sock = socket.socket(fileno=self.fd)
+        assert gate is not None and self.sock is not None
         try:
-            gate.prepare(sock)
+            gate.prepare(self.sock)
         except Refused as exc:
             self._refuse(exc)
             return
-        finally:
-            sock.detach()
         if gate.proxy:
             self.reader = HeaderReader()
             until = after_ms(self.worker.setup.cfg.options.handshake_timeout_ms, time.monotonic())

@@ -34,20 +34,26 @@ PASSED_SIGNALS = (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP, 
 
 
 def open_link(
-    cfg: TlsConfig, ctx: SSL.Context, rfd: int, wfd: int, hello: bytes | None = None
+    cfg: TlsConfig,
+    ctx: SSL.Context,
+    rfd: int,
+    wfd: int,
+    hello: bytes | None = None,
+    sock: socket.socket | None = None,
 ) -> Link:
     """The link of a connection on ``rfd``/``wfd``, ready for its handshake.
 
-    The link owns both descriptors from now on.  Under DTLS, ``rfd`` is the
-    connected UDP socket and ``hello`` the ClientHello a server's listener
-    verified.  Raises ``OSError`` if a descriptor cannot be used.
+    The link owns both descriptors from now on (and ``sock``, their socket
+    object if the caller has one: ``link.new_link``).  Under DTLS, ``rfd``
+    is the connected UDP socket and ``hello`` the ClientHello a server's
+    listener verified.  Raises ``OSError`` if a descriptor cannot be used.
     """
     if cfg.dtls:
         from ..dtls.link import datagram_link
 
         link: Link = datagram_link(cfg, ctx, rfd, hello)
     else:
-        link = new_link(ctx, rfd, wfd)
+        link = new_link(ctx, rfd, wfd, sock)
     prepare_connection(cfg, link.conn)
     if cfg.options.ktls:
         from ..ktls.keys import HandshakeWatch  # only then: it costs start-up time

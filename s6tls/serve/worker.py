@@ -264,10 +264,20 @@ class Worker:
                 heapq.heapify(self.timers)
 
     def _register(self, fd: int, events: int) -> None:
+        """Wait for ``events`` on ``fd``: modified if we registered it, else registered.
+
+        What we believe may be stale (a descriptor closed, its number
+        reused): the other call then does it.
+        """
+        first, then = (
+            (self.epoll.modify, self.epoll.register)
+            if fd in self.fds
+            else (self.epoll.register, self.epoll.modify)
+        )
         try:
-            self.epoll.modify(fd, events)
-        except FileNotFoundError:
-            self.epoll.register(fd, events)
+            first(fd, events)
+        except (FileNotFoundError, FileExistsError):
+            then(fd, events)
 
     def _forget(self, conn: Served) -> None:
         """``conn`` is over: its slot goes back, its ``end`` line."""
