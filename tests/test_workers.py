@@ -5,7 +5,7 @@ a forked child of the test where a test patches it (the object count, the
 injected fault).  The applications tell the test what they see on a FIFO
 (``worker_helpers.fifo_lines``); the clients run in one poll loop
 (``worker_helpers.Loop``).  Every wait is on a line, a descriptor or a
-pidfd, with a deadline; each server runs in a process group of its own,
+pidfd (or /proc: ``wait_listening``), with a deadline; each server runs in a process group of its own,
 killed and reaped at the end of its test whatever happened.
 """
 
@@ -14,6 +14,7 @@ import itertools
 import os
 import random
 import re
+import resource
 import select
 import signal
 import socket
@@ -40,12 +41,13 @@ from worker_helpers import (
     client_socket,
     process_state,
     vars_of,
+    wait_listening,
     wait_reaped,
 )
 
 from s6tls.lifetime import Op
 from s6tls.operations import Operations
-from s6tls.serve.worker import Worker
+from s6tls.serve.worker import FDS_PER_CONNECTION, FDS_SPARE, Worker
 
 # An application that says on the FIFO ($0) when it starts (its client's port,
 # its pid, its parent: the worker) and when its input ends; it echoes meanwhile.
@@ -375,6 +377,56 @@ def injecting_a_fault() -> None:
         write_app(self)
 
     Operations.PERFORM[Op.WRITE_APP] = write_app_or_fail
+
+
+def test_a_worker_at_its_descriptor_limit_leaves_new_connections_to_the_others(
+    server_env, pki, reports
+):
+    """Connections opened one after the other mostly go to one worker (EPOLLEXCLUSIVE
+    wakes the same idle one): at its ulimit -n it stops taking them, one warning says
+    so, and the other worker takes them; both full, the next one waits in the
+    listening queue until a connection ends, and is served then.  None fails (before,
+    the full worker accepted and ended them with 111: too many open files)."""
+    per_worker = 8
+    prog = ["sh", "-c", REPORTING_CAT, str(reports.path)]
+    with Server.start(["-v", "-H", "--workers", "2"], prog, server_env) as server:
+        workers = server.workers()
+        wait_listening(workers)  # set up: what they have open now, they had at their start
+        limits = {}
+        for pid in workers:  # room for per_worker connections, counted as the worker counts
+            hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)[1]
+            limits[pid] = len(os.listdir(f"/proc/{pid}/fd")) + FDS_SPARE
+            limits[pid] += FDS_PER_CONNECTION * per_worker
+            resource.prlimit(pid, resource.RLIMIT_NOFILE, (limits[pid], hard))
+        held = []
+        for _ in range(2 * per_worker):
+            held.append(tls_connect(server.port, pki["ca"]))
+            round_trip(held[-1])
+        started = reports.wait(r"^start \d+ \d+ (\d+)$", 2 * per_worker)
+        assert Counter(int(m[1]) for m in started) == dict.fromkeys(workers, per_worker)
+        for pid in workers:
+            server.log.wait(
+                rf"^s6-tlsserver: warning: {per_worker} connections reach the descriptor"
+                rf" limit of {limits[pid]}: not taking more until one ends$"
+            )
+        waiting = socket.create_connection(("127.0.0.1", server.port), timeout=30)
+        ended = held.pop(0)
+        ended_port = ended.getsockname()[1]
+        ended.close()
+        ctx = ssl.create_default_context(cafile=pki["ca"])
+        with ctx.wrap_socket(waiting, server_hostname="localhost") as late:
+            round_trip(late, b"waited in the queue")
+            late_port = late.getsockname()[1]
+        server.log.wait(rf"allow 127\.0\.0\.1 port {late_port} count")
+        lines = server.log.lines
+        end_at = next(i for i, line in enumerate(lines) if f"port {ended_port} pid" in line)
+        allow_at = next(i for i, line in enumerate(lines) if f"port {late_port} count" in line)
+        assert allow_at > end_at  # taken only once a connection had ended
+        for conn in held:
+            round_trip(conn, b"all still served")
+            conn.close()
+        assert server.stop() == 0
+    assert not server.log.matching("Too many open files| status 111 ")
 
 
 def test_a_fault_while_serving_one_connection_ends_it_alone_and_fifty_others_finish_intact(

@@ -13,7 +13,9 @@
   thread or in a thread of their own.
 * ``wait_reaped``: the kernel says (pidfd) when a process has been reaped.
 
-Nothing sleeps to synchronise: every wait is on a descriptor, with a deadline.
+Nothing sleeps to synchronise: every wait is on a descriptor, with a deadline
+(``wait_listening`` alone looks at /proc again and again: no event says that a
+worker is in its loop).
 """
 
 import contextlib
@@ -262,6 +264,29 @@ def wait_reaped(pids: Iterable[int], timeout: float = 30) -> None:
     finally:
         for fd in fds:
             os.close(fd)
+
+
+def wait_listening(pids: Iterable[int], timeout: float = 30) -> None:
+    """Wait until each worker of ``pids`` is in its loop: its epoll set watches its
+    selfpipe, its pool's wake-up pipe and a listening socket (three ``tfd`` lines in
+    the epoll descriptor's fdinfo).  No event says so: /proc is looked at again
+    every 10 ms, until the deadline."""
+    deadline = time.monotonic() + timeout
+    for pid in pids:
+        while _epoll_targets(pid) < 3:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"worker {pid} not listening within {timeout} s")
+            time.sleep(0.01)
+
+
+def _epoll_targets(pid: int) -> int:
+    """How many descriptors the epoll set of ``pid`` watches (0 without one)."""
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/{pid}/fd/{fd}") == "anon_inode:[eventpoll]":
+                info = Path(f"/proc/{pid}/fdinfo/{fd}").read_text()
+                return sum(line.startswith("tfd:") for line in info.splitlines())
+    return 0
 
 
 def process_state(pid: int) -> str | None:

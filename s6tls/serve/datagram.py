@@ -6,7 +6,8 @@ serves; the workers share it.  ``receive`` reads what it holds (at most
 answered with a HelloVerifyRequest and forgotten (``dtls.cookie``): a
 forged source address costs no state and gets no amplification.  A
 ClientHello that brings its cookie back proves its address: once admitted
-(-c, -C, and not a peer whose association is already in its handshake,
+(room for it in the worker's descriptors, -c, -C, and not a peer whose
+association is already in its handshake,
 whose own datagrams queued on the listener before its socket was
 connected), it gets a UDP socket bound to the address the datagram came
 to and connected to the peer, so that the kernel delivers that peer's
@@ -81,6 +82,8 @@ def _start(
 
     Returns the others' datagrams its socket caught (``connected``).
     """
+    if not worker.has_room():
+        return []  # full: the peer sends its ClientHello again, to another worker
     ip = unmap(addr[0])
     ticket = worker.admit(ip, addr[1], unique=True)
     if ticket is None:

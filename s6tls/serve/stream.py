@@ -41,8 +41,13 @@ ACCEPT_BURST = 16  # connections taken per wake-up of a listening socket
 
 
 def accept(worker: Worker, listener: socket.socket) -> None:
-    """Take the connections waiting on ``listener``: admitted, or closed at once."""
+    """Take the connections waiting on ``listener``: admitted, or closed at once.
+
+    None once the worker is full (``Worker.has_room``): they wait for another.
+    """
     for _ in range(ACCEPT_BURST):
+        if not worker.has_room():
+            return
         try:
             sock, addr = listener.accept()
         except (BlockingIOError, InterruptedError, ConnectionAbortedError):

@@ -16,6 +16,10 @@ What is a worker's own:
   admission is the shared table's (``admission``); a connection admitted
   gets an ``allow`` line, and its end an ``end`` line with the
   application's pid and the connection's exit code;
+* its descriptor limit: a worker that could not open the descriptors of
+  one more connection stops watching the listening sockets until one of
+  its connections ends (``has_room``), so that the other workers take the
+  new ones, or, all of them full, they wait in the kernel's queue;
 * isolation: an exception while serving one connection ends that
   connection alone (``Served.abort``: logged with its peer, 111), never
   the worker;
@@ -37,6 +41,7 @@ import errno
 import heapq
 import itertools
 import os
+import resource
 import select
 import signal
 import socket
@@ -63,6 +68,13 @@ EPOLLIN = select.EPOLLIN
 PAUSE = 0.1  # seconds without taking new connections after EMFILE and the like
 PAUSING_ERRORS = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM))
 POOL_THREADS = 16  # name look-ups at once, per worker
+# Descriptors of a running connection: its socket, the application's two pipes.
+FDS_PER_CONNECTION = 3
+# Kept free besides: what a connection needs more while its application is
+# spawned (the other ends of its pipes, their copies) and what the loop opens for
+# a moment (a rules directory); and a socket per pool thread when names are looked up.
+FDS_SPARE = 8
+FULL_WARNING_EVERY = 10.0  # seconds: the most often a worker says it is full
 SIGNALS = (
     signal.SIGCHLD,
     signal.SIGTERM,
@@ -120,6 +132,12 @@ class Worker:
         self.seq = itertools.count()  # of the timers, so that equal deadlines never compare more
         self.ids = itertools.count()  # of the connections
         self.stopping = False
+        self.watching = False  # the listening sockets are in the epoll set
+        self.full = False  # at the descriptor limit (``has_room``)
+        self.full_said: float | None = None  # when that was last said
+        self.base_fds = 0  # descriptors open before the first connection
+        lookups = gate is not None and gate.access.dns
+        self.fds_spare = FDS_SPARE + (POOL_THREADS if lookups else 0)
         self.paused_until: float | None = None
         self.trouble: tuple[str, int | None] | None = None
         self.pool: ThreadPoolExecutor | None = None
@@ -137,7 +155,8 @@ class Worker:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)  # blocked across the fork
             self.epoll.register(self.selfpipe, EPOLLIN)
             self.epoll.register(self.wake_r, EPOLLIN)
-            self._watch_listeners(True)
+            self.base_fds = len(os.listdir("/proc/self/fd")) - 1  # not listdir's own
+            self._listen()
             while self.listeners or self.conns:
                 self._once()
         if self.pool is not None:
@@ -283,6 +302,9 @@ class Worker:
         """``conn`` is over: its slot goes back, its ``end`` line."""
         cid = conn.cid
         del self.conns[cid]
+        if self.full and self._fits():
+            self.full = False
+            self._listen()
         del self.registered[cid]
         self.timer_of.pop(cid, None)
         self.busy.discard(cid)
@@ -396,7 +418,7 @@ class Worker:
         """
         if not self.stopping:
             self.stopping = True
-            self._watch_listeners(False)
+            self._listen()
             for listener in self.listeners:
                 listener.close()
             self.listeners = []
@@ -413,13 +435,58 @@ class Worker:
 
     # -- taking connections -------------------------------------------------------------
 
-    def _watch_listeners(self, watch: bool) -> None:
+    def _listen(self) -> None:
+        """Watch the listening sockets exactly when taking connections.
+
+        That is: not stopping, not pausing after an error, not full.
+        """
+        watch = bool(self.listeners) and not (
+            self.stopping or self.full or self.paused_until is not None
+        )
+        if watch == self.watching:
+            return
+        self.watching = watch
         for listener in self.listeners:
             if watch:
                 self.epoll.register(listener.fileno(), EPOLLIN | select.EPOLLEXCLUSIVE)
             else:
                 with contextlib.suppress(OSError):
                     self.epoll.unregister(listener.fileno())
+
+    def has_room(self) -> bool:
+        """True if the descriptors of one more connection fit in our limit (ulimit -n).
+
+        A connection counts ``FDS_PER_CONNECTION`` over what the worker had
+        open before its first one, and ``FDS_SPARE`` stay free (and one per
+        pool thread when names are looked up).  When one more does not fit,
+        the worker is full: it stops watching the listening sockets (the
+        other workers take the new connections, or they wait in the kernel's
+        queue) until one of its connections ends, and says so in one
+        warning, at most every ``FULL_WARNING_EVERY``.  A worker without
+        connections always tries (if not even one fits, accepting fails and
+        it pauses: ``trouble_with``).
+        """
+        if self._fits():
+            return True
+        if not self.full:
+            self.full = True
+            self._listen()
+            now = time.monotonic()
+            if self.full_said is None or now >= self.full_said + FULL_WARNING_EVERY:
+                self.full_said = now
+                limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+                self.log.warn(
+                    f"{plural(len(self.conns), 'connection')} reach the descriptor limit"
+                    f" of {limit}: not taking more until one ends"
+                )
+        return False
+
+    def _fits(self) -> bool:
+        if not self.conns:
+            return True
+        limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        needed = self.base_fds + FDS_PER_CONNECTION * (len(self.conns) + 1) + self.fds_spare
+        return limit == resource.RLIM_INFINITY or needed <= limit
 
     def trouble_with(self, what: str, exc: OSError, pause: bool) -> None:
         """A warning for an error of the loop, once until ``trouble_over``.
@@ -433,8 +500,8 @@ class Worker:
             then = f", pausing accepts for {PAUSE * 1000:.0f} ms" if pause else ""
             self.log.warn(f"{what}: {exc.strerror}{then}")
         if pause and self.paused_until is None and self.listeners:
-            self._watch_listeners(False)
             self.paused_until = time.monotonic() + PAUSE
+            self._listen()
 
     def trouble_over(self) -> None:
         """Taking connections works again: the next error is worth a warning."""
@@ -443,8 +510,7 @@ class Worker:
     def _resume_if_due(self) -> None:
         if self.paused_until is not None and time.monotonic() >= self.paused_until:
             self.paused_until = None
-            if not self.stopping:
-                self._watch_listeners(True)
+            self._listen()
 
 
 def summary_line(counts: Mapping[Reason, int], seconds: float, maxconn: int, local: int) -> str:
