@@ -175,14 +175,14 @@ class Processes:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        for proc in self.procs:
-            if proc.returncode is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
+        groups = [proc.pid for proc in self.procs if proc.returncode is None]
+        for pgid in groups:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pgid, signal.SIGKILL)
         for proc in self.procs:
             with contextlib.suppress(BenchError):
                 self.wait(proc, timeout=10)
-        self.reap_orphans(timeout=10)
+        self.reap_orphans(timeout=30, groups=groups)
 
     def _count(self, usage: resource.struct_rusage) -> None:
         self.cpu += usage.ru_utime + usage.ru_stime
@@ -227,18 +227,34 @@ class Processes:
             os.kill(proc.pid, signal.SIGTERM)
         return self.wait(proc, timeout)
 
-    def reap_orphans(self, timeout: float) -> None:
-        """Reap descendants re-parented to us, counting their CPU time."""
+    def reap_orphans(self, timeout: float, groups: Sequence[int] = ()) -> None:
+        """Reap descendants re-parented to us, counting their CPU time.
+
+        Until none is left, and none of the process ``groups`` either: the
+        processes of a group killed reach us only once their own parent is
+        gone (10,000 applications of a server take a while).
+        """
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:
                 pid, _status, usage = os.wait4(-1, os.WNOHANG)
             except ChildProcessError:
-                return
-            if pid:
+                if not any(map(_group_alive, groups)):
+                    return
+                pid, usage = 0, None
+            if pid and usage is not None:
                 self._count(usage)
             else:
                 time.sleep(0.005)
+
+
+def _group_alive(pgid: int) -> bool:
+    """Whether process group ``pgid`` still has a process (a zombie counts)."""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 def has_exited(proc: subprocess.Popen[bytes]) -> bool:

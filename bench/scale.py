@@ -2,7 +2,7 @@
 
 Held: one s6-tlsserver (default ``--workers``, ``-c``/``-C`` the count plus
 a margin) and ``count`` idle TLS connections from this process, opened
-``PARALLEL`` at a time, each having echoed one byte (``cat`` runs for each:
+one after the other (``PARALLEL``), each having echoed one byte (``cat`` runs for each:
 ``count`` processes).  RSS and USS
 of the supervisor and of each worker are read every ``STEP`` connections
 and at the end, with the number of applications running.  The descriptor
@@ -34,10 +34,10 @@ from .memory import open_idle, private_memory, resident
 from .netns import Network, inside
 
 STEP = 1000  # connections between two readings of the held run
-# Connections opened at once.  One after the other, every connection goes to the worker
-# first in the listening socket's wait queue (EPOLLEXCLUSIVE): that one holds them nearly
-# all, and this run would measure the descriptor limit of one worker, not the server.
-PARALLEL = 16
+# Connections opened at once: one after the other, the harder case.  Each goes to the
+# worker first in the listening socket's wait queue (EPOLLEXCLUSIVE) until that one is at
+# its descriptor limit and stops taking them; then to the next.
+PARALLEL = 1
 WANTED_NOFILE = 65536
 
 
