@@ -5,8 +5,9 @@ a forked child of the test where a test patches it (the object count, the
 injected fault).  The applications tell the test what they see on a FIFO
 (``worker_helpers.fifo_lines``); the clients run in one poll loop
 (``worker_helpers.Loop``).  Every wait is on a line, a descriptor or a
-pidfd (or /proc: ``wait_listening``), with a deadline; each server runs in a process group of its own,
-killed and reaped at the end of its test whatever happened.
+pidfd (or /proc: ``wait_listening``), with a deadline; each server runs in
+a process group of its own, killed and reaped at the end of its test
+whatever happened.
 """
 
 import gc
