@@ -165,8 +165,8 @@ def test_unpaired_sni_keypair_is_a_configuration_error():
 
 def test_z_removes_every_policy_variable_from_the_application_environment():
     env = {v.name: "x" for v in VARIABLES} | {"CERTFILE:a": "c", "PATH": "/bin"}
-    assert application_env(env, {}, keep_secrets=False) == {"PATH": "/bin"}
-    assert application_env(env, {}, keep_secrets=True) == env
+    assert application_env(env, keep_secrets=False) == {"PATH": "/bin"}
+    assert application_env(env, keep_secrets=True) == env
 
 
 @pytest.mark.parametrize("keep", [False, True])
@@ -187,7 +187,7 @@ def test_a_workers_inherited_environment_is_the_scrubbed_one_each_connection_wou
             ]
             expected = {**{k: v for k, v in environ.items() if k != "LATER"}, **added}
             apply_env(expected, changes)
-            expected = application_env(expected, {}, keep_secrets=keep)
+            expected = application_env(expected, keep_secrets=keep)
             got = inherited.with_changes(added, changes)
             assert list(got.items()) == list(expected.items())
 
@@ -263,4 +263,4 @@ def test_dtls_warns_about_what_it_does_not_use():
 
 def test_z_removes_the_dtls_variables_too():
     env = {"DTLS_MTU": "1400", "DTLS_HANDSHAKE_TIMEOUT_MIN": "1000", "PATH": "/bin"}
-    assert application_env(env, {}, keep_secrets=False) == {"PATH": "/bin"}
+    assert application_env(env, keep_secrets=False) == {"PATH": "/bin"}

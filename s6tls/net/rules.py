@@ -28,7 +28,7 @@ import ipaddress
 import os
 import re
 import struct
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -134,7 +134,7 @@ def first_match(ruleset: Ruleset, keys: Iterable[str]) -> Rule | None:
     return None
 
 
-def apply_env(env: dict[str, str], changes: Sequence[tuple[str, str | None]]) -> None:
+def apply_env(env: dict[str, str], changes: Iterable[tuple[str, str | None]]) -> None:
     """Apply (name, value) changes to ``env`` in order; value None unsets."""
     for name, value in changes:
         if value is None:

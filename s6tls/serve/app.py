@@ -38,21 +38,16 @@ def kept(name: str, *, keep_secrets: bool) -> bool:
 
 
 def application_env(
-    environ: Mapping[str, str],
-    facts: Mapping[str, str],
-    *,
-    keep_secrets: bool,
-    extra: Mapping[str, str] | None = None,
+    environ: Mapping[str, str], *, keep_secrets: bool, extra: Mapping[str, str] | None = None
 ) -> dict[str, str]:
-    """The application's environment: ours, scrubbed under -z, plus the TLS facts.
+    """The application's environment but its TLS facts: ours, scrubbed under -z, and ``extra``.
 
-    Any ``SSL_*`` fact inherited from our own environment is dropped first,
-    so a variable the spec says is unset (no SNI, no peer certificate) is
-    really unset.
+    Any ``SSL_*`` fact inherited from our own environment is dropped, so a
+    variable the spec says is unset (no SNI, no peer certificate) is really
+    unset once the connection's facts are added (``tunnel.start_application``).
     """
     env = {k: v for k, v in environ.items() if kept(k, keep_secrets=keep_secrets)}
     env.update(extra or {})
-    env.update(facts)
     return env
 
 
@@ -66,7 +61,7 @@ class Inherited:
 
     def __init__(self, environ: Mapping[str, str], *, keep_secrets: bool) -> None:
         self.keep_secrets = keep_secrets
-        self.base = application_env(environ, {}, keep_secrets=keep_secrets)
+        self.base = application_env(environ, keep_secrets=keep_secrets)
 
     def with_changes(
         self, added: Mapping[str, str], changes: Sequence[tuple[str, str | None]]

@@ -122,8 +122,8 @@ def start_application(
     Its cleartext is on ``app_fds`` (read, write); its environment is
     ``env`` (scrubbed already: ``app.application_env``) and the facts.
     Under DTLS, ``SSL_DTLS_MAX_DATAGRAM`` tells it the largest datagram it
-    may send.  Raises ``SystemFailure`` if it cannot be
-    spawned, after closing what was opened for it (not the link).
+    may send.  Raises ``SystemFailure`` if it cannot be spawned, after
+    closing what was opened for it (not the link).
     """
     facts = connection_facts(link.conn)
     if link.max_datagram is not None:
@@ -198,9 +198,9 @@ def serve_connection(
     link = establish(cfg, ctx, rfd, wfd, hello)
     if on_handshake is not None:
         on_handshake()
+    env = application_env(environ, keep_secrets=cfg.options.keep_env, extra=extra_env)
     with SelfPipe(PASSED_SIGNALS) as selfpipe:
         try:
-            env = application_env(environ, {}, keep_secrets=cfg.options.keep_env, extra=extra_env)
             app = start_application(cfg, link, prog, env, app_fds)
         except SystemFailure:
             link.close()

@@ -57,7 +57,7 @@ def start(setup: Setup, net: tuple[int, int], peer: str) -> NoReturn:
     for fd in (ctl, to_app_r, from_app_w):
         os.set_inheritable(fd, True)
     ssl_fds = {"SSLCTLFD": str(ctl), "SSLREADFD": str(to_app_r), "SSLWRITEFD": str(from_app_w)}
-    env = application_env(setup.environ, {}, keep_secrets=cfg.options.keep_env, extra=ssl_fds)
+    env = application_env(setup.environ, keep_secrets=cfg.options.keep_env, extra=ssl_fds)
     prog = setup.app
     try:
         os.execvpe(prog[0], list(prog), env)

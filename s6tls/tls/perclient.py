@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from OpenSSL import SSL
 
 from ..errors import S6tlsError
+from ..net.rules import apply_env
 from .config import SECRET_PREFIXES, VARIABLES, Role, TlsConfig
 from .context import Contexts, Warn
 
@@ -71,11 +72,7 @@ class ClientContexts:
         configuration or its files give, as at start.
         """
         env = dict(self.base)
-        for name, value in changes.items():
-            if value is None:
-                env.pop(name, None)
-            else:
-                env[name] = value
+        apply_env(env, changes.items())
         key = tuple(sorted(env.items()))
         entry = self.cache.get(key)
         if entry is None:
